@@ -1,0 +1,429 @@
+//! Configuration: TOML file → raw structs → one validated, typed [`Config`].
+//!
+//! The same validation serves the file at start, reloads and control commands,
+//! so a setting that could never start ringlb can never be applied at runtime.
+
+mod duration;
+mod error;
+pub mod file;
+
+pub use duration::{format_duration, parse_duration};
+pub use error::{ConfigError, ConfigErrors};
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::maglev;
+use file::{BackendFile, ConfigFile, ListenerFile, PoolFile};
+
+/// Default listen backlog.
+pub const DEFAULT_BACKLOG: u32 = 4096;
+/// Most connect attempts a listener may ask for.
+pub const MAX_CONNECT_ATTEMPTS: u32 = 16;
+
+/// A validated configuration, ready to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file this came from (`None` for the embedded demo config).
+    pub source: Option<PathBuf>,
+    /// Threads and io engine.
+    pub runtime: RuntimeConfig,
+    /// Control socket and metrics.
+    pub control: ControlConfig,
+    /// Listeners, in file order.
+    pub listeners: Vec<ListenerConfig>,
+    /// Pools, in file order.
+    pub pools: Vec<PoolConfig>,
+}
+
+/// Which io engine workers run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoEngineChoice {
+    /// io_uring when it can be set up, else epoll with a warning.
+    Auto,
+    /// io_uring or fail at start.
+    Uring,
+    /// tokio's epoll runtime.
+    Epoll,
+}
+
+/// `[runtime]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeConfig {
+    /// Worker threads.
+    pub workers: usize,
+    /// io engine choice.
+    pub io_engine: IoEngineChoice,
+    /// Pin worker N to CPU N (off by default: it hurts on small shared machines).
+    pub pin_workers: bool,
+    /// Time open connections get to finish after SIGTERM/SIGINT.
+    pub shutdown_timeout: Duration,
+}
+
+/// `[control]`
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ControlConfig {
+    /// Unix control socket path.
+    pub socket: Option<PathBuf>,
+    /// Prometheus endpoint address.
+    pub metrics: Option<SocketAddr>,
+    /// Log one line per connection at info.
+    pub access_log: bool,
+}
+
+/// Transport of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// TCP, relayed per connection.
+    Tcp,
+    /// UDP, balanced per flow.
+    Udp,
+}
+
+/// What the Maglev lookup hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashKey {
+    /// Client IP only: a client always lands on the same backend.
+    SrcIp,
+    /// Client IP and port: connections of one client spread.
+    SrcIpPort,
+}
+
+/// `[[listener]]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    /// Unique name.
+    pub name: String,
+    /// Address accepted on.
+    pub bind: SocketAddr,
+    /// Transport.
+    pub protocol: Protocol,
+    /// Pool clients are sent to.
+    pub pool: String,
+    /// Flow key of the Maglev lookup.
+    pub hash_key: HashKey,
+    /// Backend connect timeout.
+    pub connect_timeout: Duration,
+    /// Idle timeout (no bytes either way).
+    pub idle_timeout: Duration,
+    /// Listen backlog.
+    pub backlog: u32,
+    /// Distinct backends tried per connection.
+    pub connect_attempts: u32,
+}
+
+/// `[[pool]]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    /// Unique name.
+    pub name: String,
+    /// Maglev table size (prime).
+    pub table_size: usize,
+    /// Grace period of a drained backend's connections.
+    pub drain_timeout: Duration,
+    /// Backends, in file order.
+    pub backends: Vec<BackendConfig>,
+}
+
+/// `[[pool.backend]]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Address connected to.
+    pub addr: SocketAddr,
+    /// Relative share of the Maglev table.
+    pub weight: u32,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError::new(path, "file", format!("cannot read: {e}"))])
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates TOML text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| {
+            let place = match e.span() {
+                Some(span) => line_col(text, span.start),
+                None => "file".to_string(),
+            };
+            ConfigErrors(vec![ConfigError::new(path, place, e.message().trim())])
+        })?;
+        validate(file, path)
+    }
+
+    /// The pool named `name`.
+    pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+
+    /// A one-line summary, as printed by `ringlb check`.
+    pub fn summary(&self) -> String {
+        let backends: usize = self.pools.iter().map(|p| p.backends.len()).sum();
+        format!(
+            "{} listener(s), {} pool(s), {} backend(s), {} worker(s)",
+            self.listeners.len(),
+            self.pools.len(),
+            backends,
+            self.runtime.workers
+        )
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    format!("line {line}, column {col}")
+}
+
+/// Collects errors while validating so that one run reports them all.
+struct Checker<'a> {
+    file: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    fn err(&mut self, place: &str, problem: impl Into<String>) {
+        self.errors.push(ConfigError::new(self.file, place, problem));
+    }
+
+    fn duration(&mut self, place: &str, key: &str, v: &Option<String>, default: Duration) -> Duration {
+        match v {
+            None => default,
+            Some(s) => parse_duration(s).unwrap_or_else(|e| {
+                self.err(&format!("{place}{key}"), e);
+                default
+            }),
+        }
+    }
+
+    fn addr(&mut self, place: &str, key: &str, v: &Option<String>) -> Option<SocketAddr> {
+        match v {
+            None => {
+                self.err(&format!("{place}{key}"), "missing (expected \"ip:port\")");
+                None
+            }
+            Some(s) => match s.parse::<SocketAddr>() {
+                Ok(a) if a.port() == 0 => {
+                    self.err(&format!("{place}{key}"), format!("\"{s}\": port 0 is not allowed"));
+                    None
+                }
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.err(
+                        &format!("{place}{key}"),
+                        format!("\"{s}\" is not an ip:port address (e.g. \"127.0.0.1:9001\" or \"[::1]:9001\")"),
+                    );
+                    None
+                }
+            },
+        }
+    }
+
+    fn name(&mut self, place: &str, v: &Option<String>) -> Option<String> {
+        match v.as_deref() {
+            None => {
+                self.err(&format!("{place}name"), "missing");
+                None
+            }
+            Some(n) if n.is_empty() || n.len() > 64 || !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) => {
+                self.err(&format!("{place}name"), format!("\"{n}\": use 1-64 letters, digits, '-', '_' or '.'"));
+                None
+            }
+            Some(n) => Some(n.to_string()),
+        }
+    }
+
+    fn ranged(&mut self, place: &str, v: Option<i64>, min: i64, max: i64, default: i64) -> i64 {
+        match v {
+            None => default,
+            Some(x) if x < min || x > max => {
+                self.err(place, format!("{x} is out of range ({min}..={max})"));
+                default
+            }
+            Some(x) => x,
+        }
+    }
+}
+
+fn online_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Validates a parsed file into a [`Config`], reporting every problem.
+pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
+    let mut c = Checker { file: path, errors: Vec::new() };
+
+    let rt = &file.runtime;
+    let workers = c.ranged("runtime.workers", rt.workers, 1, 1024, online_cpus() as i64) as usize;
+    let io_engine = match rt.io_engine.as_deref() {
+        None | Some("auto") => IoEngineChoice::Auto,
+        Some("uring") => IoEngineChoice::Uring,
+        Some("epoll") => IoEngineChoice::Epoll,
+        Some(other) => {
+            c.err("runtime.io_engine", format!("\"{other}\": expected auto, uring or epoll"));
+            IoEngineChoice::Auto
+        }
+    };
+    let shutdown_timeout = c.duration("runtime.", "shutdown_timeout", &rt.shutdown_timeout, Duration::from_secs(30));
+    let runtime = RuntimeConfig {
+        workers,
+        io_engine,
+        pin_workers: rt.pin_workers.unwrap_or(false),
+        shutdown_timeout,
+    };
+
+    let control = ControlConfig {
+        socket: file.control.socket.as_ref().map(PathBuf::from),
+        metrics: file.control.metrics.as_ref().and_then(|_| c.addr("control.", "metrics", &file.control.metrics)),
+        access_log: file.control.access_log.unwrap_or(false),
+    };
+
+    let mut pools = Vec::new();
+    let mut pool_names = HashSet::new();
+    for (i, p) in file.pool.iter().enumerate() {
+        let label = p.name.as_deref().map_or(format!("pool {}", i + 1), |n| format!("pool \"{n}\""));
+        if let Some(pool) = validate_pool(&mut c, &label, p) {
+            if !pool_names.insert(pool.name.clone()) {
+                c.err(&format!("{label}: name"), "duplicate pool name");
+            }
+            pools.push(pool);
+        }
+    }
+
+    let mut listeners = Vec::new();
+    let mut names = HashSet::new();
+    let mut binds: HashMap<(SocketAddr, Protocol), String> = HashMap::new();
+    for (i, l) in file.listener.iter().enumerate() {
+        let label = l.name.as_deref().map_or(format!("listener {}", i + 1), |n| format!("listener \"{n}\""));
+        let Some(lc) = validate_listener(&mut c, &label, l) else { continue };
+        if !names.insert(lc.name.clone()) {
+            c.err(&format!("{label}: name"), "duplicate listener name");
+        }
+        if let Some(other) = binds.insert((lc.bind, lc.protocol), lc.name.clone()) {
+            c.err(&format!("{label}: bind"), format!("{} is already used by listener \"{other}\"", lc.bind));
+        }
+        if !pool_names.contains(&lc.pool) {
+            c.err(&format!("{label}: pool"), format!("no pool named \"{}\"", lc.pool));
+        }
+        listeners.push(lc);
+    }
+
+    if c.errors.is_empty() {
+        Ok(Config { source: Some(path.to_path_buf()), runtime, control, listeners, pools })
+    } else {
+        Err(ConfigErrors(c.errors))
+    }
+}
+
+fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Option<ListenerConfig> {
+    let place = format!("{label}: ");
+    let name = c.name(&place, &l.name);
+    let bind = c.addr(&place, "bind", &l.bind);
+    let protocol = match l.protocol.as_deref() {
+        None | Some("tcp") => Protocol::Tcp,
+        Some("udp") => {
+            c.err(&format!("{place}protocol"), "\"udp\" is not supported yet by this build");
+            Protocol::Udp
+        }
+        Some(other) => {
+            c.err(&format!("{place}protocol"), format!("\"{other}\": expected tcp or udp"));
+            Protocol::Tcp
+        }
+    };
+    let pool = match &l.pool {
+        Some(p) => p.clone(),
+        None => {
+            c.err(&format!("{place}pool"), "missing");
+            String::new()
+        }
+    };
+    let hash_key = match l.hash_key.as_deref() {
+        None | Some("src_ip_port") => HashKey::SrcIpPort,
+        Some("src_ip") => HashKey::SrcIp,
+        Some(other) => {
+            c.err(&format!("{place}hash_key"), format!("\"{other}\": expected src_ip or src_ip_port"));
+            HashKey::SrcIpPort
+        }
+    };
+    let connect_timeout = c.duration(&place, "connect_timeout", &l.connect_timeout, Duration::from_secs(2));
+    if connect_timeout.is_zero() {
+        c.err(&format!("{place}connect_timeout"), "must be more than 0");
+    }
+    let idle_timeout = c.duration(&place, "idle_timeout", &l.idle_timeout, Duration::from_secs(300));
+    if idle_timeout.is_zero() {
+        c.err(&format!("{place}idle_timeout"), "must be more than 0");
+    }
+    let backlog = c.ranged(&format!("{place}backlog"), l.backlog, 1, 1 << 20, DEFAULT_BACKLOG as i64) as u32;
+    let connect_attempts =
+        c.ranged(&format!("{place}connect_attempts"), l.connect_attempts, 1, MAX_CONNECT_ATTEMPTS as i64, 3) as u32;
+    Some(ListenerConfig {
+        name: name?,
+        bind: bind?,
+        protocol,
+        pool,
+        hash_key,
+        connect_timeout,
+        idle_timeout,
+        backlog,
+        connect_attempts,
+    })
+}
+
+fn validate_pool(c: &mut Checker<'_>, label: &str, p: &PoolFile) -> Option<PoolConfig> {
+    let place = format!("{label}: ");
+    let name = c.name(&place, &p.name);
+    let table_size = c.ranged(&format!("{place}table_size"), p.table_size, 7, 16_777_259, maglev::DEFAULT_TABLE_SIZE as i64) as usize;
+    if !maglev::is_prime(table_size as u64) {
+        c.err(&format!("{place}table_size"), format!("{table_size} is not prime (e.g. 65537, 131071, 655373)"));
+    }
+    let drain_timeout = c.duration(&place, "drain_timeout", &p.drain_timeout, Duration::from_secs(30));
+    if p.backend.is_empty() {
+        c.err(&format!("{place}backend"), "a pool needs at least one [[pool.backend]]");
+    }
+    let mut backends = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, b) in p.backend.iter().enumerate() {
+        let bplace = format!("{place}backend {}: ", i + 1);
+        if let Some(bc) = validate_backend(c, &bplace, b) {
+            if !seen.insert(bc.addr) {
+                c.err(&format!("{bplace}addr"), format!("{} is listed twice in this pool", bc.addr));
+            }
+            backends.push(bc);
+        }
+    }
+    if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
+        c.err(&format!("{place}backend"), "every backend has weight 0: the pool could never take a connection");
+    }
+    if backends.len() > table_size {
+        c.err(&format!("{place}table_size"), format!("{table_size} is smaller than the {} backends", backends.len()));
+    }
+    Some(PoolConfig { name: name?, table_size, drain_timeout, backends })
+}
+
+/// Validates one backend entry; shared with `ctl add`.
+fn validate_backend(c: &mut Checker<'_>, place: &str, b: &BackendFile) -> Option<BackendConfig> {
+    let addr = c.addr(place, "addr", &b.addr);
+    let weight = c.ranged(&format!("{place}weight"), b.weight, 0, 1_000_000, 1) as u32;
+    Some(BackendConfig { addr: addr?, weight })
+}
+
+/// Validates a backend given by a control command (`ctl add` / `ctl weight`),
+/// with the same rules as the file.
+pub fn validate_backend_request(addr: &str, weight: Option<i64>) -> Result<BackendConfig, ConfigErrors> {
+    let mut c = Checker { file: Path::new("<control>"), errors: Vec::new() };
+    let b = validate_backend(&mut c, "backend: ", &BackendFile { addr: Some(addr.to_string()), weight });
+    match b {
+        Some(b) if c.errors.is_empty() => Ok(b),
+        _ => Err(ConfigErrors(c.errors)),
+    }
+}
+
+#[cfg(test)]
+mod tests;

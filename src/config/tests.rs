@@ -1,0 +1,126 @@
+//! Tests of config parsing and validation.
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigErrors> {
+    Config::parse(text, Path::new("test.toml"))
+}
+
+fn errors(text: &str) -> Vec<String> {
+    parse(text).unwrap_err().0.iter().map(|e| e.to_string()).collect()
+}
+
+const GOOD: &str = r#"
+[runtime]
+workers = 2
+io_engine = "epoll"
+
+[[listener]]
+name = "web"
+bind = "127.0.0.1:8080"
+pool = "web"
+hash_key = "src_ip"
+connect_timeout = "150ms"
+
+[[pool]]
+name = "web"
+[[pool.backend]]
+addr = "127.0.0.1:9001"
+[[pool.backend]]
+addr = "[::1]:9002"
+weight = 3
+"#;
+
+#[test]
+fn good_config_with_defaults() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.runtime.workers, 2);
+    assert_eq!(c.runtime.io_engine, IoEngineChoice::Epoll);
+    let l = &c.listeners[0];
+    assert_eq!(l.hash_key, HashKey::SrcIp);
+    assert_eq!(l.connect_timeout, Duration::from_millis(150));
+    assert_eq!(l.idle_timeout, Duration::from_secs(300));
+    assert_eq!(l.backlog, 4096);
+    assert_eq!(l.connect_attempts, 3);
+    let p = &c.pools[0];
+    assert_eq!(p.table_size, 65537);
+    assert_eq!(p.backends[0].weight, 1);
+    assert_eq!(p.backends[1].weight, 3);
+    assert_eq!(c.summary(), "1 listener(s), 1 pool(s), 2 backend(s), 2 worker(s)");
+}
+
+#[test]
+fn unknown_key_names_file_line_and_key() {
+    let e = errors(&GOOD.replace("hash_key = \"src_ip\"", "hash_kye = \"src_ip\""));
+    assert_eq!(e.len(), 1);
+    assert!(e[0].starts_with("test.toml: line 11, column 1: unknown field `hash_kye`"), "{e:?}");
+}
+
+#[test]
+fn bad_address_names_pool_and_backend() {
+    let e = errors(&GOOD.replace("[::1]:9002", "localhost:9002"));
+    assert_eq!(e.len(), 1);
+    assert!(e[0].starts_with("test.toml: pool \"web\": backend 2: addr: \"localhost:9002\""), "{e:?}");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = r#"
+[[listener]]
+name = "a"
+bind = "127.0.0.1:80"
+pool = "missing"
+[[listener]]
+name = "a"
+bind = "127.0.0.1:80"
+pool = "p"
+idle_timeout = "10"
+[[pool]]
+name = "p"
+table_size = 65536
+[[pool.backend]]
+addr = "127.0.0.1:1"
+weight = 0
+[[pool]]
+name = "p"
+[[pool.backend]]
+addr = "127.0.0.1:2"
+"#;
+    let e = errors(text).join("\n");
+    for needle in [
+        "pool \"p\": table_size: 65536 is not prime",
+        "pool \"p\": backend: every backend has weight 0",
+        "pool \"p\": name: duplicate pool name",
+        "listener \"a\": pool: no pool named \"missing\"",
+        "listener \"a\": name: duplicate listener name",
+        "listener \"a\": bind: 127.0.0.1:80 is already used by listener \"a\"",
+        "listener \"a\": idle_timeout: \"10\" has no unit",
+    ] {
+        assert!(e.contains(needle), "missing {needle:?} in:\n{e}");
+    }
+}
+
+#[test]
+fn bad_enums_and_ranges() {
+    let e = errors(&GOOD.replace("io_engine = \"epoll\"", "io_engine = \"kqueue\"").replace("workers = 2", "workers = 0"));
+    let e = e.join("\n");
+    assert!(e.contains("runtime.io_engine: \"kqueue\": expected auto, uring or epoll"), "{e}");
+    assert!(e.contains("runtime.workers: 0 is out of range"), "{e}");
+}
+
+#[test]
+fn duplicate_backend_and_port_zero() {
+    let e = errors(&GOOD.replace("[::1]:9002", "127.0.0.1:9001")).join("\n");
+    assert!(e.contains("backend 2: addr: 127.0.0.1:9001 is listed twice"), "{e}");
+    let e = errors(&GOOD.replace("127.0.0.1:8080", "127.0.0.1:0")).join("\n");
+    assert!(e.contains("listener \"web\": bind: \"127.0.0.1:0\": port 0"), "{e}");
+}
+
+#[test]
+fn control_backend_request_uses_same_rules() {
+    assert!(validate_backend_request("127.0.0.1:9", Some(2)).is_ok());
+    let e = validate_backend_request("nope", None).unwrap_err().to_string();
+    assert!(e.contains("<control>: backend: addr: \"nope\""), "{e}");
+    let e = validate_backend_request("127.0.0.1:9", Some(-1)).unwrap_err().to_string();
+    assert!(e.contains("weight: -1 is out of range"), "{e}");
+}

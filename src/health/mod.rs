@@ -1,0 +1,2 @@
+//! Backend health: active checks, passive outlier detection, and the weights they imply.
+pub mod state;

@@ -1,0 +1,18 @@
+//! ringlb: an L4 TCP/UDP load balancer for Linux on io_uring.
+pub mod admission;
+pub mod config;
+pub mod control;
+pub mod demo;
+pub mod engine;
+pub mod flow_key;
+pub mod geo;
+pub mod health;
+pub mod listen;
+pub mod maglev;
+pub mod model;
+pub mod proxy;
+pub mod server;
+pub mod snapshot;
+pub mod stats;
+pub mod udp;
+pub mod worker;

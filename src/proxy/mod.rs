@@ -1,0 +1,5 @@
+//! The TCP data plane: accept loops, backend choice with retry, and the relay.
+
+pub mod buffers;
+pub mod relay;
+pub mod tcp;

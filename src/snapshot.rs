@@ -1,0 +1,139 @@
+//! The routing snapshot: one immutable value that workers load per connection.
+//!
+//! The control plane builds a new [`Snapshot`] off the hot path on every change
+//! (config, control command, health) and publishes it with one atomic swap.
+//! Workers only ever read it; they never see a half-applied change.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::ListenerConfig;
+use crate::maglev::MaglevTable;
+use crate::stats::{BackendStats, ListenerStats};
+
+/// A backend as the data plane sees it. One `Backend` lives as long as its
+/// address stays in its pool, across table rebuilds and reloads, so its
+/// counters are continuous.
+#[derive(Debug)]
+pub struct Backend {
+    /// Address connected to.
+    pub addr: SocketAddr,
+    /// Traffic counters.
+    pub stats: BackendStats,
+    /// Set when its open connections must be closed (drain timeout passed,
+    /// removed); workers check it when woken by a close command.
+    pub closing: AtomicBool,
+    /// Connect failures in a row, across workers. Reset on success only when
+    /// non-zero, so a healthy backend's line is only read, never written.
+    pub consecutive_failures: AtomicU32,
+}
+
+impl Backend {
+    /// A fresh backend with zeroed counters.
+    pub fn new(addr: SocketAddr, workers: usize) -> Self {
+        Backend {
+            addr,
+            stats: BackendStats::new(workers),
+            closing: AtomicBool::new(false),
+            consecutive_failures: AtomicU32::new(0),
+        }
+    }
+
+    /// Records a successful connect.
+    #[inline]
+    pub fn connect_succeeded(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Records a failed connect; returns the failures in a row so far.
+    #[inline]
+    pub fn connect_failed(&self) -> u32 {
+        self.stats.connect_failures.inc();
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Whether its connections must close now.
+    #[inline]
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+}
+
+/// One pool's published state: backends, the weights the table was built
+/// from, and the table itself.
+#[derive(Debug)]
+pub struct PoolSnapshot {
+    /// Pool name.
+    pub name: String,
+    /// Increases on every rebuild of this pool.
+    pub generation: u64,
+    /// Every backend of the pool (the table indexes into this).
+    pub backends: Vec<Arc<Backend>>,
+    /// Effective weight of each backend in the table (0 = not in it).
+    pub weights: Vec<u32>,
+    /// The Maglev table; `None` when no backend is usable (fail fast).
+    pub table: Option<MaglevTable>,
+    /// How long the table took to build.
+    pub build_time: Duration,
+}
+
+impl PoolSnapshot {
+    /// Builds the table from `backends` and their effective weights.
+    /// Backends with weight 0 get no slots; all zero gives no table.
+    pub fn build(
+        name: &str,
+        generation: u64,
+        table_size: usize,
+        backends: Vec<Arc<Backend>>,
+        weights: Vec<u32>,
+    ) -> PoolSnapshot {
+        let start = std::time::Instant::now();
+        // The identity hashed is the address text: stable across processes and
+        // machines, so every ringlb instance builds the same table.
+        let ids: Vec<(String, u32)> = backends.iter().zip(&weights).map(|(b, w)| (b.addr.to_string(), *w)).collect();
+        let table = MaglevTable::build(&ids, table_size).ok();
+        PoolSnapshot {
+            name: name.to_string(),
+            generation,
+            backends,
+            weights,
+            table,
+            build_time: start.elapsed(),
+        }
+    }
+}
+
+/// A listener as workers see it.
+#[derive(Debug, Clone)]
+pub struct ListenerView {
+    /// Its settings.
+    pub config: Arc<ListenerConfig>,
+    /// Index of its pool in [`Snapshot::pools`].
+    pub pool: usize,
+    /// Its counters (kept across reloads while the name and bind stay).
+    pub stats: Arc<ListenerStats>,
+}
+
+/// Everything a worker needs to route a new connection.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Increases on every publish.
+    pub generation: u64,
+    /// Listeners by slot id (slots are never reused while ringlb runs, so a
+    /// worker's accept loop keeps its slot across reloads).
+    pub listeners: Vec<Option<ListenerView>>,
+    /// Pools.
+    pub pools: Vec<Arc<PoolSnapshot>>,
+}
+
+impl Snapshot {
+    /// The listener in `slot`, if it still exists.
+    #[inline]
+    pub fn listener(&self, slot: usize) -> Option<&ListenerView> {
+        self.listeners.get(slot).and_then(|l| l.as_ref())
+    }
+}

@@ -1,0 +1,2 @@
+//! UDP balancing: per-flow backend choice with a bounded flow table.
+pub mod flow_table;

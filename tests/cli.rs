@@ -1,0 +1,104 @@
+//! `ringlb check`, `--version`, `--help` through the real binary.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn check_accepts_a_good_config_with_a_summary() {
+    let out = ringlb_cmd(&["check", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.toml")]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("ok: 1 listener(s), 1 pool(s), 3 backend(s)"), "{stdout}");
+}
+
+#[test]
+fn check_rejects_a_bad_config_and_names_the_key() {
+    let dir = TempDir::new("check");
+    let bad = dir.file(
+        "bad.toml",
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:8080\"\npool = \"web\"\nhash_kee = \"src_ip\"\n\n[[pool]]\nname = \"web\"\n[[pool.backend]]\naddr = \"127.0.0.1:9001\"\n",
+    );
+    let out = ringlb_cmd(&["check", "-c", path_str(&bad)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("bad.toml: line 5, column 1: unknown field `hash_kee`"), "{stderr}");
+}
+
+#[test]
+fn check_reports_every_semantic_error() {
+    let dir = TempDir::new("check");
+    let bad = dir.file(
+        "bad.toml",
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:8080\"\npool = \"nope\"\n\n[[pool]]\nname = \"web\"\ntable_size = 1000\n[[pool.backend]]\naddr = \"127.0.0.1:99999\"\n",
+    );
+    let out = ringlb_cmd(&["check", "-c", path_str(&bad)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("pool \"web\": table_size: 1000 is not prime"), "{stderr}");
+    assert!(stderr.contains("pool \"web\": backend 1: addr: \"127.0.0.1:99999\""), "{stderr}");
+    assert!(stderr.contains("listener \"web\": pool: no pool named \"nope\""), "{stderr}");
+}
+
+#[test]
+fn run_refuses_an_address_in_use() {
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = other.local_addr().unwrap();
+    let dir = TempDir::new("inuse");
+    let cfg = dir.file("c.toml", &tcp_config("auto", addr, "", &[("127.0.0.1:9".parse().unwrap(), 1)], ""));
+    let out = ringlb_cmd(&["run", "-c", path_str(&cfg)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("already in use by another process"), "{stderr}");
+}
+
+#[test]
+fn version_and_help() {
+    let out = ringlb_cmd(&["--version"]);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ringlb "));
+    let out = ringlb_cmd(&["--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    for sub in ["run", "check", "demo"] {
+        assert!(help.contains(sub), "{help}");
+    }
+}
+
+#[test]
+fn epoll_fallback_is_logged_once_when_io_uring_is_blocked() {
+    let listen = lb_addr();
+    let backend = Backend::start("x", Behaviour::TagEcho);
+    let dir = TempDir::new("fallback");
+    let cfg = dir.file("c.toml", &tcp_config("auto", listen, "", &[(backend.addr, 1)], ""));
+    let mut child = std::process::Command::new(ringlb_bin())
+        .args(["run", "-c", path_str(&cfg)])
+        .env("RINGLB_DISABLE_IO_URING", "1")
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while read_tag(listen, None).is_err() {
+        assert!(std::time::Instant::now() < deadline, "no service on epoll fallback");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(log.matches("io_uring unavailable").count(), 1, "{log}");
+    assert!(log.contains("worker 0 started on epoll"), "{log}");
+    assert_eq!(out.status.code(), Some(0), "{log}");
+}
+
+#[test]
+fn uring_engine_fails_clearly_when_io_uring_is_blocked() {
+    let dir = TempDir::new("uring");
+    let cfg = dir.file("c.toml", &tcp_config("uring", lb_addr(), "", &[("127.0.0.1:9".parse().unwrap(), 1)], ""));
+    let out = std::process::Command::new(ringlb_bin())
+        .args(["run", "-c", path_str(&cfg)])
+        .env("RINGLB_DISABLE_IO_URING", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("io_engine = \"uring\" but io_uring is unavailable"), "{stderr}");
+}

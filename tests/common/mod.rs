@@ -1,0 +1,288 @@
+//! Test harness: the real `ringlb` binary, real loopback sockets, and small
+//! backends that behave (or misbehave) on purpose.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn ringlb_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ringlb")
+}
+
+/// A port that nothing listens on right now (so it refuses connections).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A temp directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!("ringlb-test-{}-{tag}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn file(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `ringlb run`, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Ringlb {
+    pub child: Child,
+    pub dir: TempDir,
+    pub config: PathBuf,
+}
+
+impl Ringlb {
+    /// Writes `config` and starts ringlb; waits until `wait_for` accepts.
+    pub fn start(config: &str, wait_for: SocketAddr) -> Ringlb {
+        Self::start_with(config, wait_for, &[])
+    }
+
+    pub fn start_with(config: &str, wait_for: SocketAddr, env: &[(&str, &str)]) -> Ringlb {
+        let dir = TempDir::new("lb");
+        let path = dir.file("ringlb.toml", config);
+        let mut cmd = Command::new(ringlb_bin());
+        cmd.arg("run").arg("-c").arg(&path).stdin(Stdio::null());
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn ringlb");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("ringlb exited at start: {status}");
+            }
+            if is_listening(wait_for) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "ringlb did not listen on {wait_for} within 10s");
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ringlb { child, dir, config: path }
+    }
+
+    /// Waits until `addr` is listening (without sending a connection through).
+    pub fn wait_listening(&mut self, addr: SocketAddr) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !is_listening(addr) {
+            assert!(Instant::now() < deadline, "{addr} not listening within 10s");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// Waits for exit up to `timeout`; returns the exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Ringlb {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(libc::SIGTERM);
+            if self.wait_exit(Duration::from_secs(3)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+}
+
+/// Whether some socket listens on `addr` (read from /proc/net/tcp*, so that
+/// waiting for ringlb sends no connection through it to a backend).
+pub fn is_listening(addr: SocketAddr) -> bool {
+    let port = format!(":{:04X} ", addr.port());
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        std::fs::read_to_string(f)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split_whitespace().nth(3) == Some("0A") && l.contains(&port) && l.split_whitespace().nth(1).is_some_and(|a| a.ends_with(port.trim())))
+    })
+}
+
+/// Runs `ringlb ARGS...` to completion.
+pub fn ringlb_cmd(args: &[&str]) -> Output {
+    Command::new(ringlb_bin()).args(args).env("RUST_LOG", "warn").output().expect("run ringlb")
+}
+
+/// How a test backend treats each connection.
+#[derive(Clone, Copy, Debug)]
+pub enum Behaviour {
+    /// Writes its tag and a newline, then echoes until EOF, then closes.
+    TagEcho,
+    /// Echoes until EOF, then closes.
+    Echo,
+    /// Accepts and never reads or writes.
+    Stall,
+}
+
+/// A backend thread on a loopback port; stops accepting on drop.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub tag: String,
+    pub accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Backend {
+    pub fn start(tag: &str, behaviour: Behaviour) -> Backend {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), tag, behaviour)
+    }
+
+    pub fn start_on(addr: SocketAddr, tag: &str, behaviour: Behaviour) -> Backend {
+        let listener = listen(addr);
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (acc, st, t) = (accepted.clone(), stop.clone(), tag.to_string());
+        thread::spawn(move || {
+            for s in listener.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(s) = s else { continue };
+                acc.fetch_add(1, Ordering::SeqCst);
+                let t = t.clone();
+                thread::spawn(move || serve(s, &t, behaviour));
+            }
+        });
+        Backend { addr, tag: tag.to_string(), accepted, stop }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        // Wake the blocking accept so the thread sees the flag and closes the port.
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+    }
+}
+
+/// A blocking listener with a backlog big enough for bursts of connects.
+pub fn listen(addr: SocketAddr) -> TcpListener {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.bind(&addr.into()).unwrap();
+    s.listen(4096).unwrap();
+    s.into()
+}
+
+fn serve(mut s: TcpStream, tag: &str, behaviour: Behaviour) {
+    match behaviour {
+        Behaviour::Stall => {
+            thread::sleep(Duration::from_secs(60));
+        }
+        Behaviour::TagEcho | Behaviour::Echo => {
+            if let Behaviour::TagEcho = behaviour {
+                if s.write_all(format!("{tag}\n").as_bytes()).is_err() {
+                    return;
+                }
+            }
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = s.shutdown(Shutdown::Write);
+        }
+    }
+}
+
+/// Connects (optionally from a chosen local IP) and reads the tag line.
+pub fn read_tag(lb: SocketAddr, from: Option<std::net::IpAddr>) -> std::io::Result<String> {
+    let s = connect_from(lb, from)?;
+    let mut s = s;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b)? {
+            0 => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("EOF after {:?}", String::from_utf8_lossy(&line)))),
+            _ if b[0] == b'\n' => break,
+            _ => line.push(b[0]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// A TCP connection from `from` (any 127.x address) to `to`.
+pub fn connect_from(to: SocketAddr, from: Option<std::net::IpAddr>) -> std::io::Result<TcpStream> {
+    match from {
+        None => TcpStream::connect_timeout(&to, Duration::from_secs(5)),
+        Some(ip) => {
+            let sock = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None)?;
+            sock.bind(&SocketAddr::new(ip, 0).into())?;
+            sock.connect_timeout(&to.into(), Duration::from_secs(5))?;
+            Ok(sock.into())
+        }
+    }
+}
+
+/// A listener block and a pool block for a config.
+pub fn tcp_config(engine: &str, listen: SocketAddr, extra_listener: &str, backends: &[(SocketAddr, u32)], extra_pool: &str) -> String {
+    let mut c = format!(
+        "[runtime]\nworkers = 2\nio_engine = \"{engine}\"\nshutdown_timeout = \"2s\"\n\n[[listener]]\nname = \"t\"\nbind = \"{listen}\"\npool = \"p\"\nconnect_timeout = \"1s\"\n{extra_listener}\n\n[[pool]]\nname = \"p\"\ntable_size = 65537\n{extra_pool}\n"
+    );
+    for (addr, w) in backends {
+        c.push_str(&format!("[[pool.backend]]\naddr = \"{addr}\"\nweight = {w}\n"));
+    }
+    c
+}
+
+pub fn lb_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
