@@ -31,6 +31,21 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Talk to a running ringlb over its control socket. Exit 0 on an ok reply,
+    /// 1 on an error reply, 2 when the socket can't be reached.
+    Ctl {
+        /// Control socket path.
+        #[arg(short, long, value_name = "SOCKET")]
+        socket: Option<PathBuf>,
+        /// Read the socket path from this config's [control] socket.
+        #[arg(short, long, value_name = "CONFIG", conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// Print the raw JSON reply.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
     /// Run a self-contained demo: three local backends, ringlb in front of them
     /// (config/demo.toml, embedded), some traffic, and how it spread.
     Demo {
@@ -38,6 +53,57 @@ enum Command {
         #[arg(long, default_value_t = 400)]
         connections: usize,
     },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Version, uptime, io engine per worker, config file and generation, listeners.
+    Status,
+    /// Per backend: weight, state, connections, bytes, failures.
+    Backends {
+        /// Only this pool.
+        pool: Option<String>,
+    },
+    /// Take no new connections; open ones may finish within the pool's drain_timeout.
+    Drain { pool: String, addr: String },
+    /// Put a drained or disabled backend back in service.
+    Enable { pool: String, addr: String },
+    /// Out of service at once: no new connections, open ones closed after drain_timeout.
+    Disable { pool: String, addr: String },
+    /// Change a backend's weight.
+    Weight { pool: String, addr: String, weight: i64 },
+    /// Add a backend to a pool.
+    Add {
+        pool: String,
+        addr: String,
+        /// Weight (default 1).
+        #[arg(long)]
+        weight: Option<i64>,
+    },
+    /// Drain a backend, then remove it.
+    Remove { pool: String, addr: String },
+    /// Re-read the config file (same as SIGHUP).
+    Reload,
+    /// Counters: accepted, active, refused by reason, bytes, table generations.
+    Stats,
+}
+
+impl CtlCommand {
+    fn request(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            CtlCommand::Status => json!({"cmd": "status"}),
+            CtlCommand::Backends { pool } => json!({"cmd": "backends", "pool": pool}),
+            CtlCommand::Drain { pool, addr } => json!({"cmd": "drain", "pool": pool, "addr": addr}),
+            CtlCommand::Enable { pool, addr } => json!({"cmd": "enable", "pool": pool, "addr": addr}),
+            CtlCommand::Disable { pool, addr } => json!({"cmd": "disable", "pool": pool, "addr": addr}),
+            CtlCommand::Weight { pool, addr, weight } => json!({"cmd": "weight", "pool": pool, "addr": addr, "weight": weight}),
+            CtlCommand::Add { pool, addr, weight } => json!({"cmd": "add", "pool": pool, "addr": addr, "weight": weight}),
+            CtlCommand::Remove { pool, addr } => json!({"cmd": "remove", "pool": pool, "addr": addr}),
+            CtlCommand::Reload => json!({"cmd": "reload"}),
+            CtlCommand::Stats => json!({"cmd": "stats"}),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -69,6 +135,16 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
         },
+        Command::Ctl { socket, config, json, command } => {
+            use ringlb::control::ctl;
+            match ctl::socket_path(socket, config.as_deref()) {
+                Err(e) => {
+                    eprintln!("ringlb ctl: {e}");
+                    ExitCode::from(ctl::EXIT_UNREACHABLE as u8)
+                }
+                Ok(path) => ExitCode::from(ctl::run(&path, command.request(), json) as u8),
+            }
+        }
         Command::Demo { connections } => match ringlb::demo::run(connections) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -1,6 +1,7 @@
-//! Starting and stopping a ringlb process: engine, listeners, workers, and
-//! the control plane on its own thread.
+//! Starting, reloading and stopping a ringlb process: engine, listeners,
+//! workers, and the control plane on its own thread.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,7 +10,8 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
-use crate::config::{Config, Protocol};
+use crate::config::{Config, ListenerConfig, Protocol};
+use crate::control::{run_control_plane, ControlEndpoints};
 use crate::engine::resolve_engine;
 use crate::listen::bind_tcp_for_workers;
 use crate::model::Model;
@@ -19,7 +21,7 @@ use crate::worker::{spawn_worker, Shared, WorkerCmd, WORKER_QUEUE};
 pub struct Server {
     /// State shared with workers.
     pub shared: Arc<Shared>,
-    /// The control plane's model (one writer; the lock is never taken by workers).
+    /// The control plane's model (the lock is never taken by workers).
     pub model: Mutex<Model>,
     /// Command queues of the workers.
     pub workers: Vec<mpsc::Sender<WorkerCmd>>,
@@ -31,8 +33,8 @@ impl Server {
         self.shared.snapshot.store(Arc::new(model.snapshot()));
     }
 
-    /// Asks every worker to run a command built by `make` (best effort: a
-    /// full queue means the worker is far behind and the command is logged).
+    /// Sends every worker a command built by `make`. The queue is bounded; a
+    /// full one means the worker is far behind and the command is logged.
     pub fn tell_workers(&self, mut make: impl FnMut(usize) -> WorkerCmd) {
         for (id, tx) in self.workers.iter().enumerate() {
             if tx.try_send(make(id)).is_err() {
@@ -44,6 +46,59 @@ impl Server {
     /// Open client connections across listeners.
     pub fn active_connections(&self) -> u64 {
         self.model.lock().listeners.iter().map(|l| l.stats.active.current()).sum()
+    }
+
+    /// Hands bound sockets of a new listener to the workers.
+    fn start_listener(&self, model: &mut Model, config: ListenerConfig, sockets: Vec<std::net::TcpListener>) {
+        let workers = self.workers.len();
+        log::info!("listener \"{}\" bound on {} (tcp, {workers} sockets, pool \"{}\")", config.name, config.bind, config.pool);
+        let state = model.add_listener(config.clone());
+        let (slot, stop) = (state.slot, state.stop.clone());
+        let mut sockets = sockets.into_iter();
+        self.tell_workers(|_| WorkerCmd::ListenTcp {
+            slot,
+            name: config.name.clone(),
+            socket: sockets.next().expect("one socket per worker"),
+            stop: stop.clone(),
+        });
+    }
+
+    /// Re-reads the config file and applies it. A config that fails
+    /// validation, or whose new listeners can't be bound, changes nothing.
+    pub fn reload(&self) -> Result<Vec<String>, String> {
+        let path = self.model.lock().config.source.clone().ok_or("this ringlb runs an embedded config; nothing to reload")?;
+        let new = Config::load(&path).map_err(|e| e.to_string())?;
+        for l in &new.listeners {
+            if l.protocol != Protocol::Tcp {
+                return Err(format!("listener \"{}\": only tcp is supported by this build", l.name));
+            }
+        }
+        // Bind what is new before touching anything.
+        let mut sockets: HashMap<String, Vec<std::net::TcpListener>> = HashMap::new();
+        {
+            let model = self.model.lock();
+            for l in &new.listeners {
+                let kept = model.listeners.iter().any(|s| s.retire_deadline.is_none() && s.config.name == l.name && s.config.bind == l.bind && s.config.protocol == l.protocol);
+                if !kept {
+                    sockets.insert(l.name.clone(), bind_tcp_for_workers(&l.name, l.bind, l.backlog, self.workers.len())?);
+                }
+            }
+        }
+        let mut model = self.model.lock();
+        let (changes, to_start) = model.apply_config(new, Instant::now());
+        for l in to_start {
+            let s = sockets.remove(&l.name).expect("bound above");
+            self.start_listener(&mut model, l, s);
+        }
+        self.publish(&mut model);
+        let generation = model.config_generation;
+        drop(model);
+        if changes.is_empty() {
+            log::info!("reload (config generation {generation}): no changes");
+        } else {
+            log::info!("reload (config generation {generation}): {}", changes.join("; "));
+        }
+        Ok(changes)
     }
 }
 
@@ -64,16 +119,29 @@ pub fn run(config: Config) -> Result<(), String> {
         started: Instant::now(),
     });
 
-    // Bind every listener before starting anything: a config whose address is
+    // Bind everything before starting anything: a config whose address is
     // taken never half-starts.
-    let model = Model::new(config.clone(), workers);
     let mut bound = Vec::new();
     for l in &config.listeners {
         if l.protocol != Protocol::Tcp {
             return Err(format!("listener \"{}\": only tcp is supported by this build", l.name));
         }
-        let sockets = bind_tcp_for_workers(&l.name, l.bind, l.backlog, workers)?;
-        bound.push((l.clone(), sockets));
+        bound.push((l.clone(), bind_tcp_for_workers(&l.name, l.bind, l.backlog, workers)?));
+    }
+    let endpoints = ControlEndpoints {
+        socket: config.control.socket.as_deref().map(crate::control::socket::bind_control_socket).transpose()?,
+        metrics: match config.control.metrics {
+            None => None,
+            Some(addr) => {
+                let l = std::net::TcpListener::bind(addr).map_err(|e| format!("control.metrics: cannot bind {addr}: {e}"))?;
+                l.set_nonblocking(true).map_err(|e| e.to_string())?;
+                log::info!("metrics on http://{addr}/metrics");
+                Some(l)
+            }
+        },
+    };
+    if let Some(p) = &config.control.socket {
+        log::info!("control socket {}", p.display());
     }
 
     let mut senders = Vec::new();
@@ -82,26 +150,21 @@ pub fn run(config: Config) -> Result<(), String> {
         spawn_worker(id, shared.clone(), rx, config.runtime.pin_workers).map_err(|e| format!("cannot start worker {id}: {e}"))?;
         senders.push(tx);
     }
-    let server = Arc::new(Server { shared: shared.clone(), model: Mutex::new(model), workers: senders });
+    let model = Model::new(config.clone(), workers, Instant::now());
+    let server = Arc::new(Server { shared, model: Mutex::new(model), workers: senders });
     {
         let mut model = server.model.lock();
         for (l, sockets) in bound {
-            let state = model.add_listener(l.clone());
-            let (slot, stop) = (state.slot, state.stop.clone());
-            let mut sockets = sockets.into_iter();
-            server.tell_workers(|_| WorkerCmd::ListenTcp {
-                slot,
-                name: l.name.clone(),
-                socket: sockets.next().expect("one socket per worker"),
-                stop: stop.clone(),
-            });
-            log::info!("listener \"{}\" bound on {} (tcp, {workers} sockets, pool \"{}\")", l.name, l.bind, l.pool);
+            server.start_listener(&mut model, l, sockets);
         }
         server.publish(&mut model);
     }
     log::info!("ringlb {} running: {} on {engine}", env!("CARGO_PKG_VERSION"), config.summary());
-
-    crate::control::run_control_plane(server)
+    let result = run_control_plane(server, endpoints);
+    if let Some(p) = &config.control.socket {
+        let _ = std::fs::remove_file(p);
+    }
+    result
 }
 
 /// Raises the soft open-files limit to the hard limit: a proxy holds two fds

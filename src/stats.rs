@@ -91,6 +91,48 @@ impl Gauge {
     }
 }
 
+/// Upper bounds (seconds) of the connect-latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 12] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0];
+
+/// A latency histogram with fixed buckets, sharded by worker like [`Counter`].
+#[derive(Debug)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative; the last is +Inf).
+    pub buckets: Box<[Counter]>,
+    /// Sum of observations in microseconds.
+    pub sum_micros: Counter,
+}
+
+impl Histogram {
+    /// An empty histogram.
+    pub fn new(workers: usize) -> Self {
+        Histogram {
+            buckets: (0..=LATENCY_BUCKETS.len()).map(|_| Counter::new(workers)).collect(),
+            sum_micros: Counter::new(workers),
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i].inc();
+        self.sum_micros.add(d.as_micros() as u64);
+    }
+
+    /// Cumulative counts per bucket (Prometheus `le` semantics), ending with +Inf.
+    pub fn cumulative(&self) -> Vec<u64> {
+        let mut total = 0;
+        self.buckets
+            .iter()
+            .map(|b| {
+                total += b.get();
+                total
+            })
+            .collect()
+    }
+}
+
 /// Why a client was refused or closed without being relayed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefuseReason {
@@ -128,6 +170,11 @@ pub struct ListenerStats {
     pub bytes_out: Counter,
     /// Accept errors (EMFILE and others).
     pub accept_errors: Counter,
+    /// Backend connect latency (successful connects).
+    pub connect_latency: Histogram,
+    /// Set when this listener was removed and its drain time is over: its
+    /// connections close when woken.
+    pub closing: std::sync::atomic::AtomicBool,
 }
 
 impl ListenerStats {
@@ -140,6 +187,8 @@ impl ListenerStats {
             bytes_in: Counter::new(workers),
             bytes_out: Counter::new(workers),
             accept_errors: Counter::new(workers),
+            connect_latency: Histogram::new(workers),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -198,6 +247,19 @@ mod tests {
         }
         c.add(5); // a non-worker thread lands on the shared shard
         assert_eq!(c.get(), 40_005);
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::new(1);
+        h.observe(std::time::Duration::from_micros(50));
+        h.observe(std::time::Duration::from_millis(3));
+        h.observe(std::time::Duration::from_secs(10));
+        let c = h.cumulative();
+        assert_eq!(c[0], 1);
+        assert_eq!(c[5], 2); // <= 5ms
+        assert_eq!(*c.last().unwrap(), 3);
+        assert_eq!(h.sum_micros.get(), 50 + 3000 + 10_000_000);
     }
 
     #[test]

@@ -112,12 +112,12 @@ impl WorkerCtx {
     }
 
     /// Resolves when this connection (to `backend`) must close.
-    pub async fn close_requested(&self, backend: &crate::snapshot::Backend) {
+    pub async fn close_requested(&self, backend: &crate::snapshot::Backend, listener: &crate::stats::ListenerStats) {
         loop {
             let notified = self.close.notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
-            if backend.is_closing() || self.shared.force_close.load(Ordering::Relaxed) {
+            if backend.is_closing() || listener.closing.load(Ordering::Relaxed) || self.shared.force_close.load(Ordering::Relaxed) {
                 return;
             }
             notified.await;

@@ -83,9 +83,60 @@ pub struct PoolFile {
     pub table_size: Option<i64>,
     /// How long a drained backend's connections may continue.
     pub drain_timeout: Option<String>,
+    /// Below this share of healthy weight (percent), balance over all
+    /// enabled backends (panic mode).
+    pub panic_threshold: Option<f64>,
+    /// Ramp a recovered backend's share over this long.
+    pub slow_start: Option<String>,
+    /// `[pool.health_check]`: active checks.
+    pub health_check: Option<HealthCheckFile>,
+    /// `[pool.outlier]`: passive checks.
+    pub outlier: Option<OutlierFile>,
     /// `[[pool.backend]]`
     #[serde(default)]
     pub backend: Vec<BackendFile>,
+}
+
+/// `[pool.health_check]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckFile {
+    /// `tcp`, `send_expect` or `none`.
+    pub kind: Option<String>,
+    /// Time between checks of one backend.
+    pub interval: Option<String>,
+    /// Time a check may take.
+    pub timeout: Option<String>,
+    /// Successes in a row that bring a backend up.
+    pub rise: Option<i64>,
+    /// Failures in a row that take it down.
+    pub fall: Option<i64>,
+    /// Random spread added to each interval.
+    pub jitter: Option<String>,
+    /// Bytes sent after connecting (send_expect).
+    pub send: Option<String>,
+    /// Prefix the reply must start with (send_expect).
+    pub expect: Option<String>,
+    /// Check this port instead of the backend's.
+    pub port: Option<i64>,
+    /// `up` or `down`: state before the first check.
+    pub initial_state: Option<String>,
+    /// Checks running at once for this pool.
+    pub max_concurrent: Option<i64>,
+}
+
+/// `[pool.outlier]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierFile {
+    /// Connect failures in a row that eject a backend (0 = off).
+    pub consecutive_failures: Option<i64>,
+    /// First ejection time; doubles on each repeat.
+    pub ejection_time: Option<String>,
+    /// Cap of the ejection time.
+    pub max_ejection_time: Option<String>,
+    /// Most of a pool (percent of backends) ejected at once.
+    pub max_ejection_percent: Option<f64>,
 }
 
 /// `[[pool.backend]]`
@@ -96,4 +147,6 @@ pub struct BackendFile {
     pub addr: Option<String>,
     /// Relative share; default 1; 0 = configured but takes no new connections.
     pub weight: Option<i64>,
+    /// Address health checks go to instead of `addr`.
+    pub check_addr: Option<String>,
 }

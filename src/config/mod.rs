@@ -123,8 +123,95 @@ pub struct PoolConfig {
     pub table_size: usize,
     /// Grace period of a drained backend's connections.
     pub drain_timeout: Duration,
+    /// Healthy share (0..=1) below which the pool panics.
+    pub panic_threshold: f64,
+    /// Slow-start ramp (zero = off).
+    pub slow_start: Duration,
+    /// Active checks.
+    pub health_check: HealthCheckConfig,
+    /// Passive checks.
+    pub outlier: OutlierConfig,
     /// Backends, in file order.
     pub backends: Vec<BackendConfig>,
+}
+
+/// What an active check does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// No active checks: backends are up unless ejected.
+    None,
+    /// A connect within the timeout.
+    Tcp,
+    /// Connect, send `send`, and the reply must start with `expect`.
+    SendExpect {
+        /// Bytes sent (may be empty for servers that greet first).
+        send: Vec<u8>,
+        /// Required reply prefix.
+        expect: Vec<u8>,
+    },
+}
+
+/// `[pool.health_check]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheckConfig {
+    /// The check.
+    pub kind: CheckKind,
+    /// Between checks of one backend.
+    pub interval: Duration,
+    /// Per check.
+    pub timeout: Duration,
+    /// Successes in a row to go up.
+    pub rise: u32,
+    /// Failures in a row to go down.
+    pub fall: u32,
+    /// Random extra delay, up to this, per interval.
+    pub jitter: Duration,
+    /// Port override.
+    pub port: Option<u16>,
+    /// State before the first check.
+    pub initially_up: bool,
+    /// Checks of this pool in flight at once.
+    pub max_concurrent: usize,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            kind: CheckKind::None,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            jitter: Duration::from_millis(400),
+            port: None,
+            initially_up: true,
+            max_concurrent: 64,
+        }
+    }
+}
+
+/// `[pool.outlier]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutlierConfig {
+    /// Connect failures in a row that eject (0 = off).
+    pub consecutive_failures: u32,
+    /// First ejection time.
+    pub ejection_time: Duration,
+    /// Longest ejection time.
+    pub max_ejection_time: Duration,
+    /// Most of the pool ejected at once (0..=1, share of backends).
+    pub max_ejection_share: f64,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_failures: 5,
+            ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_share: 0.5,
+        }
+    }
 }
 
 /// `[[pool.backend]]`
@@ -134,6 +221,8 @@ pub struct BackendConfig {
     pub addr: SocketAddr,
     /// Relative share of the Maglev table.
     pub weight: u32,
+    /// Where health checks go (default: `addr`, with the pool's port override).
+    pub check_addr: Option<SocketAddr>,
 }
 
 impl Config {
@@ -279,6 +368,9 @@ pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
         shutdown_timeout,
     };
 
+    if file.control.socket.as_deref() == Some("") {
+        c.err("control.socket", "empty path");
+    }
     let control = ControlConfig {
         socket: file.control.socket.as_ref().map(PathBuf::from),
         metrics: file.control.metrics.as_ref().and_then(|_| c.addr("control.", "metrics", &file.control.metrics)),
@@ -384,6 +476,23 @@ fn validate_pool(c: &mut Checker<'_>, label: &str, p: &PoolFile) -> Option<PoolC
         c.err(&format!("{place}table_size"), format!("{table_size} is not prime (e.g. 65537, 131071, 655373)"));
     }
     let drain_timeout = c.duration(&place, "drain_timeout", &p.drain_timeout, Duration::from_secs(30));
+    let panic_threshold = match p.panic_threshold {
+        None => 0.5,
+        Some(x) if (0.0..=100.0).contains(&x) => x / 100.0,
+        Some(x) => {
+            c.err(&format!("{place}panic_threshold"), format!("{x} is not a percentage (0..=100; 0 = never panic)"));
+            0.5
+        }
+    };
+    let slow_start = c.duration(&place, "slow_start", &p.slow_start, Duration::ZERO);
+    let health_check = match &p.health_check {
+        None => HealthCheckConfig::default(),
+        Some(h) => validate_health_check(c, &format!("{place}health_check."), h),
+    };
+    let outlier = match &p.outlier {
+        None => OutlierConfig::default(),
+        Some(o) => validate_outlier(c, &format!("{place}outlier."), o),
+    };
     if p.backend.is_empty() {
         c.err(&format!("{place}backend"), "a pool needs at least one [[pool.backend]]");
     }
@@ -404,21 +513,101 @@ fn validate_pool(c: &mut Checker<'_>, label: &str, p: &PoolFile) -> Option<PoolC
     if backends.len() > table_size {
         c.err(&format!("{place}table_size"), format!("{table_size} is smaller than the {} backends", backends.len()));
     }
-    Some(PoolConfig { name: name?, table_size, drain_timeout, backends })
+    Some(PoolConfig { name: name?, table_size, drain_timeout, panic_threshold, slow_start, health_check, outlier, backends })
 }
 
 /// Validates one backend entry; shared with `ctl add`.
 fn validate_backend(c: &mut Checker<'_>, place: &str, b: &BackendFile) -> Option<BackendConfig> {
     let addr = c.addr(place, "addr", &b.addr);
     let weight = c.ranged(&format!("{place}weight"), b.weight, 0, 1_000_000, 1) as u32;
-    Some(BackendConfig { addr: addr?, weight })
+    let check_addr = match &b.check_addr {
+        None => None,
+        Some(_) => Some(c.addr(place, "check_addr", &b.check_addr)?),
+    };
+    Some(BackendConfig { addr: addr?, weight, check_addr })
+}
+
+fn validate_health_check(c: &mut Checker<'_>, place: &str, h: &file::HealthCheckFile) -> HealthCheckConfig {
+    let d = HealthCheckConfig::default();
+    let kind = match h.kind.as_deref() {
+        None | Some("tcp") => CheckKind::Tcp,
+        Some("none") => CheckKind::None,
+        Some("send_expect") => match &h.expect {
+            Some(expect) if !expect.is_empty() => CheckKind::SendExpect {
+                send: h.send.clone().unwrap_or_default().into_bytes(),
+                expect: expect.clone().into_bytes(),
+            },
+            _ => {
+                c.err(&format!("{place}expect"), "kind = \"send_expect\" needs a non-empty expect");
+                CheckKind::Tcp
+            }
+        },
+        Some(other) => {
+            c.err(&format!("{place}kind"), format!("\"{other}\": expected tcp, send_expect or none"));
+            CheckKind::Tcp
+        }
+    };
+    if !matches!(kind, CheckKind::SendExpect { .. }) && (h.send.is_some() || h.expect.is_some()) {
+        c.err(&format!("{place}send"), "send/expect only apply to kind = \"send_expect\"");
+    }
+    let interval = c.duration(place, "interval", &h.interval, d.interval);
+    if interval < Duration::from_millis(10) {
+        c.err(&format!("{place}interval"), "must be at least 10ms");
+    }
+    let timeout = c.duration(place, "timeout", &h.timeout, d.timeout);
+    if timeout.is_zero() {
+        c.err(&format!("{place}timeout"), "must be more than 0");
+    }
+    let jitter = c.duration(place, "jitter", &h.jitter, interval / 5);
+    let initially_up = match h.initial_state.as_deref() {
+        None | Some("up") => true,
+        Some("down") => false,
+        Some(other) => {
+            c.err(&format!("{place}initial_state"), format!("\"{other}\": expected up or down"));
+            true
+        }
+    };
+    HealthCheckConfig {
+        kind,
+        interval,
+        timeout,
+        rise: c.ranged(&format!("{place}rise"), h.rise, 1, 1000, 2) as u32,
+        fall: c.ranged(&format!("{place}fall"), h.fall, 1, 1000, 3) as u32,
+        jitter,
+        port: h.port.map(|p| c.ranged(&format!("{place}port"), Some(p), 1, 65535, 1) as u16),
+        initially_up,
+        max_concurrent: c.ranged(&format!("{place}max_concurrent"), h.max_concurrent, 1, 10_000, 64) as usize,
+    }
+}
+
+fn validate_outlier(c: &mut Checker<'_>, place: &str, o: &file::OutlierFile) -> OutlierConfig {
+    let d = OutlierConfig::default();
+    let ejection_time = c.duration(place, "ejection_time", &o.ejection_time, d.ejection_time);
+    let max_ejection_time = c.duration(place, "max_ejection_time", &o.max_ejection_time, d.max_ejection_time.max(ejection_time));
+    if max_ejection_time < ejection_time {
+        c.err(&format!("{place}max_ejection_time"), "is shorter than ejection_time");
+    }
+    let max_ejection_share = match o.max_ejection_percent {
+        None => d.max_ejection_share,
+        Some(x) if (0.0..=100.0).contains(&x) => x / 100.0,
+        Some(x) => {
+            c.err(&format!("{place}max_ejection_percent"), format!("{x} is not a percentage (0..=100)"));
+            d.max_ejection_share
+        }
+    };
+    OutlierConfig {
+        consecutive_failures: c.ranged(&format!("{place}consecutive_failures"), o.consecutive_failures, 0, 1_000_000, 5) as u32,
+        ejection_time,
+        max_ejection_time,
+        max_ejection_share,
+    }
 }
 
 /// Validates a backend given by a control command (`ctl add` / `ctl weight`),
 /// with the same rules as the file.
 pub fn validate_backend_request(addr: &str, weight: Option<i64>) -> Result<BackendConfig, ConfigErrors> {
     let mut c = Checker { file: Path::new("<control>"), errors: Vec::new() };
-    let b = validate_backend(&mut c, "backend: ", &BackendFile { addr: Some(addr.to_string()), weight });
+    let b = validate_backend(&mut c, "backend: ", &BackendFile { addr: Some(addr.to_string()), weight, check_addr: None });
     match b {
         Some(b) if c.errors.is_empty() => Ok(b),
         _ => Err(ConfigErrors(c.errors)),

@@ -1,11 +1,40 @@
 //! The control plane: its own thread and runtime, never a data worker's.
+//! It owns the model, runs health checks, serves the control socket and the
+//! metrics endpoint, handles signals, and publishes snapshots.
 
+pub mod ctl;
+pub mod health_check;
+pub mod metrics;
+pub mod protocol;
+pub mod socket;
+
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+
+use crate::health::state::AdminState;
 use crate::server::{graceful_shutdown, Server};
+use crate::stats::RefuseReason;
+use protocol::{error, ok, Request};
+
+/// How often drains, ejections and slow-start steps are looked at.
+const TICK: Duration = Duration::from_millis(100);
+/// How often due health checks are started.
+const CHECK_SCAN: Duration = Duration::from_millis(20);
+
+/// Things bound at start that the control plane serves.
+pub struct ControlEndpoints {
+    /// The control socket, when configured.
+    pub socket: Option<std::os::unix::net::UnixListener>,
+    /// The metrics listener, when configured.
+    pub metrics: Option<std::net::TcpListener>,
+}
 
 /// Runs the control plane on the calling thread until ringlb shuts down.
-pub fn run_control_plane(server: Arc<Server>) -> Result<(), String> {
+pub fn run_control_plane(server: Arc<Server>, endpoints: ControlEndpoints) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -14,9 +43,29 @@ pub fn run_control_plane(server: Arc<Server>) -> Result<(), String> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
         let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-        tokio::select! {
-            _ = term.recv() => log::info!("SIGTERM received"),
-            _ = int.recv() => log::info!("SIGINT received"),
+        let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+
+        if let Some(sock) = endpoints.socket {
+            tokio::spawn(socket::serve(sock, server.clone()));
+        }
+        if let Some(m) = endpoints.metrics {
+            let listener = tokio::net::TcpListener::from_std(m).map_err(|e| e.to_string())?;
+            tokio::spawn(metrics::serve(listener, server.clone()));
+        }
+        tokio::spawn(ticker(server.clone()));
+        tokio::spawn(health_scheduler(server.clone()));
+
+        loop {
+            tokio::select! {
+                _ = term.recv() => { log::info!("SIGTERM received"); break; }
+                _ = int.recv() => { log::info!("SIGINT received"); break; }
+                _ = hup.recv() => {
+                    log::info!("SIGHUP received: reloading");
+                    if let Err(e) = server.reload() {
+                        log::warn!("reload rejected; running config unchanged:\n{e}");
+                    }
+                }
+            }
         }
         let timeout = server.model.lock().config.runtime.shutdown_timeout;
         // A second signal exits at once.
@@ -27,5 +76,173 @@ pub fn run_control_plane(server: Arc<Server>) -> Result<(), String> {
         };
         log::info!("ringlb stopped ({forced} connection(s) closed at the shutdown timeout)");
         Ok(())
+    })
+}
+
+async fn ticker(server: Arc<Server>) {
+    let mut interval = tokio::time::interval(TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let mut model = server.model.lock();
+        let fx = model.tick(Instant::now());
+        if fx.publish {
+            server.publish(&mut model);
+        }
+        drop(model);
+        if fx.check_close {
+            server.tell_workers(|_| crate::worker::WorkerCmd::CheckClose);
+        }
+    }
+}
+
+/// Starts due checks, each in its own task with its own timeout, at most
+/// `max_concurrent` per pool at once: a hung backend only ever holds its own
+/// check, never another backend's.
+async fn health_scheduler(server: Arc<Server>) {
+    let mut limits: HashMap<String, (usize, Arc<Semaphore>)> = HashMap::new();
+    let mut interval = tokio::time::interval(CHECK_SCAN);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let jobs = server.model.lock().due_checks(Instant::now());
+        for job in jobs {
+            let entry = limits.entry(job.pool_name.clone()).or_insert_with(|| (job.max_concurrent, Arc::new(Semaphore::new(job.max_concurrent))));
+            if entry.0 != job.max_concurrent {
+                *entry = (job.max_concurrent, Arc::new(Semaphore::new(job.max_concurrent)));
+            }
+            let slots = entry.1.clone();
+            let server = server.clone();
+            tokio::spawn(async move {
+                let Ok(_permit) = slots.acquire_owned().await else { return };
+                let (ok, latency, detail) = health_check::run_check(job.target, &job.kind, job.timeout).await;
+                let mut model = server.model.lock();
+                if model.record_check(job.pool, job.epoch, ok, latency, detail, Instant::now()) {
+                    server.publish(&mut model);
+                }
+            });
+        }
+    }
+}
+
+/// Answers one control request.
+pub fn handle(server: &Arc<Server>, req: Request) -> Value {
+    let now = Instant::now();
+    let change = |f: &dyn Fn(&mut crate::model::Model) -> Result<Value, String>| {
+        let mut model = server.model.lock();
+        match f(&mut model) {
+            Ok(v) => {
+                server.publish(&mut model);
+                ok(v)
+            }
+            Err(e) => error(e),
+        }
+    };
+    match req {
+        Request::Status => ok(status(server)),
+        Request::Backends { pool } => match backends(server, pool.as_deref()) {
+            Ok(v) => ok(v),
+            Err(e) => error(e),
+        },
+        Request::Stats => ok(stats(server)),
+        Request::Drain { pool, addr } => change(&|m| m.drain(&pool, &addr, AdminState::Draining, now)),
+        Request::Disable { pool, addr } => change(&|m| m.drain(&pool, &addr, AdminState::Disabled, now)),
+        Request::Enable { pool, addr } => change(&|m| m.enable(&pool, &addr, now)),
+        Request::Weight { pool, addr, weight } => change(&|m| m.set_weight(&pool, &addr, weight, now)),
+        Request::Add { pool, addr, weight } => change(&|m| m.add_backend(&pool, &addr, weight, now)),
+        Request::Remove { pool, addr } => change(&|m| m.remove_backend(&pool, &addr, now)),
+        Request::Reload => match server.reload() {
+            Ok(changes) => ok(json!({"changes": changes, "config_generation": server.model.lock().config_generation})),
+            Err(e) => {
+                log::warn!("reload rejected; running config unchanged:\n{e}");
+                error(e)
+            }
+        },
+    }
+}
+
+fn status(server: &Server) -> Value {
+    let model = server.model.lock();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": server.shared.started.elapsed().as_secs(),
+        "workers": (0..server.shared.workers).map(|id| json!({"id": id, "engine": server.shared.engine.to_string()})).collect::<Vec<_>>(),
+        "config": model.config.source.as_ref().map(|p| p.display().to_string()),
+        "config_generation": model.config_generation,
+        "snapshot_generation": model.generation(),
+        "listeners": model.listeners.iter().filter(|l| l.retire_deadline.is_none()).map(|l| json!({
+            "name": l.config.name,
+            "bind": l.config.bind.to_string(),
+            "protocol": format!("{:?}", l.config.protocol).to_lowercase(),
+            "pool": l.config.pool,
+            "active": l.stats.active.current(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn backends(server: &Server, only: Option<&str>) -> Result<Value, String> {
+    let model = server.model.lock();
+    if let Some(name) = only {
+        model.pool_index(name).ok_or_else(|| format!("no pool named \"{name}\""))?;
+    }
+    let now = Instant::now();
+    let pools: Vec<Value> = model
+        .pools
+        .iter()
+        .filter(|p| !p.retired && only.is_none_or(|n| n == p.config.name))
+        .map(|p| {
+            let slots = p.published.table.as_ref().map(|t| t.size()).unwrap_or(0);
+            json!({
+                "pool": p.config.name,
+                "table_generation": p.published.generation,
+                "panic": p.panic,
+                "backends": p.backends.iter().enumerate().map(|(i, b)| {
+                    let share = p.published.weights.get(i).copied().unwrap_or(0);
+                    json!({
+                        "addr": b.config.addr.to_string(),
+                        "weight": b.config.weight,
+                        "effective_weight": share,
+                        "state": b.state_label(now),
+                        "reason": b.reason,
+                        "active": b.shared.stats.conns.current(),
+                        "total": b.shared.stats.conns.opened.get(),
+                        "bytes_in": b.shared.stats.bytes_in.get(),
+                        "bytes_out": b.shared.stats.bytes_out.get(),
+                        "failures": b.shared.stats.connect_failures.get(),
+                        "ejections": b.outlier.ejections_total(),
+                        "last_check": b.last_check.as_ref().map(|(ok, lat, detail)| json!({"ok": ok, "ms": lat.as_secs_f64() * 1e3, "detail": detail})),
+                        "removing": b.remove_when_drained,
+                    })
+                }).collect::<Vec<_>>(),
+                "table_size": slots,
+            })
+        })
+        .collect();
+    Ok(json!({ "pools": pools }))
+}
+
+fn stats(server: &Server) -> Value {
+    let model = server.model.lock();
+    json!({
+        "listeners": model.listeners.iter().map(|l| {
+            let refused: serde_json::Map<String, Value> = RefuseReason::ALL.iter().map(|r| (r.label().to_string(), json!(l.stats.refused[*r as usize].get()))).collect();
+            json!({
+                "name": l.config.name,
+                "accepted": l.stats.accepted.get(),
+                "active": l.stats.active.current(),
+                "refused": refused,
+                "bytes_in": l.stats.bytes_in.get(),
+                "bytes_out": l.stats.bytes_out.get(),
+                "accept_errors": l.stats.accept_errors.get(),
+            })
+        }).collect::<Vec<_>>(),
+        "pools": model.pools.iter().map(|p| json!({
+            "name": p.config.name,
+            "table_generation": p.published.generation,
+            "table_build_us": p.published.build_time.as_micros() as u64,
+            "panic": p.panic,
+        })).collect::<Vec<_>>(),
+        "snapshot_generation": model.generation(),
+        "config_generation": model.config_generation,
     })
 }

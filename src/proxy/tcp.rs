@@ -99,8 +99,10 @@ async fn handle_connection<E: Engine>(ctx: Rc<WorkerCtx>, slot: usize, client: E
     let mut connected: Option<(Arc<Backend>, E::Stream)> = None;
     for index in table.candidates(hash, config.connect_attempts as usize) {
         let backend = &pool.backends[index as usize];
+        let connect_started = Instant::now();
         match connect::<E>(backend.addr, config.connect_timeout).await {
             Ok(stream) => {
+                stats.connect_latency.observe(connect_started.elapsed());
                 backend.connect_succeeded();
                 connected = Some((backend.clone(), stream));
                 break;
@@ -128,7 +130,7 @@ async fn handle_connection<E: Engine>(ctx: Rc<WorkerCtx>, slot: usize, client: E
         config.idle_timeout,
         DirectionCounters { listener: &stats.bytes_in, backend: &backend.stats.bytes_in },
         DirectionCounters { listener: &stats.bytes_out, backend: &backend.stats.bytes_out },
-        ctx.close_requested(&backend),
+        ctx.close_requested(&backend, &stats),
     )
     .await;
     close_now(&client);

@@ -1,0 +1,149 @@
+//! `ringlb ctl`: the control-socket client and its human-readable output.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Exit code when the reply is ok.
+pub const EXIT_OK: i32 = 0;
+/// Exit code when the reply is an error.
+pub const EXIT_ERROR_REPLY: i32 = 1;
+/// Exit code when the socket can't be reached.
+pub const EXIT_UNREACHABLE: i32 = 2;
+
+/// Finds the socket path: given directly, or read from a config file.
+pub fn socket_path(socket: Option<PathBuf>, config: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(s) = socket {
+        return Ok(s);
+    }
+    let Some(config) = config else {
+        return Err("give the control socket with -s SOCKET or the config with -c CONFIG".into());
+    };
+    let cfg = crate::config::Config::load(config).map_err(|e| e.to_string())?;
+    cfg.control.socket.ok_or_else(|| format!("{}: [control] socket is not set", config.display()))
+}
+
+/// Sends `request` and returns the reply, or a message for exit code 2.
+pub fn call(path: &Path, request: &Value) -> Result<Value, String> {
+    let mut stream = UnixStream::connect(path).map_err(|e| format!("cannot reach ringlb at {}: {e}", path.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    stream.set_write_timeout(Some(Duration::from_secs(10))).ok();
+    stream.write_all(format!("{request}\n").as_bytes()).map_err(|e| format!("sending to {}: {e}", path.display()))?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).map_err(|e| format!("reading reply from {}: {e}", path.display()))?;
+    serde_json::from_str(&line).map_err(|e| format!("bad reply from {}: {e}: {line:?}", path.display()))
+}
+
+/// Runs one ctl command; returns the process exit code.
+pub fn run(path: &Path, request: Value, json_output: bool) -> i32 {
+    let reply = match call(path, &request) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ringlb ctl: {e}");
+            return EXIT_UNREACHABLE;
+        }
+    };
+    let ok = reply.get("ok").and_then(Value::as_bool) == Some(true);
+    if json_output {
+        println!("{reply}");
+    } else if !ok {
+        eprintln!("error: {}", reply.get("error").and_then(Value::as_str).unwrap_or("unknown error"));
+    } else {
+        print!("{}", human(request.get("cmd").and_then(Value::as_str).unwrap_or(""), &reply));
+    }
+    if ok {
+        EXIT_OK
+    } else {
+        EXIT_ERROR_REPLY
+    }
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match v.get(k) {
+        Some(Value::String(x)) => x.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(x) => x.to_string(),
+    }
+}
+
+/// Human-readable rendering of a reply.
+pub fn human(cmd: &str, r: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    match cmd {
+        "status" => {
+            let _ = writeln!(out, "ringlb {}  up {}s", s(r, "version"), s(r, "uptime_seconds"));
+            let _ = writeln!(out, "config {} (generation {}), snapshot generation {}", s(r, "config"), s(r, "config_generation"), s(r, "snapshot_generation"));
+            for w in r["workers"].as_array().into_iter().flatten() {
+                let _ = writeln!(out, "worker {}: {}", s(w, "id"), s(w, "engine"));
+            }
+            let _ = writeln!(out, "{:<16} {:<24} {:<5} {:<16} {:>8}", "LISTENER", "BIND", "PROTO", "POOL", "ACTIVE");
+            for l in r["listeners"].as_array().into_iter().flatten() {
+                let _ = writeln!(out, "{:<16} {:<24} {:<5} {:<16} {:>8}", s(l, "name"), s(l, "bind"), s(l, "protocol"), s(l, "pool"), s(l, "active"));
+            }
+        }
+        "backends" => {
+            for p in r["pools"].as_array().into_iter().flatten() {
+                let panic = if p["panic"].as_bool() == Some(true) { "  PANIC" } else { "" };
+                let _ = writeln!(out, "pool {} (table generation {}){panic}", s(p, "pool"), s(p, "table_generation"));
+                let _ = writeln!(
+                    out,
+                    "  {:<24} {:>6} {:<9} {:>7} {:>8} {:>12} {:>12} {:>8}  REASON",
+                    "BACKEND", "WEIGHT", "STATE", "ACTIVE", "TOTAL", "BYTES_IN", "BYTES_OUT", "FAILURES"
+                );
+                for b in p["backends"].as_array().into_iter().flatten() {
+                    let _ = writeln!(
+                        out,
+                        "  {:<24} {:>6} {:<9} {:>7} {:>8} {:>12} {:>12} {:>8}  {}",
+                        s(b, "addr"),
+                        s(b, "weight"),
+                        s(b, "state"),
+                        s(b, "active"),
+                        s(b, "total"),
+                        s(b, "bytes_in"),
+                        s(b, "bytes_out"),
+                        s(b, "failures"),
+                        s(b, "reason")
+                    );
+                }
+            }
+        }
+        "drain" | "disable" | "remove" => {
+            let _ = writeln!(out, "ok: {} connection(s) remaining", s(r, "remaining"));
+        }
+        "reload" => {
+            let changes = r["changes"].as_array().cloned().unwrap_or_default();
+            let _ = writeln!(out, "reloaded (config generation {}): {} change(s)", s(r, "config_generation"), changes.len());
+            for c in changes {
+                let _ = writeln!(out, "  {}", c.as_str().unwrap_or_default());
+            }
+        }
+        "stats" => {
+            let _ = writeln!(out, "{:<16} {:>10} {:>8} {:>10} {:>14} {:>14}  REFUSED", "LISTENER", "ACCEPTED", "ACTIVE", "ACC_ERRORS", "BYTES_IN", "BYTES_OUT");
+            for l in r["listeners"].as_array().into_iter().flatten() {
+                let refused: Vec<String> = l["refused"].as_object().map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect()).unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "{:<16} {:>10} {:>8} {:>10} {:>14} {:>14}  {}",
+                    s(l, "name"),
+                    s(l, "accepted"),
+                    s(l, "active"),
+                    s(l, "accept_errors"),
+                    s(l, "bytes_in"),
+                    s(l, "bytes_out"),
+                    refused.join(" ")
+                );
+            }
+            for p in r["pools"].as_array().into_iter().flatten() {
+                let _ = writeln!(out, "pool {}: table generation {}, last build {} us, panic {}", s(p, "name"), s(p, "table_generation"), s(p, "table_build_us"), s(p, "panic"));
+            }
+        }
+        _ => {
+            let _ = writeln!(out, "ok");
+        }
+    }
+    out
+}

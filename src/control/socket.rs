@@ -1,0 +1,140 @@
+//! The Unix control socket: owner-only, one JSON request per line.
+//!
+//! Bounded everywhere: at most [`MAX_CLIENTS`] clients at once (more are told
+//! so and closed), a request line is at most [`MAX_LINE`] bytes, and a client
+//! that sends nothing for [`IDLE_TIMEOUT`] is closed. Each client runs in its
+//! own task, so a slow one never holds up another, and the data plane never
+//! runs here at all.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
+
+use super::protocol::{error, parse_request};
+use crate::server::Server;
+
+/// Longest request line accepted.
+pub const MAX_LINE: usize = 64 * 1024;
+/// Control clients served at once.
+pub const MAX_CLIENTS: usize = 32;
+/// A client that sends no complete line for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Creates the control socket with mode 0600. A stale socket file from a
+/// crashed run is replaced; a live one (another ringlb answering) is an error.
+pub fn bind_control_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, String> {
+    if path.exists() {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(format!(
+                    "control socket {} is in use by a running ringlb; stop it or set another [control] socket",
+                    path.display()
+                ))
+            }
+            Err(_) => {
+                std::fs::remove_file(path).map_err(|e| format!("removing stale control socket {}: {e}", path.display()))?;
+                log::info!("replaced stale control socket {}", path.display());
+            }
+        }
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    // The umask closes the window between bind and chmod in which another
+    // user could connect. Called at start, before worker threads exist.
+    // SAFETY: umask only changes this process's file-creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above; restores the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(|e| format!("control socket {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("control socket {}: chmod 0600: {e}", path.display()))?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    Ok(listener)
+}
+
+/// Serves control clients until the process exits.
+pub async fn serve(listener: std::os::unix::net::UnixListener, server: Arc<Server>) {
+    let listener = match UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("control socket: {e}");
+            return;
+        }
+    };
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let server = server.clone();
+                tokio::spawn(async move {
+                    serve_client(stream, &server).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                let reply = format!("{}\n", error(format!("too many control clients (max {MAX_CLIENTS}); try again")));
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(reply.as_bytes())).await;
+            }
+        }
+    }
+}
+
+enum Line {
+    Complete(String),
+    TooLong,
+    Eof,
+}
+
+async fn read_line_capped(reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>, buf: &mut Vec<u8>) -> std::io::Result<Line> {
+    buf.clear();
+    loop {
+        let chunk = reader.fill_buf().await?;
+        if chunk.is_empty() {
+            return Ok(if buf.is_empty() { Line::Eof } else { Line::Complete(String::from_utf8_lossy(buf).into_owned()) });
+        }
+        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        buf.extend_from_slice(&chunk[..take]);
+        reader.consume(take);
+        if buf.len() > MAX_LINE {
+            return Ok(Line::TooLong);
+        }
+        if done {
+            return Ok(Line::Complete(String::from_utf8_lossy(buf).into_owned()));
+        }
+    }
+}
+
+async fn serve_client(stream: tokio::net::UnixStream, server: &Arc<Server>) {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::with_capacity(8192, read);
+    let mut buf = Vec::new();
+    loop {
+        let reply = match tokio::time::timeout(IDLE_TIMEOUT, read_line_capped(&mut reader, &mut buf)).await {
+            Err(_) | Ok(Err(_)) | Ok(Ok(Line::Eof)) => return,
+            Ok(Ok(Line::TooLong)) => error(format!("request line longer than {MAX_LINE} bytes")),
+            Ok(Ok(Line::Complete(line))) => match parse_request(&line) {
+                Ok(req) => super::handle(server, req),
+                Err(e) => error(e),
+            },
+        };
+        let close = reply.get("error").and_then(|e| e.as_str()).is_some_and(|e| e.starts_with("request line longer"));
+        let text = format!("{reply}\n");
+        if !matches!(tokio::time::timeout(Duration::from_secs(5), write.write_all(text.as_bytes())).await, Ok(Ok(()))) || close {
+            return;
+        }
+    }
+}
