@@ -71,7 +71,13 @@ enum CtlCommand {
     /// Out of service at once: no new connections, open ones closed after drain_timeout.
     Disable { pool: String, addr: String },
     /// Change a backend's weight.
-    Weight { pool: String, addr: String, weight: i64 },
+    Weight {
+        pool: String,
+        addr: String,
+        /// New weight (0..=1000000; checked by ringlb with the config's rules).
+        #[arg(allow_negative_numbers = true)]
+        weight: i64,
+    },
     /// Add a backend to a pool.
     Add {
         pool: String,

@@ -286,3 +286,42 @@ pub fn lb_addr() -> SocketAddr {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// Runs `ringlb ctl -s SOCK --json ARGS` and returns (exit code, reply).
+pub fn ctl_json(sock: &Path, args: &[&str]) -> (i32, serde_json::Value) {
+    let out = Command::new(ringlb_bin()).arg("ctl").arg("-s").arg(sock).arg("--json").args(args).output().unwrap();
+    let code = out.status.code().unwrap_or(-1);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = serde_json::from_str(text.trim()).unwrap_or(serde_json::Value::Null);
+    (code, v)
+}
+
+/// Runs `ringlb ctl -s SOCK ARGS` (human output): (exit code, stdout, stderr).
+pub fn ctl_text(sock: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(ringlb_bin()).arg("ctl").arg("-s").arg(sock).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The backend entry for `addr` from `ctl backends`.
+pub fn backend_info(sock: &Path, pool: &str, addr: SocketAddr) -> serde_json::Value {
+    let (code, v) = ctl_json(sock, &["backends", pool]);
+    assert_eq!(code, 0, "{v}");
+    v["pools"][0]["backends"].as_array().unwrap().iter().find(|b| b["addr"] == addr.to_string()).cloned().unwrap_or(serde_json::Value::Null)
+}
+
+/// Polls `f` every 20 ms until it is true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+/// A config with a control socket in `dir`; listeners and pools given whole.
+pub fn config_with_control(engine: &str, sock: &Path, body: &str) -> String {
+    format!("[runtime]\nworkers = 2\nio_engine = \"{engine}\"\nshutdown_timeout = \"2s\"\n\n[control]\nsocket = \"{}\"\n\n{body}", sock.display())
+}

@@ -1,0 +1,403 @@
+//! Control socket, `ringlb ctl`, reload, metrics and graceful shutdown,
+//! through the real binary.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn pool_block(name: &str, backends: &[SocketAddr], extra: &str) -> String {
+    let mut s = format!("[[pool]]\nname = \"{name}\"\ntable_size = 65537\ndrain_timeout = \"1s\"\n{extra}\n");
+    for b in backends {
+        s.push_str(&format!("[[pool.backend]]\naddr = \"{b}\"\n"));
+    }
+    s
+}
+
+fn listener_block(name: &str, bind: SocketAddr, pool: &str) -> String {
+    format!("[[listener]]\nname = \"{name}\"\nbind = \"{bind}\"\npool = \"{pool}\"\nconnect_timeout = \"1s\"\n\n")
+}
+
+struct Setup {
+    lb: Ringlb,
+    sock: PathBuf,
+    listen: SocketAddr,
+    _socket_dir: TempDir,
+}
+
+fn setup(backends: &[SocketAddr]) -> Setup {
+    let dir = TempDir::new("ctl");
+    let sock = dir.0.join("ctl.sock");
+    let listen = lb_addr();
+    let body = listener_block("web", listen, "web") + &pool_block("web", backends, "");
+    let lb = Ringlb::start(&config_with_control("auto", &sock, &body), listen);
+    Setup { lb, sock, listen, _socket_dir: dir }
+}
+
+#[test]
+fn control_socket_is_owner_only_and_answers_status() {
+    let b = Backend::start("a", Behaviour::TagEcho);
+    let s = setup(&[b.addr]);
+    let mode = std::fs::metadata(&s.sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let (code, v) = ctl_json(&s.sock, &["status"]);
+    assert_eq!(code, 0);
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["workers"].as_array().unwrap().len(), 2);
+    assert_eq!(v["listeners"][0]["name"], "web");
+    assert_eq!(v["config_generation"], 1);
+    let (code, text, _) = ctl_text(&s.sock, &["status"]);
+    assert_eq!(code, 0);
+    assert!(text.contains("worker 0: ") && text.contains("web"), "{text}");
+}
+
+#[test]
+fn ctl_exit_codes_and_bad_requests_change_nothing() {
+    let b = Backend::start("a", Behaviour::TagEcho);
+    let s = setup(&[b.addr]);
+    let (code, _, err) = ctl_text(&s.sock, &["drain", "web", "10.9.9.9:1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no backend 10.9.9.9:1"), "{err}");
+    let (code, _, err) = ctl_text(&s.sock, &["weight", "web", &b.addr.to_string(), "-5"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("out of range"), "{err}");
+    let (code, _, _) = ctl_text(&s.lb.dir.0.join("absent.sock"), &["status"]);
+    assert_eq!(code, 2);
+
+    // Raw protocol: garbage, unknown command and an oversized line get error replies.
+    let mut c = UnixStream::connect(&s.sock).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    for req in ["garbage\n", "{\"cmd\":\"explode\"}\n", "{\"cmd\":\"status\",\"extra\":1}\n"] {
+        c.write_all(req.as_bytes()).unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["ok"], false, "{req} -> {line}");
+        assert!(v["error"].as_str().unwrap().starts_with("bad request"), "{line}");
+    }
+    let huge = "x".repeat(200_000) + "\n";
+    let _ = c.write_all(huge.as_bytes());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("request line longer than 65536 bytes"), "{line}");
+
+    let info = backend_info(&s.sock, "web", b.addr);
+    assert_eq!(info["weight"], 1);
+    assert_eq!(info["state"], "active");
+    assert_eq!(read_tag(s.listen, None).unwrap(), "a");
+}
+
+#[test]
+fn silent_and_slow_clients_do_not_block_others() {
+    let b = Backend::start("a", Behaviour::TagEcho);
+    let s = setup(&[b.addr]);
+    // Clients that connect and send nothing, or half a line.
+    let idle: Vec<UnixStream> = (0..10).map(|_| UnixStream::connect(&s.sock).unwrap()).collect();
+    let mut half = UnixStream::connect(&s.sock).unwrap();
+    half.write_all(b"{\"cmd\":").unwrap();
+    let started = Instant::now();
+    let (code, _) = ctl_json(&s.sock, &["status"]);
+    assert_eq!(code, 0);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(read_tag(s.listen, None).unwrap(), "a", "data plane unaffected");
+    // The silent ones are closed after the idle timeout.
+    let mut first = idle.into_iter().next().unwrap();
+    first.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(first.read(&mut buf).unwrap(), 0, "idle control client closed");
+}
+
+#[test]
+fn stale_socket_is_replaced_and_live_one_refused() {
+    let b = Backend::start("a", Behaviour::TagEcho);
+    let dir = TempDir::new("stale");
+    let sock = dir.0.join("ctl.sock");
+    // A stale socket file: bound, then its listener dropped.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let listen = lb_addr();
+    let body = listener_block("web", listen, "web") + &pool_block("web", &[b.addr], "");
+    let _lb = Ringlb::start(&config_with_control("auto", &sock, &body), listen);
+    assert_eq!(ctl_json(&sock, &["status"]).0, 0);
+    // A second ringlb with the same socket fails clearly.
+    let listen2 = lb_addr();
+    let body2 = listener_block("web", listen2, "web") + &pool_block("web", &[b.addr], "");
+    let cfg = dir.file("second.toml", &config_with_control("auto", &sock, &body2));
+    let out = ringlb_cmd(&["run", "-c", path_str(&cfg)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("in use by a running ringlb"), "{err}");
+    assert_eq!(ctl_json(&sock, &["status"]).0, 0, "first one still answers");
+}
+
+#[test]
+fn drain_stops_new_connections_and_closes_old_ones_after_drain_timeout() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let b = Backend::start("b", Behaviour::TagEcho);
+    let s = setup(&[a.addr, b.addr]);
+    // Open connections until one lands on a; keep it.
+    let mut held = None;
+    for _ in 0..100 {
+        let mut c = connect_from(s.listen, None).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut tag = [0u8; 2];
+        c.read_exact(&mut tag).unwrap();
+        if &tag == b"a\n" {
+            held = Some(c);
+            break;
+        }
+    }
+    let mut held = held.expect("a connection to backend a");
+    let (code, v) = ctl_json(&s.sock, &["drain", "web", &a.addr.to_string()]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["remaining"], 1);
+    assert_eq!(backend_info(&s.sock, "web", a.addr)["state"], "draining");
+    for _ in 0..50 {
+        assert_eq!(read_tag(s.listen, None).unwrap(), "b", "no new connection to a drained backend");
+    }
+    // The held connection still works during the drain...
+    held.write_all(b"x").unwrap();
+    let mut echo = [0u8; 1];
+    held.read_exact(&mut echo).unwrap();
+    // ...and is closed once drain_timeout (1s) passes; the count goes to 0.
+    let mut buf = [0u8; 8];
+    assert_eq!(held.read(&mut buf).unwrap(), 0, "closed after the drain timeout");
+    assert!(wait_until(Duration::from_secs(3), || backend_info(&s.sock, "web", a.addr)["active"] == 0));
+    // enable brings it back.
+    assert_eq!(ctl_json(&s.sock, &["enable", "web", &a.addr.to_string()]).0, 0);
+    assert!((0..200).any(|_| read_tag(s.listen, None).unwrap() == "a"));
+}
+
+#[test]
+fn weight_add_remove_and_disable_change_the_spread() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let b = Backend::start("b", Behaviour::TagEcho);
+    let s = setup(&[a.addr]);
+    assert!((0..20).all(|_| read_tag(s.listen, None).unwrap() == "a"));
+    let (code, v) = ctl_json(&s.sock, &["add", "web", &b.addr.to_string(), "--weight", "3"]);
+    assert_eq!(code, 0, "{v}");
+    let count_b = || (0..400).filter(|_| read_tag(s.listen, None).unwrap() == "b").count();
+    let n = count_b();
+    assert!((240..=360).contains(&n), "b got {n}/400 at weight 3:1");
+    assert_eq!(ctl_json(&s.sock, &["add", "web", &b.addr.to_string()]).0, 1, "duplicate add refused");
+    assert_eq!(ctl_json(&s.sock, &["weight", "web", &b.addr.to_string(), "1"]).0, 0);
+    let n = count_b();
+    assert!((150..=250).contains(&n), "b got {n}/400 at weight 1:1");
+    assert_eq!(ctl_json(&s.sock, &["disable", "web", &a.addr.to_string()]).0, 0);
+    assert_eq!(backend_info(&s.sock, "web", a.addr)["state"], "disabled");
+    assert_eq!(count_b(), 400);
+    assert_eq!(ctl_json(&s.sock, &["enable", "web", &a.addr.to_string()]).0, 0);
+    let (code, _) = ctl_json(&s.sock, &["remove", "web", &b.addr.to_string()]);
+    assert_eq!(code, 0);
+    assert!(wait_until(Duration::from_secs(3), || backend_info(&s.sock, "web", b.addr).is_null()), "removed backend gone");
+    assert_eq!(count_b(), 0);
+}
+
+#[test]
+fn reload_rejects_a_bad_config_and_applies_a_good_one() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let b = Backend::start("b", Behaviour::TagEcho);
+    let mut s = setup(&[a.addr]);
+    let good = std::fs::read_to_string(&s.lb.config).unwrap();
+    std::fs::write(&s.lb.config, good.replace("table_size = 65537", "table_size = 65536")).unwrap();
+    let (code, v) = ctl_json(&s.sock, &["reload"]);
+    assert_eq!(code, 1);
+    assert!(v["error"].as_str().unwrap().contains("table_size: 65536 is not prime"), "{v}");
+    assert_eq!(ctl_json(&s.sock, &["status"]).1["config_generation"], 1, "nothing changed");
+    assert_eq!(read_tag(s.listen, None).unwrap(), "a");
+
+    // Add a backend and a second listener.
+    let listen2 = lb_addr();
+    let new = good.replace(&format!("[[pool.backend]]\naddr = \"{}\"\n", a.addr), &format!("[[pool.backend]]\naddr = \"{}\"\n[[pool.backend]]\naddr = \"{}\"\n", a.addr, b.addr))
+        + &listener_block("second", listen2, "web");
+    std::fs::write(&s.lb.config, new).unwrap();
+    let (code, v) = ctl_json(&s.sock, &["reload"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["config_generation"], 2);
+    s.lb.wait_listening(listen2);
+    assert!((0..200).any(|_| read_tag(listen2, None).unwrap() == "b"));
+    // SIGHUP reloads too: back to the original file.
+    std::fs::write(&s.lb.config, &good).unwrap();
+    s.lb.signal(libc::SIGHUP);
+    assert!(wait_until(Duration::from_secs(5), || ctl_json(&s.sock, &["status"]).1["config_generation"] == 3));
+    assert!(wait_until(Duration::from_secs(3), || !is_listening(listen2)), "removed listener closed");
+}
+
+#[test]
+fn reload_under_load_drops_nothing() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let b = Backend::start("b", Behaviour::TagEcho);
+    let s = setup(&[a.addr]);
+    let base = std::fs::read_to_string(&s.lb.config).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let attempted = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let listen = s.listen;
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, attempted, failed) = (stop.clone(), attempted.clone(), failed.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    attempted.fetch_add(1, Ordering::SeqCst);
+                    if read_tag(listen, None).is_err() {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    for i in 0..10 {
+        thread::sleep(Duration::from_millis(150));
+        let cfg = if i % 2 == 0 {
+            base.clone() + &format!("[[pool.backend]]\naddr = \"{}\"\n", b.addr) + &listener_block("extra", lb_addr(), "web")
+        } else {
+            base.clone()
+        };
+        std::fs::write(&s.lb.config, cfg).unwrap();
+        let (code, v) = ctl_json(&s.sock, &["reload"]);
+        assert_eq!(code, 0, "reload {i}: {v}");
+    }
+    thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    for t in load {
+        t.join().unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let (n, f) = (attempted.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    println!("reload under load: {n} connections attempted in {secs:.1}s ({:.0}/s), {f} failed, 10 reloads", n as f64 / secs);
+    assert!(n as f64 / secs >= 200.0, "load too light to mean anything: {n} in {secs:.1}s");
+    assert_eq!(f, 0, "{f} of {n} connections failed across reloads");
+    assert_eq!(ctl_json(&s.sock, &["status"]).1["config_generation"], 11);
+}
+
+#[test]
+fn metrics_endpoint_serves_prometheus_text() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let dir = TempDir::new("metrics");
+    let sock = dir.0.join("ctl.sock");
+    let listen = lb_addr();
+    let metrics = lb_addr();
+    let body = listener_block("web", listen, "web") + &pool_block("web", &[a.addr], "");
+    let cfg = config_with_control("auto", &sock, &body).replace("[control]\n", &format!("[control]\nmetrics = \"{metrics}\"\n"));
+    let mut lb = Ringlb::start(&cfg, listen);
+    lb.wait_listening(metrics);
+    for _ in 0..5 {
+        read_tag(listen, None).unwrap();
+    }
+    let mut c = std::net::TcpStream::connect(metrics).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    let body = text.split("\r\n\r\n").nth(1).unwrap();
+    assert_valid_exposition(body);
+    assert!(body.contains("ringlb_listener_connections_accepted_total{listener=\"web\"} 5"), "{body}");
+    assert!(body.contains(&format!("ringlb_backend_connections_total{{pool=\"web\",backend=\"{}\"}} 5", a.addr)), "{body}");
+    assert!(body.contains("ringlb_backend_connect_duration_seconds_count{listener=\"web\"} 5"), "{body}");
+    assert!(body.contains("ringlb_workers 2"));
+    let mut c = std::net::TcpStream::connect(metrics).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+}
+
+/// Checks the text exposition format: every sample line belongs to the family
+/// declared just before it by # HELP and # TYPE, names and labels are well
+/// formed, values parse as floats, and no family appears twice.
+fn assert_valid_exposition(body: &str) {
+    let mut seen = std::collections::HashSet::new();
+    let mut current: Option<(String, String)> = None;
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap().to_string();
+            assert!(seen.insert(name.clone()), "family {name} twice");
+            current = Some((name, String::new()));
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split(' ');
+            let (name, kind) = (it.next().unwrap(), it.next().unwrap());
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            let cur = current.as_mut().expect("TYPE after HELP");
+            assert_eq!(cur.0, name);
+            cur.1 = kind.to_string();
+            if kind == "counter" {
+                assert!(name.ends_with("_total"), "counter {name} should end in _total");
+            }
+        } else {
+            let (name_labels, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line:?}"));
+            value.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+            let name = name_labels.split('{').next().unwrap();
+            assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{line}");
+            let (fam, kind) = current.as_ref().expect("sample before HELP");
+            let ok = name == fam || (kind == "histogram" && [format!("{fam}_bucket"), format!("{fam}_sum"), format!("{fam}_count")].contains(&name.to_string()));
+            assert!(ok, "sample {name} outside its family {fam}");
+            if let Some(labels) = name_labels.split_once('{').map(|x| x.1) {
+                assert!(labels.ends_with('}'), "{line}");
+                for pair in labels.trim_end_matches('}').split(',') {
+                    let (k, v) = pair.split_once('=').unwrap_or_else(|| panic!("{line}"));
+                    assert!(k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{line}");
+                    assert!(v.starts_with('"') && v.ends_with('"'), "{line}");
+                }
+            }
+        }
+    }
+    assert!(seen.len() > 10);
+}
+
+#[test]
+fn sigterm_lets_open_connections_finish_then_exits_zero() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let mut s = setup(&[a.addr]);
+    let mut open = connect_from(s.listen, None).unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut tag = [0u8; 2];
+    open.read_exact(&mut tag).unwrap();
+    s.lb.signal(libc::SIGTERM);
+    assert!(wait_until(Duration::from_secs(2), || !is_listening(s.listen)), "stopped accepting");
+    assert!(connect_from(s.listen, None).is_err() || read_tag(s.listen, None).is_err(), "no new connections");
+    // The open connection still relays.
+    open.write_all(b"still here").unwrap();
+    let mut echo = [0u8; 10];
+    open.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"still here");
+    assert_eq!(s.lb.wait_exit(Duration::from_millis(500)), None, "waits for the open connection");
+    drop(open);
+    assert_eq!(s.lb.wait_exit(Duration::from_secs(3)), Some(0));
+}
+
+#[test]
+fn shutdown_timeout_closes_stragglers_and_second_signal_exits_at_once() {
+    let a = Backend::start("a", Behaviour::Stall);
+    let mut s = setup(&[a.addr]);
+    let mut open = connect_from(s.listen, None).unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert!(wait_until(Duration::from_secs(2), || a.accepted() == 1));
+    let started = Instant::now();
+    s.lb.signal(libc::SIGTERM);
+    let mut buf = [0u8; 4];
+    assert_eq!(open.read(&mut buf).unwrap(), 0, "closed at the 2s shutdown timeout");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1500) && waited < Duration::from_secs(5), "{waited:?}");
+    assert_eq!(s.lb.wait_exit(Duration::from_secs(3)), Some(0));
+
+    let mut s = setup(&[a.addr]);
+    let _open = connect_from(s.listen, None).unwrap();
+    thread::sleep(Duration::from_millis(200));
+    s.lb.signal(libc::SIGTERM);
+    thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    s.lb.signal(libc::SIGINT);
+    assert_eq!(s.lb.wait_exit(Duration::from_secs(1)), Some(0));
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
