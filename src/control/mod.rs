@@ -139,19 +139,19 @@ pub fn handle(server: &Arc<Server>, req: Request) -> Value {
         }
     };
     match req {
-        Request::Status => ok(status(server)),
+        Request::Status {} => ok(status(server)),
         Request::Backends { pool } => match backends(server, pool.as_deref()) {
             Ok(v) => ok(v),
             Err(e) => error(e),
         },
-        Request::Stats => ok(stats(server)),
+        Request::Stats {} => ok(stats(server)),
         Request::Drain { pool, addr } => change(&|m| m.drain(&pool, &addr, AdminState::Draining, now)),
         Request::Disable { pool, addr } => change(&|m| m.drain(&pool, &addr, AdminState::Disabled, now)),
         Request::Enable { pool, addr } => change(&|m| m.enable(&pool, &addr, now)),
         Request::Weight { pool, addr, weight } => change(&|m| m.set_weight(&pool, &addr, weight, now)),
         Request::Add { pool, addr, weight } => change(&|m| m.add_backend(&pool, &addr, weight, now)),
         Request::Remove { pool, addr } => change(&|m| m.remove_backend(&pool, &addr, now)),
-        Request::Reload => match server.reload() {
+        Request::Reload {} => match server.reload() {
             Ok(changes) => ok(json!({"changes": changes, "config_generation": server.model.lock().config_generation})),
             Err(e) => {
                 log::warn!("reload rejected; running config unchanged:\n{e}");

@@ -11,10 +11,12 @@ use serde_json::{json, Value};
 
 /// A parsed request.
 #[derive(Debug, Deserialize)]
+// Unit variants would silently accept extra fields (serde ignores
+// deny_unknown_fields there), so every variant is a struct variant.
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Version, uptime, engines, config, listeners.
-    Status,
+    Status {},
     /// Per-backend state and counters.
     Backends {
         /// Only this pool.
@@ -69,9 +71,9 @@ pub enum Request {
         addr: String,
     },
     /// Re-read the config file.
-    Reload,
+    Reload {},
     /// Counters.
-    Stats,
+    Stats {},
 }
 
 /// Parses one request line; the error is what the client is told.
@@ -105,7 +107,7 @@ mod tests {
 
     #[test]
     fn parses_known_commands() {
-        assert!(matches!(parse_request(r#"{"cmd":"status"}"#), Ok(Request::Status)));
+        assert!(matches!(parse_request(r#"{"cmd":"status"}"#), Ok(Request::Status {})));
         assert!(matches!(parse_request(r#"{"cmd":"backends"}"#), Ok(Request::Backends { pool: None })));
         assert!(matches!(
             parse_request(r#"{"cmd":"weight","pool":"p","addr":"127.0.0.1:1","weight":3}"#),
