@@ -65,12 +65,25 @@ pub fn run(connections: usize) -> Result<(), String> {
     for b in &pool.backends {
         start_backend(b.addr)?;
     }
-    println!("demo: {} backends up: {}", pool.backends.len(), pool.backends.iter().map(|b| format!("{} (weight {})", b.addr, b.weight)).collect::<Vec<_>>().join(", "));
+    println!(
+        "demo: {} backends up: {}",
+        pool.backends.len(),
+        pool.backends
+            .iter()
+            .map(|b| format!("{} (weight {})", b.addr, b.weight))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 
     let path = std::env::temp_dir().join(format!("ringlb-demo-{}.toml", std::process::id()));
     std::fs::write(&path, DEMO_CONFIG).map_err(|e| format!("{}: {e}", path.display()))?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let child = Command::new(exe).arg("run").arg("-c").arg(&path).spawn().map_err(|e| format!("starting ringlb: {e}"))?;
+    let child = Command::new(exe)
+        .arg("run")
+        .arg("-c")
+        .arg(&path)
+        .spawn()
+        .map_err(|e| format!("starting ringlb: {e}"))?;
     let mut guard = ChildGuard(child);
 
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -98,18 +111,28 @@ pub fn run(connections: usize) -> Result<(), String> {
         }
         s.write_all(b"ping").map_err(|e| e.to_string())?;
         let mut echo = [0u8; 4];
-        s.read_exact(&mut echo).map_err(|e| format!("connection {i}: echo: {e}"))?;
+        s.read_exact(&mut echo)
+            .map_err(|e| format!("connection {i}: echo: {e}"))?;
         *spread.entry(String::from_utf8_lossy(&line).into_owned()).or_default() += 1;
     }
     let elapsed = started.elapsed();
 
     let total_weight: u32 = pool.backends.iter().map(|b| b.weight).sum();
-    println!("\ndemo: {connections} connections through ringlb on {listen} in {:.2}s", elapsed.as_secs_f64());
+    println!(
+        "\ndemo: {connections} connections through ringlb on {listen} in {:.2}s",
+        elapsed.as_secs_f64()
+    );
     println!("{:<18} {:>6} {:>9} {:>9}", "backend", "weight", "expected", "got");
     for b in &pool.backends {
         let got = spread.get(&b.addr.to_string()).copied().unwrap_or(0);
         let expected = connections as f64 * b.weight as f64 / total_weight as f64;
-        println!("{:<18} {:>6} {:>8.0}% {:>8.1}%", b.addr, b.weight, 100.0 * expected / connections as f64, 100.0 * got as f64 / connections as f64);
+        println!(
+            "{:<18} {:>6} {:>8.0}% {:>8.1}%",
+            b.addr,
+            b.weight,
+            100.0 * expected / connections as f64,
+            100.0 * got as f64 / connections as f64
+        );
     }
     println!("\ndemo: stopping ringlb (SIGTERM, graceful)");
     Ok(())

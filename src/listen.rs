@@ -36,7 +36,12 @@ pub fn bind_tcp(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListe
 
 /// Binds `count` sockets for a listener, after checking that no other process
 /// holds the address. The error names the address and says what to do.
-pub fn bind_tcp_for_workers(name: &str, addr: SocketAddr, backlog: u32, count: usize) -> Result<Vec<std::net::TcpListener>, String> {
+pub fn bind_tcp_for_workers(
+    name: &str,
+    addr: SocketAddr,
+    backlog: u32,
+    count: usize,
+) -> Result<Vec<std::net::TcpListener>, String> {
     check_tcp_address_free(addr).map_err(|e| match e.kind() {
         io::ErrorKind::AddrInUse => format!("listener \"{name}\": {addr} is already in use by another process"),
         _ => format!("listener \"{name}\": cannot bind {addr}: {e}"),

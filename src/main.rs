@@ -103,8 +103,12 @@ impl CtlCommand {
             CtlCommand::Drain { pool, addr } => json!({"cmd": "drain", "pool": pool, "addr": addr}),
             CtlCommand::Enable { pool, addr } => json!({"cmd": "enable", "pool": pool, "addr": addr}),
             CtlCommand::Disable { pool, addr } => json!({"cmd": "disable", "pool": pool, "addr": addr}),
-            CtlCommand::Weight { pool, addr, weight } => json!({"cmd": "weight", "pool": pool, "addr": addr, "weight": weight}),
-            CtlCommand::Add { pool, addr, weight } => json!({"cmd": "add", "pool": pool, "addr": addr, "weight": weight}),
+            CtlCommand::Weight { pool, addr, weight } => {
+                json!({"cmd": "weight", "pool": pool, "addr": addr, "weight": weight})
+            }
+            CtlCommand::Add { pool, addr, weight } => {
+                json!({"cmd": "add", "pool": pool, "addr": addr, "weight": weight})
+            }
             CtlCommand::Remove { pool, addr } => json!({"cmd": "remove", "pool": pool, "addr": addr}),
             CtlCommand::Reload => json!({"cmd": "reload"}),
             CtlCommand::Stats => json!({"cmd": "stats"}),
@@ -113,13 +117,19 @@ impl CtlCommand {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_timestamp_millis().init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => match Config::load(&config) {
             Err(errors) => {
                 eprintln!("{errors}");
-                eprintln!("ringlb: {} error(s) in {}; not started", errors.0.len(), config.display());
+                eprintln!(
+                    "ringlb: {} error(s) in {}; not started",
+                    errors.0.len(),
+                    config.display()
+                );
                 ExitCode::FAILURE
             }
             Ok(cfg) => match ringlb::server::run(cfg) {
@@ -141,7 +151,12 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
         },
-        Command::Ctl { socket, config, json, command } => {
+        Command::Ctl {
+            socket,
+            config,
+            json,
+            command,
+        } => {
             use ringlb::control::ctl;
             match ctl::socket_path(socket, config.as_deref()) {
                 Err(e) => {

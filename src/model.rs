@@ -150,7 +150,11 @@ impl Model {
             generation: 0,
         };
         for p in &config.pools {
-            let backends = p.backends.iter().map(|b| model.new_backend(p, b.clone(), None, now)).collect();
+            let backends = p
+                .backends
+                .iter()
+                .map(|b| model.new_backend(p, b.clone(), None, now))
+                .collect();
             model.pools.push(PoolState {
                 config: p.clone(),
                 backends,
@@ -166,7 +170,13 @@ impl Model {
         model
     }
 
-    fn new_backend(&mut self, pool: &PoolConfig, config: BackendConfig, shared: Option<Arc<Backend>>, now: Instant) -> BackendState {
+    fn new_backend(
+        &mut self,
+        pool: &PoolConfig,
+        config: BackendConfig,
+        shared: Option<Arc<Backend>>,
+        now: Instant,
+    ) -> BackendState {
         self.next_epoch += 1;
         let hc = &pool.health_check;
         let initially_up = hc.kind == CheckKind::None || hc.initially_up;
@@ -180,10 +190,18 @@ impl Model {
             outlier: Outlier::new(),
             healthy_since: None,
             was_healthy: initially_up,
-            next_check: now + jitter(hc.interval.min(hc.jitter.max(Duration::from_millis(1))), self.next_epoch),
+            next_check: now
+                + jitter(
+                    hc.interval.min(hc.jitter.max(Duration::from_millis(1))),
+                    self.next_epoch,
+                ),
             check_in_flight: false,
             last_check: None,
-            reason: if initially_up { "configured".into() } else { "initial_state = down".into() },
+            reason: if initially_up {
+                "configured".into()
+            } else {
+                "initial_state = down".into()
+            },
             epoch: self.next_epoch,
         }
     }
@@ -208,8 +226,12 @@ impl Model {
     }
 
     fn find(&self, pool: &str, addr: &str) -> Result<(usize, usize), String> {
-        let p = self.pool_index(pool).ok_or_else(|| format!("no pool named \"{pool}\""))?;
-        let addr: SocketAddr = addr.parse().map_err(|_| format!("\"{addr}\" is not an ip:port address"))?;
+        let p = self
+            .pool_index(pool)
+            .ok_or_else(|| format!("no pool named \"{pool}\""))?;
+        let addr: SocketAddr = addr
+            .parse()
+            .map_err(|_| format!("\"{addr}\" is not an ip:port address"))?;
         let b = self.pools[p]
             .backends
             .iter()
@@ -224,10 +246,18 @@ impl Model {
         let mut listeners = vec![None; self.next_slot];
         for l in self.listeners.iter().filter(|l| l.retire_deadline.is_none()) {
             if let Some(pool) = self.pool_index(&l.config.pool) {
-                listeners[l.slot] = Some(ListenerView { config: l.config.clone(), pool, stats: l.stats.clone() });
+                listeners[l.slot] = Some(ListenerView {
+                    config: l.config.clone(),
+                    pool,
+                    stats: l.stats.clone(),
+                });
             }
         }
-        Snapshot { generation: self.generation, listeners, pools: self.pools.iter().map(|p| p.published.clone()).collect() }
+        Snapshot {
+            generation: self.generation,
+            listeners,
+            pools: self.pools.iter().map(|p| p.published.clone()).collect(),
+        }
     }
 
     /// Snapshot generation last built.
@@ -264,13 +294,21 @@ impl Model {
                         }
                     }
                 }
-                BackendView { weight: b.config.weight, admin: b.admin, healthy, slow_start_permille: permille }
+                BackendView {
+                    weight: b.config.weight,
+                    admin: b.admin,
+                    healthy,
+                    slow_start_permille: permille,
+                }
             })
             .collect();
         let plan = plan_pool(&views, cfg.panic_threshold);
         if plan.panic != pool.panic {
             if plan.panic {
-                let healthy = views.iter().filter(|v| v.healthy && v.admin == AdminState::Enabled).count();
+                let healthy = views
+                    .iter()
+                    .filter(|v| v.healthy && v.admin == AdminState::Enabled)
+                    .count();
                 log::warn!(
                     "pool \"{}\": panic mode: only {healthy} of {} enabled backends healthy (threshold {}%); balancing over all enabled backends",
                     cfg.name,
@@ -294,7 +332,11 @@ impl Model {
         if snapshot.table.is_none() && !pool.backends.is_empty() {
             log::warn!("pool \"{}\": no usable backend; new connections are refused", cfg.name);
         }
-        log::debug!("pool \"{}\": table generation {generation} built in {:?}", cfg.name, snapshot.build_time);
+        log::debug!(
+            "pool \"{}\": table generation {generation} built in {:?}",
+            cfg.name,
+            snapshot.build_time
+        );
         pool.published = Arc::new(snapshot);
     }
 
@@ -307,9 +349,19 @@ impl Model {
         let be = &mut self.pools[p].backends[b];
         be.admin = admin;
         be.drain_deadline.get_or_insert(now + timeout);
-        be.reason = format!("{} by operator", if admin == AdminState::Disabled { "disabled" } else { "drained" });
+        be.reason = format!(
+            "{} by operator",
+            if admin == AdminState::Disabled {
+                "disabled"
+            } else {
+                "drained"
+            }
+        );
         let remaining = be.shared.stats.conns.current();
-        log::info!("pool \"{pool}\": backend {addr} {}: {remaining} connection(s) may finish within {timeout:?}", be.reason);
+        log::info!(
+            "pool \"{pool}\": backend {addr} {}: {remaining} connection(s) may finish within {timeout:?}",
+            be.reason
+        );
         self.rebuild(p, now);
         Ok(json!({"remaining": remaining, "drain_timeout_ms": timeout.as_millis() as u64}))
     }
@@ -335,7 +387,10 @@ impl Model {
         let be = &mut self.pools[p].backends[b];
         let old = be.config.weight;
         be.config.weight = checked.weight;
-        log::info!("pool \"{pool}\": backend {addr} weight {old} -> {} by operator", checked.weight);
+        log::info!(
+            "pool \"{pool}\": backend {addr} weight {old} -> {} by operator",
+            checked.weight
+        );
         self.rebuild(p, now);
         Ok(json!({"old_weight": old, "weight": checked.weight}))
     }
@@ -343,17 +398,30 @@ impl Model {
     /// `add POOL ADDR [--weight W]`.
     pub fn add_backend(&mut self, pool: &str, addr: &str, weight: Option<i64>, now: Instant) -> CmdResult {
         let checked = crate::config::validate_backend_request(addr, weight).map_err(|e| e.to_string())?;
-        let p = self.pool_index(pool).ok_or_else(|| format!("no pool named \"{pool}\""))?;
-        if self.pools[p].backends.iter().any(|b| b.config.addr == checked.addr && !b.remove_when_drained) {
+        let p = self
+            .pool_index(pool)
+            .ok_or_else(|| format!("no pool named \"{pool}\""))?;
+        if self.pools[p]
+            .backends
+            .iter()
+            .any(|b| b.config.addr == checked.addr && !b.remove_when_drained)
+        {
             return Err(format!("pool \"{pool}\" already has backend {}", checked.addr));
         }
         if self.pools[p].backends.len() + 1 > self.pools[p].config.table_size {
-            return Err(format!("pool \"{pool}\": table_size {} is too small for another backend", self.pools[p].config.table_size));
+            return Err(format!(
+                "pool \"{pool}\": table_size {} is too small for another backend",
+                self.pools[p].config.table_size
+            ));
         }
         let cfg = self.pools[p].config.clone();
         let state = self.new_backend(&cfg, checked.clone(), None, now);
         self.pools[p].backends.push(state);
-        log::info!("pool \"{pool}\": backend {} added by operator (weight {})", checked.addr, checked.weight);
+        log::info!(
+            "pool \"{pool}\": backend {} added by operator (weight {})",
+            checked.addr,
+            checked.weight
+        );
         self.rebuild(p, now);
         Ok(json!({"addr": checked.addr.to_string(), "weight": checked.weight}))
     }
@@ -377,9 +445,21 @@ impl Model {
 
     /// Records an active check result for backend `addr` (incarnation `epoch`).
     /// Returns true when the table changed.
-    pub fn record_check(&mut self, pool: usize, epoch: u64, ok: bool, latency: Duration, detail: String, now: Instant) -> bool {
-        let Some(p) = self.pools.get_mut(pool) else { return false };
-        let Some(be) = p.backends.iter_mut().find(|b| b.epoch == epoch) else { return false };
+    pub fn record_check(
+        &mut self,
+        pool: usize,
+        epoch: u64,
+        ok: bool,
+        latency: Duration,
+        detail: String,
+        now: Instant,
+    ) -> bool {
+        let Some(p) = self.pools.get_mut(pool) else {
+            return false;
+        };
+        let Some(be) = p.backends.iter_mut().find(|b| b.epoch == epoch) else {
+            return false;
+        };
         be.check_in_flight = false;
         let interval = p.config.health_check.interval;
         be.next_check = now + interval + jitter(p.config.health_check.jitter, now.elapsed().as_nanos() as u64 ^ epoch);
@@ -410,17 +490,23 @@ impl Model {
             fx.merge(self.tick_pool(i, now));
         }
         let before = self.pools.len();
-        self.pools.retain(|p| !(p.retired && p.backends.iter().all(|b| b.shared.stats.conns.current() == 0)));
+        self.pools
+            .retain(|p| !(p.retired && p.backends.iter().all(|b| b.shared.stats.conns.current() == 0)));
         fx.publish |= self.pools.len() != before;
         for l in &mut self.listeners {
             if let Some(deadline) = l.retire_deadline {
                 if now >= deadline && !l.stats.closing.swap(true, Ordering::SeqCst) && l.stats.active.current() > 0 {
-                    log::info!("listener \"{}\": drain timeout passed; closing its remaining connections", l.config.name);
+                    log::info!(
+                        "listener \"{}\": drain timeout passed; closing its remaining connections",
+                        l.config.name
+                    );
                     fx.check_close = true;
                 }
             }
         }
-        self.listeners.retain(|l| l.retire_deadline.is_none() || l.stats.active.current() > 0 && !l.stats.closing.load(Ordering::SeqCst));
+        self.listeners.retain(|l| {
+            l.retire_deadline.is_none() || l.stats.active.current() > 0 && !l.stats.closing.load(Ordering::SeqCst)
+        });
         fx
     }
 
@@ -435,15 +521,24 @@ impl Model {
         for be in &mut pool.backends {
             if be.outlier.tick(now) {
                 be.reason = "ejection time over".into();
-                log::info!("pool \"{name}\": backend {} returns after its ejection time", be.config.addr);
+                log::info!(
+                    "pool \"{name}\": backend {} returns after its ejection time",
+                    be.config.addr
+                );
                 be.healthy_since = Some(now);
                 ejected = ejected.saturating_sub(1);
                 changed = true;
             }
             let failures = be.shared.consecutive_failures.load(Ordering::Relaxed);
-            if outlier.consecutive_failures > 0 && failures >= outlier.consecutive_failures && !be.outlier.is_ejected(now) {
+            if outlier.consecutive_failures > 0
+                && failures >= outlier.consecutive_failures
+                && !be.outlier.is_ejected(now)
+            {
                 let allowed = may_eject(ejected, total, outlier.max_ejection_share * 100.0);
-                if let Some(until) = be.outlier.eject(now, outlier.ejection_time, outlier.max_ejection_time, allowed) {
+                if let Some(until) = be
+                    .outlier
+                    .eject(now, outlier.ejection_time, outlier.max_ejection_time, allowed)
+                {
                     be.reason = format!("{failures} consecutive connect failures");
                     log::info!(
                         "pool \"{name}\": backend {} ejected for {:?}: {}",
@@ -465,14 +560,19 @@ impl Model {
             if let Some(deadline) = be.drain_deadline {
                 let open = be.shared.stats.conns.current();
                 if now >= deadline && !be.shared.closing.swap(true, Ordering::SeqCst) && open > 0 {
-                    log::info!("pool \"{name}\": backend {}: drain timeout passed; closing {open} connection(s)", be.config.addr);
+                    log::info!(
+                        "pool \"{name}\": backend {}: drain timeout passed; closing {open} connection(s)",
+                        be.config.addr
+                    );
                     fx.check_close = true;
                 }
             }
         }
         let before = pool.backends.len();
         pool.backends.retain(|b| {
-            let gone = b.remove_when_drained && (b.shared.stats.conns.current() == 0 || b.shared.closing.load(Ordering::SeqCst) && b.shared.stats.conns.current() == 0);
+            let gone = b.remove_when_drained
+                && (b.shared.stats.conns.current() == 0
+                    || b.shared.closing.load(Ordering::SeqCst) && b.shared.stats.conns.current() == 0);
             if gone {
                 log::info!("pool \"{name}\": backend {} removed (drained)", b.config.addr);
             }
@@ -507,7 +607,11 @@ impl Model {
         for pc in &new.pools {
             match self.pool_index(&pc.name) {
                 None => {
-                    let backends = pc.backends.iter().map(|b| self.new_backend(pc, b.clone(), None, now)).collect();
+                    let backends = pc
+                        .backends
+                        .iter()
+                        .map(|b| self.new_backend(pc, b.clone(), None, now))
+                        .collect();
                     self.pools.push(PoolState {
                         config: pc.clone(),
                         backends,
@@ -522,11 +626,17 @@ impl Model {
                     let mut backends = std::mem::take(&mut self.pools[i].backends);
                     let mut next = Vec::new();
                     for bc in &pc.backends {
-                        match backends.iter().position(|b| b.config.addr == bc.addr && !b.remove_when_drained) {
+                        match backends
+                            .iter()
+                            .position(|b| b.config.addr == bc.addr && !b.remove_when_drained)
+                        {
                             Some(j) => {
                                 let mut b = backends.remove(j);
                                 if b.config.weight != bc.weight {
-                                    changes.push(format!("pool \"{}\": backend {} weight {} -> {}", pc.name, bc.addr, b.config.weight, bc.weight));
+                                    changes.push(format!(
+                                        "pool \"{}\": backend {} weight {} -> {}",
+                                        pc.name, bc.addr, b.config.weight, bc.weight
+                                    ));
                                 }
                                 if pc.health_check != self.pools[i].config.health_check {
                                     let up = pc.health_check.kind == CheckKind::None || b.active.is_up();
@@ -543,7 +653,10 @@ impl Model {
                     }
                     for mut b in backends {
                         if !b.remove_when_drained {
-                            changes.push(format!("pool \"{}\": backend {} removed (draining)", pc.name, b.config.addr));
+                            changes.push(format!(
+                                "pool \"{}\": backend {} removed (draining)",
+                                pc.name, b.config.addr
+                            ));
                         }
                         b.remove_when_drained = true;
                         b.admin = AdminState::Draining;
@@ -551,8 +664,19 @@ impl Model {
                         next.push(b);
                     }
                     let old = &self.pools[i].config;
-                    if (old.table_size, old.drain_timeout, old.slow_start, &old.health_check, &old.outlier) != (pc.table_size, pc.drain_timeout, pc.slow_start, &pc.health_check, &pc.outlier)
-                        || old.panic_threshold != pc.panic_threshold
+                    if (
+                        old.table_size,
+                        old.drain_timeout,
+                        old.slow_start,
+                        &old.health_check,
+                        &old.outlier,
+                    ) != (
+                        pc.table_size,
+                        pc.drain_timeout,
+                        pc.slow_start,
+                        &pc.health_check,
+                        &pc.outlier,
+                    ) || old.panic_threshold != pc.panic_threshold
                     {
                         changes.push(format!("pool \"{}\" settings updated", pc.name));
                     }
@@ -578,7 +702,11 @@ impl Model {
         // Listeners: same name and address = updated in place; otherwise retired/added.
         let mut to_bind = Vec::new();
         for lc in &new.listeners {
-            match self.listeners.iter_mut().find(|l| l.config.name == lc.name && l.retire_deadline.is_none()) {
+            match self
+                .listeners
+                .iter_mut()
+                .find(|l| l.config.name == lc.name && l.retire_deadline.is_none())
+            {
                 Some(l) if l.config.bind == lc.bind && l.config.protocol == lc.protocol => {
                     if *l.config != *lc {
                         changes.push(format!("listener \"{}\" updated", lc.name));
@@ -589,9 +717,15 @@ impl Model {
             }
         }
         for l in &mut self.listeners {
-            let stays = new.listeners.iter().any(|lc| lc.name == l.config.name && lc.bind == l.config.bind && lc.protocol == l.config.protocol);
+            let stays = new
+                .listeners
+                .iter()
+                .any(|lc| lc.name == l.config.name && lc.bind == l.config.bind && lc.protocol == l.config.protocol);
             if !stays && l.retire_deadline.is_none() {
-                let drain = self.config.pool(&l.config.pool).map_or(Duration::from_secs(30), |p| p.drain_timeout);
+                let drain = self
+                    .config
+                    .pool(&l.config.pool)
+                    .map_or(Duration::from_secs(30), |p| p.drain_timeout);
                 changes.push(format!("listener \"{}\" on {} removed", l.config.name, l.config.bind));
                 l.stop.stop();
                 l.retire_deadline = Some(now + drain);
@@ -600,7 +734,8 @@ impl Model {
         for lc in &to_bind {
             changes.push(format!("listener \"{}\" on {} added", lc.name, lc.bind));
         }
-        if new.runtime.workers != self.config.runtime.workers || new.runtime.io_engine != self.config.runtime.io_engine {
+        if new.runtime.workers != self.config.runtime.workers || new.runtime.io_engine != self.config.runtime.io_engine
+        {
             changes.push("runtime.workers / runtime.io_engine changed: takes effect on restart only".into());
         }
         if new.control.socket != self.config.control.socket || new.control.metrics != self.config.control.metrics {
@@ -636,7 +771,15 @@ impl Model {
                     }
                     a
                 });
-                jobs.push(CheckJob { pool: pi, pool_name: p.config.name.clone(), epoch: b.epoch, target, kind: hc.kind.clone(), timeout: hc.timeout, max_concurrent: hc.max_concurrent });
+                jobs.push(CheckJob {
+                    pool: pi,
+                    pool_name: p.config.name.clone(),
+                    epoch: b.epoch,
+                    target,
+                    kind: hc.kind.clone(),
+                    timeout: hc.timeout,
+                    max_concurrent: hc.max_concurrent,
+                });
             }
         }
         jobs

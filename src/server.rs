@@ -45,13 +45,23 @@ impl Server {
 
     /// Open client connections across listeners.
     pub fn active_connections(&self) -> u64 {
-        self.model.lock().listeners.iter().map(|l| l.stats.active.current()).sum()
+        self.model
+            .lock()
+            .listeners
+            .iter()
+            .map(|l| l.stats.active.current())
+            .sum()
     }
 
     /// Hands bound sockets of a new listener to the workers.
     fn start_listener(&self, model: &mut Model, config: ListenerConfig, sockets: Vec<std::net::TcpListener>) {
         let workers = self.workers.len();
-        log::info!("listener \"{}\" bound on {} (tcp, {workers} sockets, pool \"{}\")", config.name, config.bind, config.pool);
+        log::info!(
+            "listener \"{}\" bound on {} (tcp, {workers} sockets, pool \"{}\")",
+            config.name,
+            config.bind,
+            config.pool
+        );
         let state = model.add_listener(config.clone());
         let (slot, stop) = (state.slot, state.stop.clone());
         let mut sockets = sockets.into_iter();
@@ -66,7 +76,13 @@ impl Server {
     /// Re-reads the config file and applies it. A config that fails
     /// validation, or whose new listeners can't be bound, changes nothing.
     pub fn reload(&self) -> Result<Vec<String>, String> {
-        let path = self.model.lock().config.source.clone().ok_or("this ringlb runs an embedded config; nothing to reload")?;
+        let path = self
+            .model
+            .lock()
+            .config
+            .source
+            .clone()
+            .ok_or("this ringlb runs an embedded config; nothing to reload")?;
         let new = Config::load(&path).map_err(|e| e.to_string())?;
         for l in &new.listeners {
             if l.protocol != Protocol::Tcp {
@@ -78,9 +94,17 @@ impl Server {
         {
             let model = self.model.lock();
             for l in &new.listeners {
-                let kept = model.listeners.iter().any(|s| s.retire_deadline.is_none() && s.config.name == l.name && s.config.bind == l.bind && s.config.protocol == l.protocol);
+                let kept = model.listeners.iter().any(|s| {
+                    s.retire_deadline.is_none()
+                        && s.config.name == l.name
+                        && s.config.bind == l.bind
+                        && s.config.protocol == l.protocol
+                });
                 if !kept {
-                    sockets.insert(l.name.clone(), bind_tcp_for_workers(&l.name, l.bind, l.backlog, self.workers.len())?);
+                    sockets.insert(
+                        l.name.clone(),
+                        bind_tcp_for_workers(&l.name, l.bind, l.backlog, self.workers.len())?,
+                    );
                 }
             }
         }
@@ -129,11 +153,17 @@ pub fn run(config: Config) -> Result<(), String> {
         bound.push((l.clone(), bind_tcp_for_workers(&l.name, l.bind, l.backlog, workers)?));
     }
     let endpoints = ControlEndpoints {
-        socket: config.control.socket.as_deref().map(crate::control::socket::bind_control_socket).transpose()?,
+        socket: config
+            .control
+            .socket
+            .as_deref()
+            .map(crate::control::socket::bind_control_socket)
+            .transpose()?,
         metrics: match config.control.metrics {
             None => None,
             Some(addr) => {
-                let l = std::net::TcpListener::bind(addr).map_err(|e| format!("control.metrics: cannot bind {addr}: {e}"))?;
+                let l = std::net::TcpListener::bind(addr)
+                    .map_err(|e| format!("control.metrics: cannot bind {addr}: {e}"))?;
                 l.set_nonblocking(true).map_err(|e| e.to_string())?;
                 log::info!("metrics on http://{addr}/metrics");
                 Some(l)
@@ -147,11 +177,16 @@ pub fn run(config: Config) -> Result<(), String> {
     let mut senders = Vec::new();
     for id in 0..workers {
         let (tx, rx) = mpsc::channel(WORKER_QUEUE);
-        spawn_worker(id, shared.clone(), rx, config.runtime.pin_workers).map_err(|e| format!("cannot start worker {id}: {e}"))?;
+        spawn_worker(id, shared.clone(), rx, config.runtime.pin_workers)
+            .map_err(|e| format!("cannot start worker {id}: {e}"))?;
         senders.push(tx);
     }
     let model = Model::new(config.clone(), workers, Instant::now());
-    let server = Arc::new(Server { shared, model: Mutex::new(model), workers: senders });
+    let server = Arc::new(Server {
+        shared,
+        model: Mutex::new(model),
+        workers: senders,
+    });
     {
         let mut model = server.model.lock();
         for (l, sockets) in bound {
@@ -159,7 +194,11 @@ pub fn run(config: Config) -> Result<(), String> {
         }
         server.publish(&mut model);
     }
-    log::info!("ringlb {} running: {} on {engine}", env!("CARGO_PKG_VERSION"), config.summary());
+    log::info!(
+        "ringlb {} running: {} on {engine}",
+        env!("CARGO_PKG_VERSION"),
+        config.summary()
+    );
     let result = run_control_plane(server, endpoints);
     if let Some(p) = &config.control.socket {
         let _ = std::fs::remove_file(p);
@@ -170,7 +209,10 @@ pub fn run(config: Config) -> Result<(), String> {
 /// Raises the soft open-files limit to the hard limit: a proxy holds two fds
 /// per connection, and the usual soft default (1024) caps it at ~500.
 fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {

@@ -94,7 +94,11 @@ impl PoolSnapshot {
         let start = std::time::Instant::now();
         // The identity hashed is the address text: stable across processes and
         // machines, so every ringlb instance builds the same table.
-        let ids: Vec<(String, u32)> = backends.iter().zip(&weights).map(|(b, w)| (b.addr.to_string(), *w)).collect();
+        let ids: Vec<(String, u32)> = backends
+            .iter()
+            .zip(&weights)
+            .map(|(b, w)| (b.addr.to_string(), *w))
+            .collect();
         let table = MaglevTable::build(&ids, table_size).ok();
         PoolSnapshot {
             name: name.to_string(),

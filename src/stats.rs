@@ -80,7 +80,10 @@ pub struct Gauge {
 impl Gauge {
     /// A gauge for `workers` workers.
     pub fn new(workers: usize) -> Self {
-        Gauge { opened: Counter::new(workers), closed: Counter::new(workers) }
+        Gauge {
+            opened: Counter::new(workers),
+            closed: Counter::new(workers),
+        }
     }
 
     /// Current value (never negative; read closed first so a racing open can
@@ -92,7 +95,9 @@ impl Gauge {
 }
 
 /// Upper bounds (seconds) of the connect-latency histogram buckets.
-pub const LATENCY_BUCKETS: [f64; 12] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0];
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0,
+];
 
 /// A latency histogram with fixed buckets, sharded by worker like [`Counter`].
 #[derive(Debug)]
@@ -115,7 +120,10 @@ impl Histogram {
     /// Records one observation.
     pub fn observe(&self, d: std::time::Duration) {
         let secs = d.as_secs_f64();
-        let i = LATENCY_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(LATENCY_BUCKETS.len());
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
         self.buckets[i].inc();
         self.sum_micros.add(d.as_micros() as u64);
     }

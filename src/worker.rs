@@ -92,12 +92,15 @@ pub struct WorkerCtx {
     pub bufs: BufPool,
     /// Woken on [`WorkerCmd::CheckClose`]; only this worker's tasks wait on it.
     pub close: Notify,
+    #[allow(clippy::redundant_allocation)]
     cached: RefCell<Option<Rc<Arc<Snapshot>>>>,
 }
 
 impl WorkerCtx {
     /// The current snapshot. The worker keeps its own `Rc` of it so that a
-    /// connection clones a thread-local count, not a shared atomic one.
+    /// connection clones a thread-local count, not a shared atomic one (the
+    /// extra allocation happens once per published snapshot, not per use).
+    #[allow(clippy::redundant_allocation)]
     pub fn snapshot(&self) -> Rc<Arc<Snapshot>> {
         let current = self.shared.snapshot.load();
         let mut cached = self.cached.borrow_mut();
@@ -117,7 +120,10 @@ impl WorkerCtx {
             let notified = self.close.notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
-            if backend.is_closing() || listener.closing.load(Ordering::Relaxed) || self.shared.force_close.load(Ordering::Relaxed) {
+            if backend.is_closing()
+                || listener.closing.load(Ordering::Relaxed)
+                || self.shared.force_close.load(Ordering::Relaxed)
+            {
                 return;
             }
             notified.await;
@@ -132,15 +138,17 @@ pub fn spawn_worker(
     commands: mpsc::Receiver<WorkerCmd>,
     pin_to_cpu: bool,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name(format!("ringlb-w{id}")).spawn(move || {
-        if pin_to_cpu {
-            pin_current_thread(id);
-        }
-        match shared.engine {
-            IoEngine::Uring => run::<crate::engine::uring::Uring>(id, shared, commands),
-            IoEngine::Epoll => run::<crate::engine::epoll::Epoll>(id, shared, commands),
-        }
-    })
+    std::thread::Builder::new()
+        .name(format!("ringlb-w{id}"))
+        .spawn(move || {
+            if pin_to_cpu {
+                pin_current_thread(id);
+            }
+            match shared.engine {
+                IoEngine::Uring => run::<crate::engine::uring::Uring>(id, shared, commands),
+                IoEngine::Epoll => run::<crate::engine::epoll::Epoll>(id, shared, commands),
+            }
+        })
 }
 
 fn pin_current_thread(id: usize) {
@@ -150,7 +158,11 @@ fn pin_current_thread(id: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(id % cpus, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            log::warn!("worker {id}: could not pin to cpu {}: {}", id % cpus, std::io::Error::last_os_error());
+            log::warn!(
+                "worker {id}: could not pin to cpu {}: {}",
+                id % cpus,
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
@@ -168,12 +180,21 @@ fn run<E: Engine>(id: usize, shared: Arc<Shared>, mut commands: mpsc::Receiver<W
         });
         while let Some(cmd) = commands.recv().await {
             match cmd {
-                WorkerCmd::ListenTcp { slot, name, socket, stop } => {
+                WorkerCmd::ListenTcp {
+                    slot,
+                    name,
+                    socket,
+                    stop,
+                } => {
                     let local: Option<SocketAddr> = socket.local_addr().ok();
                     match E::listener(socket) {
-                        Ok(listener) => {
-                            E::spawn(crate::proxy::tcp::accept_loop::<E>(ctx.clone(), slot, name, listener, stop))
-                        }
+                        Ok(listener) => E::spawn(crate::proxy::tcp::accept_loop::<E>(
+                            ctx.clone(),
+                            slot,
+                            name,
+                            listener,
+                            stop,
+                        )),
                         Err(e) => log::error!("worker {id}: listener \"{name}\" ({local:?}): {e}"),
                     }
                 }

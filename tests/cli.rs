@@ -8,8 +8,16 @@ use common::*;
 fn check_accepts_a_good_config_with_a_summary() {
     let out = ringlb_cmd(&["check", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.toml")]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("ok: 1 listener(s), 1 pool(s), 3 backend(s)"), "{stdout}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("ok: 1 listener(s), 1 pool(s), 3 backend(s)"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -22,7 +30,10 @@ fn check_rejects_a_bad_config_and_names_the_key() {
     let out = ringlb_cmd(&["check", "-c", path_str(&bad)]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("bad.toml: line 5, column 1: unknown field `hash_kee`"), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml: line 5, column 1: unknown field `hash_kee`"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -35,9 +46,18 @@ fn check_reports_every_semantic_error() {
     let out = ringlb_cmd(&["check", "-c", path_str(&bad)]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr.contains("pool \"web\": table_size: 1000 is not prime"), "{stderr}");
-    assert!(stderr.contains("pool \"web\": backend 1: addr: \"127.0.0.1:99999\""), "{stderr}");
-    assert!(stderr.contains("listener \"web\": pool: no pool named \"nope\""), "{stderr}");
+    assert!(
+        stderr.contains("pool \"web\": table_size: 1000 is not prime"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("pool \"web\": backend 1: addr: \"127.0.0.1:99999\""),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("listener \"web\": pool: no pool named \"nope\""),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -45,7 +65,10 @@ fn run_refuses_an_address_in_use() {
     let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = other.local_addr().unwrap();
     let dir = TempDir::new("inuse");
-    let cfg = dir.file("c.toml", &tcp_config("auto", addr, "", &[("127.0.0.1:9".parse().unwrap(), 1)], ""));
+    let cfg = dir.file(
+        "c.toml",
+        &tcp_config("auto", addr, "", &[("127.0.0.1:9".parse().unwrap(), 1)], ""),
+    );
     let out = ringlb_cmd(&["run", "-c", path_str(&cfg)]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -69,7 +92,7 @@ fn epoll_fallback_is_logged_once_when_io_uring_is_blocked() {
     let backend = Backend::start("x", Behaviour::TagEcho);
     let dir = TempDir::new("fallback");
     let cfg = dir.file("c.toml", &tcp_config("auto", listen, "", &[(backend.addr, 1)], ""));
-    let mut child = std::process::Command::new(ringlb_bin())
+    let child = std::process::Command::new(ringlb_bin())
         .args(["run", "-c", path_str(&cfg)])
         .env("RINGLB_DISABLE_IO_URING", "1")
         .env("RUST_LOG", "info")
@@ -92,7 +115,10 @@ fn epoll_fallback_is_logged_once_when_io_uring_is_blocked() {
 #[test]
 fn uring_engine_fails_clearly_when_io_uring_is_blocked() {
     let dir = TempDir::new("uring");
-    let cfg = dir.file("c.toml", &tcp_config("uring", lb_addr(), "", &[("127.0.0.1:9".parse().unwrap(), 1)], ""));
+    let cfg = dir.file(
+        "c.toml",
+        &tcp_config("uring", lb_addr(), "", &[("127.0.0.1:9".parse().unwrap(), 1)], ""),
+    );
     let out = std::process::Command::new(ringlb_bin())
         .args(["run", "-c", path_str(&cfg)])
         .env("RINGLB_DISABLE_IO_URING", "1")
@@ -100,5 +126,8 @@ fn uring_engine_fails_clearly_when_io_uring_is_blocked() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("io_engine = \"uring\" but io_uring is unavailable"), "{stderr}");
+    assert!(
+        stderr.contains("io_engine = \"uring\" but io_uring is unavailable"),
+        "{stderr}"
+    );
 }

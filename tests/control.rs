@@ -40,7 +40,12 @@ fn setup(backends: &[SocketAddr]) -> Setup {
     let listen = lb_addr();
     let body = listener_block("web", listen, "web") + &pool_block("web", backends, "");
     let lb = Ringlb::start(&config_with_control("auto", &sock, &body), listen);
-    Setup { lb, sock, listen, _socket_dir: dir }
+    Setup {
+        lb,
+        sock,
+        listen,
+        _socket_dir: dir,
+    }
 }
 
 #[test]
@@ -77,7 +82,11 @@ fn ctl_exit_codes_and_bad_requests_change_nothing() {
     let mut c = UnixStream::connect(&s.sock).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut r = BufReader::new(c.try_clone().unwrap());
-    for req in ["garbage\n", "{\"cmd\":\"explode\"}\n", "{\"cmd\":\"status\",\"extra\":1}\n"] {
+    for req in [
+        "garbage\n",
+        "{\"cmd\":\"explode\"}\n",
+        "{\"cmd\":\"status\",\"extra\":1}\n",
+    ] {
         c.write_all(req.as_bytes()).unwrap();
         let mut line = String::new();
         r.read_line(&mut line).unwrap();
@@ -163,7 +172,11 @@ fn drain_stops_new_connections_and_closes_old_ones_after_drain_timeout() {
     assert_eq!(v["remaining"], 1);
     assert_eq!(backend_info(&s.sock, "web", a.addr)["state"], "draining");
     for _ in 0..50 {
-        assert_eq!(read_tag(s.listen, None).unwrap(), "b", "no new connection to a drained backend");
+        assert_eq!(
+            read_tag(s.listen, None).unwrap(),
+            "b",
+            "no new connection to a drained backend"
+        );
     }
     // The held connection still works during the drain...
     held.write_all(b"x").unwrap();
@@ -172,7 +185,10 @@ fn drain_stops_new_connections_and_closes_old_ones_after_drain_timeout() {
     // ...and is closed once drain_timeout (1s) passes; the count goes to 0.
     let mut buf = [0u8; 8];
     assert_eq!(held.read(&mut buf).unwrap(), 0, "closed after the drain timeout");
-    assert!(wait_until(Duration::from_secs(3), || backend_info(&s.sock, "web", a.addr)["active"] == 0));
+    assert!(wait_until(Duration::from_secs(3), || backend_info(
+        &s.sock, "web", a.addr
+    )["active"]
+        == 0));
     // enable brings it back.
     assert_eq!(ctl_json(&s.sock, &["enable", "web", &a.addr.to_string()]).0, 0);
     assert!((0..200).any(|_| read_tag(s.listen, None).unwrap() == "a"));
@@ -189,7 +205,11 @@ fn weight_add_remove_and_disable_change_the_spread() {
     let count_b = || (0..400).filter(|_| read_tag(s.listen, None).unwrap() == "b").count();
     let n = count_b();
     assert!((240..=360).contains(&n), "b got {n}/400 at weight 3:1");
-    assert_eq!(ctl_json(&s.sock, &["add", "web", &b.addr.to_string()]).0, 1, "duplicate add refused");
+    assert_eq!(
+        ctl_json(&s.sock, &["add", "web", &b.addr.to_string()]).0,
+        1,
+        "duplicate add refused"
+    );
     assert_eq!(ctl_json(&s.sock, &["weight", "web", &b.addr.to_string(), "1"]).0, 0);
     let n = count_b();
     assert!((150..=250).contains(&n), "b got {n}/400 at weight 1:1");
@@ -199,7 +219,11 @@ fn weight_add_remove_and_disable_change_the_spread() {
     assert_eq!(ctl_json(&s.sock, &["enable", "web", &a.addr.to_string()]).0, 0);
     let (code, _) = ctl_json(&s.sock, &["remove", "web", &b.addr.to_string()]);
     assert_eq!(code, 0);
-    assert!(wait_until(Duration::from_secs(3), || backend_info(&s.sock, "web", b.addr).is_null()), "removed backend gone");
+    assert!(
+        wait_until(Duration::from_secs(3), || backend_info(&s.sock, "web", b.addr)
+            .is_null()),
+        "removed backend gone"
+    );
     assert_eq!(count_b(), 0);
 }
 
@@ -212,14 +236,26 @@ fn reload_rejects_a_bad_config_and_applies_a_good_one() {
     std::fs::write(&s.lb.config, good.replace("table_size = 65537", "table_size = 65536")).unwrap();
     let (code, v) = ctl_json(&s.sock, &["reload"]);
     assert_eq!(code, 1);
-    assert!(v["error"].as_str().unwrap().contains("table_size: 65536 is not prime"), "{v}");
-    assert_eq!(ctl_json(&s.sock, &["status"]).1["config_generation"], 1, "nothing changed");
+    assert!(
+        v["error"].as_str().unwrap().contains("table_size: 65536 is not prime"),
+        "{v}"
+    );
+    assert_eq!(
+        ctl_json(&s.sock, &["status"]).1["config_generation"],
+        1,
+        "nothing changed"
+    );
     assert_eq!(read_tag(s.listen, None).unwrap(), "a");
 
     // Add a backend and a second listener.
     let listen2 = lb_addr();
-    let new = good.replace(&format!("[[pool.backend]]\naddr = \"{}\"\n", a.addr), &format!("[[pool.backend]]\naddr = \"{}\"\n[[pool.backend]]\naddr = \"{}\"\n", a.addr, b.addr))
-        + &listener_block("second", listen2, "web");
+    let new = good.replace(
+        &format!("[[pool.backend]]\naddr = \"{}\"\n", a.addr),
+        &format!(
+            "[[pool.backend]]\naddr = \"{}\"\n[[pool.backend]]\naddr = \"{}\"\n",
+            a.addr, b.addr
+        ),
+    ) + &listener_block("second", listen2, "web");
     std::fs::write(&s.lb.config, new).unwrap();
     let (code, v) = ctl_json(&s.sock, &["reload"]);
     assert_eq!(code, 0, "{v}");
@@ -229,8 +265,13 @@ fn reload_rejects_a_bad_config_and_applies_a_good_one() {
     // SIGHUP reloads too: back to the original file.
     std::fs::write(&s.lb.config, &good).unwrap();
     s.lb.signal(libc::SIGHUP);
-    assert!(wait_until(Duration::from_secs(5), || ctl_json(&s.sock, &["status"]).1["config_generation"] == 3));
-    assert!(wait_until(Duration::from_secs(3), || !is_listening(listen2)), "removed listener closed");
+    assert!(wait_until(Duration::from_secs(5), || ctl_json(&s.sock, &["status"]).1
+        ["config_generation"]
+        == 3));
+    assert!(
+        wait_until(Duration::from_secs(3), || !is_listening(listen2)),
+        "removed listener closed"
+    );
 }
 
 #[test]
@@ -260,7 +301,9 @@ fn reload_under_load_drops_nothing() {
     for i in 0..10 {
         thread::sleep(Duration::from_millis(150));
         let cfg = if i % 2 == 0 {
-            base.clone() + &format!("[[pool.backend]]\naddr = \"{}\"\n", b.addr) + &listener_block("extra", lb_addr(), "web")
+            base.clone()
+                + &format!("[[pool.backend]]\naddr = \"{}\"\n", b.addr)
+                + &listener_block("extra", lb_addr(), "web")
         } else {
             base.clone()
         };
@@ -275,8 +318,14 @@ fn reload_under_load_drops_nothing() {
     }
     let secs = started.elapsed().as_secs_f64();
     let (n, f) = (attempted.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
-    println!("reload under load: {n} connections attempted in {secs:.1}s ({:.0}/s), {f} failed, 10 reloads", n as f64 / secs);
-    assert!(n as f64 / secs >= 200.0, "load too light to mean anything: {n} in {secs:.1}s");
+    println!(
+        "reload under load: {n} connections attempted in {secs:.1}s ({:.0}/s), {f} failed, 10 reloads",
+        n as f64 / secs
+    );
+    assert!(
+        n as f64 / secs >= 200.0,
+        "load too light to mean anything: {n} in {secs:.1}s"
+    );
     assert_eq!(f, 0, "{f} of {n} connections failed across reloads");
     assert_eq!(ctl_json(&s.sock, &["status"]).1["config_generation"], 11);
 }
@@ -289,7 +338,8 @@ fn metrics_endpoint_serves_prometheus_text() {
     let listen = lb_addr();
     let metrics = lb_addr();
     let body = listener_block("web", listen, "web") + &pool_block("web", &[a.addr], "");
-    let cfg = config_with_control("auto", &sock, &body).replace("[control]\n", &format!("[control]\nmetrics = \"{metrics}\"\n"));
+    let cfg = config_with_control("auto", &sock, &body)
+        .replace("[control]\n", &format!("[control]\nmetrics = \"{metrics}\"\n"));
     let mut lb = Ringlb::start(&cfg, listen);
     lb.wait_listening(metrics);
     for _ in 0..5 {
@@ -302,9 +352,21 @@ fn metrics_endpoint_serves_prometheus_text() {
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
     let body = text.split("\r\n\r\n").nth(1).unwrap();
     assert_valid_exposition(body);
-    assert!(body.contains("ringlb_listener_connections_accepted_total{listener=\"web\"} 5"), "{body}");
-    assert!(body.contains(&format!("ringlb_backend_connections_total{{pool=\"web\",backend=\"{}\"}} 5", a.addr)), "{body}");
-    assert!(body.contains("ringlb_backend_connect_duration_seconds_count{listener=\"web\"} 5"), "{body}");
+    assert!(
+        body.contains("ringlb_listener_connections_accepted_total{listener=\"web\"} 5"),
+        "{body}"
+    );
+    assert!(
+        body.contains(&format!(
+            "ringlb_backend_connections_total{{pool=\"web\",backend=\"{}\"}} 5",
+            a.addr
+        )),
+        "{body}"
+    );
+    assert!(
+        body.contains("ringlb_backend_connect_duration_seconds_count{listener=\"web\"} 5"),
+        "{body}"
+    );
     assert!(body.contains("ringlb_workers 2"));
     let mut c = std::net::TcpStream::connect(metrics).unwrap();
     c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
@@ -340,7 +402,10 @@ fn assert_valid_exposition(body: &str) {
             let name = name_labels.split('{').next().unwrap();
             assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{line}");
             let (fam, kind) = current.as_ref().expect("sample before HELP");
-            let ok = name == fam || (kind == "histogram" && [format!("{fam}_bucket"), format!("{fam}_sum"), format!("{fam}_count")].contains(&name.to_string()));
+            let ok = name == fam
+                || (kind == "histogram"
+                    && [format!("{fam}_bucket"), format!("{fam}_sum"), format!("{fam}_count")]
+                        .contains(&name.to_string()));
             assert!(ok, "sample {name} outside its family {fam}");
             if let Some(labels) = name_labels.split_once('{').map(|x| x.1) {
                 assert!(labels.ends_with('}'), "{line}");
@@ -364,14 +429,24 @@ fn sigterm_lets_open_connections_finish_then_exits_zero() {
     let mut tag = [0u8; 2];
     open.read_exact(&mut tag).unwrap();
     s.lb.signal(libc::SIGTERM);
-    assert!(wait_until(Duration::from_secs(2), || !is_listening(s.listen)), "stopped accepting");
-    assert!(connect_from(s.listen, None).is_err() || read_tag(s.listen, None).is_err(), "no new connections");
+    assert!(
+        wait_until(Duration::from_secs(2), || !is_listening(s.listen)),
+        "stopped accepting"
+    );
+    assert!(
+        connect_from(s.listen, None).is_err() || read_tag(s.listen, None).is_err(),
+        "no new connections"
+    );
     // The open connection still relays.
     open.write_all(b"still here").unwrap();
     let mut echo = [0u8; 10];
     open.read_exact(&mut echo).unwrap();
     assert_eq!(&echo, b"still here");
-    assert_eq!(s.lb.wait_exit(Duration::from_millis(500)), None, "waits for the open connection");
+    assert_eq!(
+        s.lb.wait_exit(Duration::from_millis(500)),
+        None,
+        "waits for the open connection"
+    );
     drop(open);
     assert_eq!(s.lb.wait_exit(Duration::from_secs(3)), Some(0));
 }
@@ -388,7 +463,10 @@ fn shutdown_timeout_closes_stragglers_and_second_signal_exits_at_once() {
     let mut buf = [0u8; 4];
     assert_eq!(open.read(&mut buf).unwrap(), 0, "closed at the 2s shutdown timeout");
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(1500) && waited < Duration::from_secs(5), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
     assert_eq!(s.lb.wait_exit(Duration::from_secs(3)), Some(0));
 
     let mut s = setup(&[a.addr]);

@@ -30,7 +30,9 @@ fn transfer_64mib_intact_both_directions(engine: &str) {
         let mut sent = 0;
         while sent < TOTAL {
             for b in chunk.iter_mut() {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 *b = (state >> 56) as u8;
             }
             writer.write_all(&chunk).unwrap();
@@ -76,7 +78,10 @@ fn five_hundred_concurrent_connections_all_served(engine: &str) {
 }
 
 fn weighted_spread_within_ten_percent(engine: &str) {
-    let backends: Vec<Backend> = ["a", "b", "c"].iter().map(|t| Backend::start(t, Behaviour::TagEcho)).collect();
+    let backends: Vec<Backend> = ["a", "b", "c"]
+        .iter()
+        .map(|t| Backend::start(t, Behaviour::TagEcho))
+        .collect();
     let weights = [1u32, 1, 2];
     let pairs: Vec<_> = backends.iter().zip(weights).map(|(b, w)| (b.addr, w)).collect();
     let (_lb, listen) = start_lb(engine, "hash_key = \"src_ip_port\"", &pairs);
@@ -93,12 +98,19 @@ fn weighted_spread_within_ten_percent(engine: &str) {
     for (b, w) in backends.iter().zip(weights) {
         let share = *counts.get(&b.tag).unwrap_or(&0) as f64 / N as f64;
         let want = w as f64 / 4.0;
-        assert!((share - want).abs() <= 0.10 * want, "backend {} got {share:.3}, want {want:.3} ±10%: {counts:?}", b.tag);
+        assert!(
+            (share - want).abs() <= 0.10 * want,
+            "backend {} got {share:.3}, want {want:.3} ±10%: {counts:?}",
+            b.tag
+        );
     }
 }
 
 fn src_ip_hash_is_sticky(engine: &str) {
-    let backends: Vec<Backend> = ["a", "b", "c"].iter().map(|t| Backend::start(t, Behaviour::TagEcho)).collect();
+    let backends: Vec<Backend> = ["a", "b", "c"]
+        .iter()
+        .map(|t| Backend::start(t, Behaviour::TagEcho))
+        .collect();
     let pairs: Vec<_> = backends.iter().map(|b| (b.addr, 1)).collect();
     let (_lb, listen) = start_lb(engine, "hash_key = \"src_ip\"", &pairs);
     let mut seen_backends = std::collections::HashSet::new();
@@ -110,7 +122,10 @@ fn src_ip_hash_is_sticky(engine: &str) {
         }
         seen_backends.insert(first);
     }
-    assert!(seen_backends.len() >= 2, "12 client addresses all hashed to {seen_backends:?}");
+    assert!(
+        seen_backends.len() >= 2,
+        "12 client addresses all hashed to {seen_backends:?}"
+    );
 }
 
 fn refusing_backend_is_skipped(engine: &str) {
@@ -118,7 +133,10 @@ fn refusing_backend_is_skipped(engine: &str) {
     let refusing: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let (_lb, listen) = start_lb(engine, "", &[(good.addr, 1), (refusing, 3)]);
     for i in 0..200 {
-        assert_eq!(read_tag(listen, None).unwrap_or_else(|e| panic!("connection {i}: {e}")), "good");
+        assert_eq!(
+            read_tag(listen, None).unwrap_or_else(|e| panic!("connection {i}: {e}")),
+            "good"
+        );
     }
 }
 
@@ -127,7 +145,11 @@ fn no_backend_fails_fast(engine: &str) {
     let (_lb, listen) = start_lb(engine, "connect_attempts = 2", &[(refusing, 1)]);
     let started = Instant::now();
     let err = read_tag(listen, None).unwrap_err();
-    assert!(started.elapsed() < Duration::from_millis(500), "client waited {:?}: {err}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "client waited {:?}: {err}",
+        started.elapsed()
+    );
 }
 
 fn half_close_client_first(engine: &str) {
@@ -181,7 +203,10 @@ fn idle_timeout_closes_client_with_eof(engine: &str) {
     let n = s.read(&mut buf).expect("EOF, not a read timeout");
     let waited = started.elapsed();
     assert_eq!(n, 0, "EOF");
-    assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(3), "closed after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+        "closed after {waited:?}"
+    );
 }
 
 macro_rules! on_both_engines {

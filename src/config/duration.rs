@@ -14,9 +14,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if digits.is_empty() {
         return Err(format!("\"{text}\" does not start with a number (e.g. \"2s\")"));
     }
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("\"{text}\": number too large"))?;
+    let value: u64 = digits.parse().map_err(|_| format!("\"{text}\": number too large"))?;
     let millis_per_unit = match unit {
         "ms" => 1,
         "s" => 1_000,

@@ -228,9 +228,8 @@ pub struct BackendConfig {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError::new(path, "file", format!("cannot read: {e}"))])
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![ConfigError::new(path, "file", format!("cannot read: {e}"))]))?;
         Config::parse(&text, path)
     }
 
@@ -321,8 +320,15 @@ impl Checker<'_> {
                 self.err(&format!("{place}name"), "missing");
                 None
             }
-            Some(n) if n.is_empty() || n.len() > 64 || !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) => {
-                self.err(&format!("{place}name"), format!("\"{n}\": use 1-64 letters, digits, '-', '_' or '.'"));
+            Some(n)
+                if n.is_empty()
+                    || n.len() > 64
+                    || !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) =>
+            {
+                self.err(
+                    &format!("{place}name"),
+                    format!("\"{n}\": use 1-64 letters, digits, '-', '_' or '.'"),
+                );
                 None
             }
             Some(n) => Some(n.to_string()),
@@ -347,7 +353,10 @@ fn online_cpus() -> usize {
 
 /// Validates a parsed file into a [`Config`], reporting every problem.
 pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
-    let mut c = Checker { file: path, errors: Vec::new() };
+    let mut c = Checker {
+        file: path,
+        errors: Vec::new(),
+    };
 
     let rt = &file.runtime;
     let workers = c.ranged("runtime.workers", rt.workers, 1, 1024, online_cpus() as i64) as usize;
@@ -356,11 +365,19 @@ pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
         Some("uring") => IoEngineChoice::Uring,
         Some("epoll") => IoEngineChoice::Epoll,
         Some(other) => {
-            c.err("runtime.io_engine", format!("\"{other}\": expected auto, uring or epoll"));
+            c.err(
+                "runtime.io_engine",
+                format!("\"{other}\": expected auto, uring or epoll"),
+            );
             IoEngineChoice::Auto
         }
     };
-    let shutdown_timeout = c.duration("runtime.", "shutdown_timeout", &rt.shutdown_timeout, Duration::from_secs(30));
+    let shutdown_timeout = c.duration(
+        "runtime.",
+        "shutdown_timeout",
+        &rt.shutdown_timeout,
+        Duration::from_secs(30),
+    );
     let runtime = RuntimeConfig {
         workers,
         io_engine,
@@ -373,14 +390,21 @@ pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
     }
     let control = ControlConfig {
         socket: file.control.socket.as_ref().map(PathBuf::from),
-        metrics: file.control.metrics.as_ref().and_then(|_| c.addr("control.", "metrics", &file.control.metrics)),
+        metrics: file
+            .control
+            .metrics
+            .as_ref()
+            .and_then(|_| c.addr("control.", "metrics", &file.control.metrics)),
         access_log: file.control.access_log.unwrap_or(false),
     };
 
     let mut pools = Vec::new();
     let mut pool_names = HashSet::new();
     for (i, p) in file.pool.iter().enumerate() {
-        let label = p.name.as_deref().map_or(format!("pool {}", i + 1), |n| format!("pool \"{n}\""));
+        let label = p
+            .name
+            .as_deref()
+            .map_or(format!("pool {}", i + 1), |n| format!("pool \"{n}\""));
         if let Some(pool) = validate_pool(&mut c, &label, p) {
             if !pool_names.insert(pool.name.clone()) {
                 c.err(&format!("{label}: name"), "duplicate pool name");
@@ -393,13 +417,21 @@ pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
     let mut names = HashSet::new();
     let mut binds: HashMap<(SocketAddr, Protocol), String> = HashMap::new();
     for (i, l) in file.listener.iter().enumerate() {
-        let label = l.name.as_deref().map_or(format!("listener {}", i + 1), |n| format!("listener \"{n}\""));
-        let Some(lc) = validate_listener(&mut c, &label, l) else { continue };
+        let label = l
+            .name
+            .as_deref()
+            .map_or(format!("listener {}", i + 1), |n| format!("listener \"{n}\""));
+        let Some(lc) = validate_listener(&mut c, &label, l) else {
+            continue;
+        };
         if !names.insert(lc.name.clone()) {
             c.err(&format!("{label}: name"), "duplicate listener name");
         }
         if let Some(other) = binds.insert((lc.bind, lc.protocol), lc.name.clone()) {
-            c.err(&format!("{label}: bind"), format!("{} is already used by listener \"{other}\"", lc.bind));
+            c.err(
+                &format!("{label}: bind"),
+                format!("{} is already used by listener \"{other}\"", lc.bind),
+            );
         }
         if !pool_names.contains(&lc.pool) {
             c.err(&format!("{label}: pool"), format!("no pool named \"{}\"", lc.pool));
@@ -408,7 +440,13 @@ pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
     }
 
     if c.errors.is_empty() {
-        Ok(Config { source: Some(path.to_path_buf()), runtime, control, listeners, pools })
+        Ok(Config {
+            source: Some(path.to_path_buf()),
+            runtime,
+            control,
+            listeners,
+            pools,
+        })
     } else {
         Err(ConfigErrors(c.errors))
     }
@@ -421,7 +459,10 @@ fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Opti
     let protocol = match l.protocol.as_deref() {
         None | Some("tcp") => Protocol::Tcp,
         Some("udp") => {
-            c.err(&format!("{place}protocol"), "\"udp\" is not supported yet by this build");
+            c.err(
+                &format!("{place}protocol"),
+                "\"udp\" is not supported yet by this build",
+            );
             Protocol::Udp
         }
         Some(other) => {
@@ -440,7 +481,10 @@ fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Opti
         None | Some("src_ip_port") => HashKey::SrcIpPort,
         Some("src_ip") => HashKey::SrcIp,
         Some(other) => {
-            c.err(&format!("{place}hash_key"), format!("\"{other}\": expected src_ip or src_ip_port"));
+            c.err(
+                &format!("{place}hash_key"),
+                format!("\"{other}\": expected src_ip or src_ip_port"),
+            );
             HashKey::SrcIpPort
         }
     };
@@ -452,9 +496,20 @@ fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Opti
     if idle_timeout.is_zero() {
         c.err(&format!("{place}idle_timeout"), "must be more than 0");
     }
-    let backlog = c.ranged(&format!("{place}backlog"), l.backlog, 1, 1 << 20, DEFAULT_BACKLOG as i64) as u32;
-    let connect_attempts =
-        c.ranged(&format!("{place}connect_attempts"), l.connect_attempts, 1, MAX_CONNECT_ATTEMPTS as i64, 3) as u32;
+    let backlog = c.ranged(
+        &format!("{place}backlog"),
+        l.backlog,
+        1,
+        1 << 20,
+        DEFAULT_BACKLOG as i64,
+    ) as u32;
+    let connect_attempts = c.ranged(
+        &format!("{place}connect_attempts"),
+        l.connect_attempts,
+        1,
+        MAX_CONNECT_ATTEMPTS as i64,
+        3,
+    ) as u32;
     Some(ListenerConfig {
         name: name?,
         bind: bind?,
@@ -471,16 +526,28 @@ fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Opti
 fn validate_pool(c: &mut Checker<'_>, label: &str, p: &PoolFile) -> Option<PoolConfig> {
     let place = format!("{label}: ");
     let name = c.name(&place, &p.name);
-    let table_size = c.ranged(&format!("{place}table_size"), p.table_size, 7, 16_777_259, maglev::DEFAULT_TABLE_SIZE as i64) as usize;
+    let table_size = c.ranged(
+        &format!("{place}table_size"),
+        p.table_size,
+        7,
+        16_777_259,
+        maglev::DEFAULT_TABLE_SIZE as i64,
+    ) as usize;
     if !maglev::is_prime(table_size as u64) {
-        c.err(&format!("{place}table_size"), format!("{table_size} is not prime (e.g. 65537, 131071, 655373)"));
+        c.err(
+            &format!("{place}table_size"),
+            format!("{table_size} is not prime (e.g. 65537, 131071, 655373)"),
+        );
     }
     let drain_timeout = c.duration(&place, "drain_timeout", &p.drain_timeout, Duration::from_secs(30));
     let panic_threshold = match p.panic_threshold {
         None => 0.5,
         Some(x) if (0.0..=100.0).contains(&x) => x / 100.0,
         Some(x) => {
-            c.err(&format!("{place}panic_threshold"), format!("{x} is not a percentage (0..=100; 0 = never panic)"));
+            c.err(
+                &format!("{place}panic_threshold"),
+                format!("{x} is not a percentage (0..=100; 0 = never panic)"),
+            );
             0.5
         }
     };
@@ -502,18 +569,36 @@ fn validate_pool(c: &mut Checker<'_>, label: &str, p: &PoolFile) -> Option<PoolC
         let bplace = format!("{place}backend {}: ", i + 1);
         if let Some(bc) = validate_backend(c, &bplace, b) {
             if !seen.insert(bc.addr) {
-                c.err(&format!("{bplace}addr"), format!("{} is listed twice in this pool", bc.addr));
+                c.err(
+                    &format!("{bplace}addr"),
+                    format!("{} is listed twice in this pool", bc.addr),
+                );
             }
             backends.push(bc);
         }
     }
     if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
-        c.err(&format!("{place}backend"), "every backend has weight 0: the pool could never take a connection");
+        c.err(
+            &format!("{place}backend"),
+            "every backend has weight 0: the pool could never take a connection",
+        );
     }
     if backends.len() > table_size {
-        c.err(&format!("{place}table_size"), format!("{table_size} is smaller than the {} backends", backends.len()));
+        c.err(
+            &format!("{place}table_size"),
+            format!("{table_size} is smaller than the {} backends", backends.len()),
+        );
     }
-    Some(PoolConfig { name: name?, table_size, drain_timeout, panic_threshold, slow_start, health_check, outlier, backends })
+    Some(PoolConfig {
+        name: name?,
+        table_size,
+        drain_timeout,
+        panic_threshold,
+        slow_start,
+        health_check,
+        outlier,
+        backends,
+    })
 }
 
 /// Validates one backend entry; shared with `ctl add`.
@@ -524,7 +609,11 @@ fn validate_backend(c: &mut Checker<'_>, place: &str, b: &BackendFile) -> Option
         None => None,
         Some(_) => Some(c.addr(place, "check_addr", &b.check_addr)?),
     };
-    Some(BackendConfig { addr: addr?, weight, check_addr })
+    Some(BackendConfig {
+        addr: addr?,
+        weight,
+        check_addr,
+    })
 }
 
 fn validate_health_check(c: &mut Checker<'_>, place: &str, h: &file::HealthCheckFile) -> HealthCheckConfig {
@@ -538,17 +627,26 @@ fn validate_health_check(c: &mut Checker<'_>, place: &str, h: &file::HealthCheck
                 expect: expect.clone().into_bytes(),
             },
             _ => {
-                c.err(&format!("{place}expect"), "kind = \"send_expect\" needs a non-empty expect");
+                c.err(
+                    &format!("{place}expect"),
+                    "kind = \"send_expect\" needs a non-empty expect",
+                );
                 CheckKind::Tcp
             }
         },
         Some(other) => {
-            c.err(&format!("{place}kind"), format!("\"{other}\": expected tcp, send_expect or none"));
+            c.err(
+                &format!("{place}kind"),
+                format!("\"{other}\": expected tcp, send_expect or none"),
+            );
             CheckKind::Tcp
         }
     };
     if !matches!(kind, CheckKind::SendExpect { .. }) && (h.send.is_some() || h.expect.is_some()) {
-        c.err(&format!("{place}send"), "send/expect only apply to kind = \"send_expect\"");
+        c.err(
+            &format!("{place}send"),
+            "send/expect only apply to kind = \"send_expect\"",
+        );
     }
     let interval = c.duration(place, "interval", &h.interval, d.interval);
     if interval < Duration::from_millis(10) {
@@ -563,7 +661,10 @@ fn validate_health_check(c: &mut Checker<'_>, place: &str, h: &file::HealthCheck
         None | Some("up") => true,
         Some("down") => false,
         Some(other) => {
-            c.err(&format!("{place}initial_state"), format!("\"{other}\": expected up or down"));
+            c.err(
+                &format!("{place}initial_state"),
+                format!("\"{other}\": expected up or down"),
+            );
             true
         }
     };
@@ -574,7 +675,9 @@ fn validate_health_check(c: &mut Checker<'_>, place: &str, h: &file::HealthCheck
         rise: c.ranged(&format!("{place}rise"), h.rise, 1, 1000, 2) as u32,
         fall: c.ranged(&format!("{place}fall"), h.fall, 1, 1000, 3) as u32,
         jitter,
-        port: h.port.map(|p| c.ranged(&format!("{place}port"), Some(p), 1, 65535, 1) as u16),
+        port: h
+            .port
+            .map(|p| c.ranged(&format!("{place}port"), Some(p), 1, 65535, 1) as u16),
         initially_up,
         max_concurrent: c.ranged(&format!("{place}max_concurrent"), h.max_concurrent, 1, 10_000, 64) as usize,
     }
@@ -583,7 +686,12 @@ fn validate_health_check(c: &mut Checker<'_>, place: &str, h: &file::HealthCheck
 fn validate_outlier(c: &mut Checker<'_>, place: &str, o: &file::OutlierFile) -> OutlierConfig {
     let d = OutlierConfig::default();
     let ejection_time = c.duration(place, "ejection_time", &o.ejection_time, d.ejection_time);
-    let max_ejection_time = c.duration(place, "max_ejection_time", &o.max_ejection_time, d.max_ejection_time.max(ejection_time));
+    let max_ejection_time = c.duration(
+        place,
+        "max_ejection_time",
+        &o.max_ejection_time,
+        d.max_ejection_time.max(ejection_time),
+    );
     if max_ejection_time < ejection_time {
         c.err(&format!("{place}max_ejection_time"), "is shorter than ejection_time");
     }
@@ -591,12 +699,21 @@ fn validate_outlier(c: &mut Checker<'_>, place: &str, o: &file::OutlierFile) -> 
         None => d.max_ejection_share,
         Some(x) if (0.0..=100.0).contains(&x) => x / 100.0,
         Some(x) => {
-            c.err(&format!("{place}max_ejection_percent"), format!("{x} is not a percentage (0..=100)"));
+            c.err(
+                &format!("{place}max_ejection_percent"),
+                format!("{x} is not a percentage (0..=100)"),
+            );
             d.max_ejection_share
         }
     };
     OutlierConfig {
-        consecutive_failures: c.ranged(&format!("{place}consecutive_failures"), o.consecutive_failures, 0, 1_000_000, 5) as u32,
+        consecutive_failures: c.ranged(
+            &format!("{place}consecutive_failures"),
+            o.consecutive_failures,
+            0,
+            1_000_000,
+            5,
+        ) as u32,
         ejection_time,
         max_ejection_time,
         max_ejection_share,
@@ -606,8 +723,19 @@ fn validate_outlier(c: &mut Checker<'_>, place: &str, o: &file::OutlierFile) -> 
 /// Validates a backend given by a control command (`ctl add` / `ctl weight`),
 /// with the same rules as the file.
 pub fn validate_backend_request(addr: &str, weight: Option<i64>) -> Result<BackendConfig, ConfigErrors> {
-    let mut c = Checker { file: Path::new("<control>"), errors: Vec::new() };
-    let b = validate_backend(&mut c, "backend: ", &BackendFile { addr: Some(addr.to_string()), weight, check_addr: None });
+    let mut c = Checker {
+        file: Path::new("<control>"),
+        errors: Vec::new(),
+    };
+    let b = validate_backend(
+        &mut c,
+        "backend: ",
+        &BackendFile {
+            addr: Some(addr.to_string()),
+            weight,
+            check_addr: None,
+        },
+    );
     match b {
         Some(b) if c.errors.is_empty() => Ok(b),
         _ => Err(ConfigErrors(c.errors)),

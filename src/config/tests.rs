@@ -53,14 +53,20 @@ fn good_config_with_defaults() {
 fn unknown_key_names_file_line_and_key() {
     let e = errors(&GOOD.replace("hash_key = \"src_ip\"", "hash_kye = \"src_ip\""));
     assert_eq!(e.len(), 1);
-    assert!(e[0].starts_with("test.toml: line 11, column 1: unknown field `hash_kye`"), "{e:?}");
+    assert!(
+        e[0].starts_with("test.toml: line 11, column 1: unknown field `hash_kye`"),
+        "{e:?}"
+    );
 }
 
 #[test]
 fn bad_address_names_pool_and_backend() {
     let e = errors(&GOOD.replace("[::1]:9002", "localhost:9002"));
     assert_eq!(e.len(), 1);
-    assert!(e[0].starts_with("test.toml: pool \"web\": backend 2: addr: \"localhost:9002\""), "{e:?}");
+    assert!(
+        e[0].starts_with("test.toml: pool \"web\": backend 2: addr: \"localhost:9002\""),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -102,9 +108,16 @@ addr = "127.0.0.1:2"
 
 #[test]
 fn bad_enums_and_ranges() {
-    let e = errors(&GOOD.replace("io_engine = \"epoll\"", "io_engine = \"kqueue\"").replace("workers = 2", "workers = 0"));
+    let e = errors(
+        &GOOD
+            .replace("io_engine = \"epoll\"", "io_engine = \"kqueue\"")
+            .replace("workers = 2", "workers = 0"),
+    );
     let e = e.join("\n");
-    assert!(e.contains("runtime.io_engine: \"kqueue\": expected auto, uring or epoll"), "{e}");
+    assert!(
+        e.contains("runtime.io_engine: \"kqueue\": expected auto, uring or epoll"),
+        "{e}"
+    );
     assert!(e.contains("runtime.workers: 0 is out of range"), "{e}");
 }
 
@@ -121,6 +134,8 @@ fn control_backend_request_uses_same_rules() {
     assert!(validate_backend_request("127.0.0.1:9", Some(2)).is_ok());
     let e = validate_backend_request("nope", None).unwrap_err().to_string();
     assert!(e.contains("<control>: backend: addr: \"nope\""), "{e}");
-    let e = validate_backend_request("127.0.0.1:9", Some(-1)).unwrap_err().to_string();
+    let e = validate_backend_request("127.0.0.1:9", Some(-1))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("weight: -1 is out of range"), "{e}");
 }

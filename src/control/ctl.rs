@@ -23,17 +23,24 @@ pub fn socket_path(socket: Option<PathBuf>, config: Option<&Path>) -> Result<Pat
         return Err("give the control socket with -s SOCKET or the config with -c CONFIG".into());
     };
     let cfg = crate::config::Config::load(config).map_err(|e| e.to_string())?;
-    cfg.control.socket.ok_or_else(|| format!("{}: [control] socket is not set", config.display()))
+    cfg.control
+        .socket
+        .ok_or_else(|| format!("{}: [control] socket is not set", config.display()))
 }
 
 /// Sends `request` and returns the reply, or a message for exit code 2.
 pub fn call(path: &Path, request: &Value) -> Result<Value, String> {
-    let mut stream = UnixStream::connect(path).map_err(|e| format!("cannot reach ringlb at {}: {e}", path.display()))?;
+    let mut stream =
+        UnixStream::connect(path).map_err(|e| format!("cannot reach ringlb at {}: {e}", path.display()))?;
     stream.set_read_timeout(Some(Duration::from_secs(60))).ok();
     stream.set_write_timeout(Some(Duration::from_secs(10))).ok();
-    stream.write_all(format!("{request}\n").as_bytes()).map_err(|e| format!("sending to {}: {e}", path.display()))?;
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .map_err(|e| format!("sending to {}: {e}", path.display()))?;
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).map_err(|e| format!("reading reply from {}: {e}", path.display()))?;
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(|e| format!("reading reply from {}: {e}", path.display()))?;
     serde_json::from_str(&line).map_err(|e| format!("bad reply from {}: {e}: {line:?}", path.display()))
 }
 
@@ -50,9 +57,15 @@ pub fn run(path: &Path, request: Value, json_output: bool) -> i32 {
     if json_output {
         println!("{reply}");
     } else if !ok {
-        eprintln!("error: {}", reply.get("error").and_then(Value::as_str).unwrap_or("unknown error"));
+        eprintln!(
+            "error: {}",
+            reply.get("error").and_then(Value::as_str).unwrap_or("unknown error")
+        );
     } else {
-        print!("{}", human(request.get("cmd").and_then(Value::as_str).unwrap_or(""), &reply));
+        print!(
+            "{}",
+            human(request.get("cmd").and_then(Value::as_str).unwrap_or(""), &reply)
+        );
     }
     if ok {
         EXIT_OK
@@ -76,19 +89,46 @@ pub fn human(cmd: &str, r: &Value) -> String {
     match cmd {
         "status" => {
             let _ = writeln!(out, "ringlb {}  up {}s", s(r, "version"), s(r, "uptime_seconds"));
-            let _ = writeln!(out, "config {} (generation {}), snapshot generation {}", s(r, "config"), s(r, "config_generation"), s(r, "snapshot_generation"));
+            let _ = writeln!(
+                out,
+                "config {} (generation {}), snapshot generation {}",
+                s(r, "config"),
+                s(r, "config_generation"),
+                s(r, "snapshot_generation")
+            );
             for w in r["workers"].as_array().into_iter().flatten() {
                 let _ = writeln!(out, "worker {}: {}", s(w, "id"), s(w, "engine"));
             }
-            let _ = writeln!(out, "{:<16} {:<24} {:<5} {:<16} {:>8}", "LISTENER", "BIND", "PROTO", "POOL", "ACTIVE");
+            let _ = writeln!(
+                out,
+                "{:<16} {:<24} {:<5} {:<16} {:>8}",
+                "LISTENER", "BIND", "PROTO", "POOL", "ACTIVE"
+            );
             for l in r["listeners"].as_array().into_iter().flatten() {
-                let _ = writeln!(out, "{:<16} {:<24} {:<5} {:<16} {:>8}", s(l, "name"), s(l, "bind"), s(l, "protocol"), s(l, "pool"), s(l, "active"));
+                let _ = writeln!(
+                    out,
+                    "{:<16} {:<24} {:<5} {:<16} {:>8}",
+                    s(l, "name"),
+                    s(l, "bind"),
+                    s(l, "protocol"),
+                    s(l, "pool"),
+                    s(l, "active")
+                );
             }
         }
         "backends" => {
             for p in r["pools"].as_array().into_iter().flatten() {
-                let panic = if p["panic"].as_bool() == Some(true) { "  PANIC" } else { "" };
-                let _ = writeln!(out, "pool {} (table generation {}){panic}", s(p, "pool"), s(p, "table_generation"));
+                let panic = if p["panic"].as_bool() == Some(true) {
+                    "  PANIC"
+                } else {
+                    ""
+                };
+                let _ = writeln!(
+                    out,
+                    "pool {} (table generation {}){panic}",
+                    s(p, "pool"),
+                    s(p, "table_generation")
+                );
                 let _ = writeln!(
                     out,
                     "  {:<24} {:>6} {:<9} {:>7} {:>8} {:>12} {:>12} {:>8}  REASON",
@@ -116,15 +156,27 @@ pub fn human(cmd: &str, r: &Value) -> String {
         }
         "reload" => {
             let changes = r["changes"].as_array().cloned().unwrap_or_default();
-            let _ = writeln!(out, "reloaded (config generation {}): {} change(s)", s(r, "config_generation"), changes.len());
+            let _ = writeln!(
+                out,
+                "reloaded (config generation {}): {} change(s)",
+                s(r, "config_generation"),
+                changes.len()
+            );
             for c in changes {
                 let _ = writeln!(out, "  {}", c.as_str().unwrap_or_default());
             }
         }
         "stats" => {
-            let _ = writeln!(out, "{:<16} {:>10} {:>8} {:>10} {:>14} {:>14}  REFUSED", "LISTENER", "ACCEPTED", "ACTIVE", "ACC_ERRORS", "BYTES_IN", "BYTES_OUT");
+            let _ = writeln!(
+                out,
+                "{:<16} {:>10} {:>8} {:>10} {:>14} {:>14}  REFUSED",
+                "LISTENER", "ACCEPTED", "ACTIVE", "ACC_ERRORS", "BYTES_IN", "BYTES_OUT"
+            );
             for l in r["listeners"].as_array().into_iter().flatten() {
-                let refused: Vec<String> = l["refused"].as_object().map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect()).unwrap_or_default();
+                let refused: Vec<String> = l["refused"]
+                    .as_object()
+                    .map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect())
+                    .unwrap_or_default();
                 let _ = writeln!(
                     out,
                     "{:<16} {:>10} {:>8} {:>10} {:>14} {:>14}  {}",
@@ -138,7 +190,14 @@ pub fn human(cmd: &str, r: &Value) -> String {
                 );
             }
             for p in r["pools"].as_array().into_iter().flatten() {
-                let _ = writeln!(out, "pool {}: table generation {}, last build {} us, panic {}", s(p, "name"), s(p, "table_generation"), s(p, "table_build_us"), s(p, "panic"));
+                let _ = writeln!(
+                    out,
+                    "pool {}: table generation {}, last build {} us, panic {}",
+                    s(p, "name"),
+                    s(p, "table_generation"),
+                    s(p, "table_build_us"),
+                    s(p, "panic")
+                );
             }
         }
         _ => {

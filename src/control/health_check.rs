@@ -23,16 +23,27 @@ async fn check(target: SocketAddr, kind: &CheckKind) -> Result<(), String> {
     // The stream is dropped (closed) on every path, including the timeout
     // above, because this runs on tokio's reactor where drop cancels.
     let mut stream = tokio::net::TcpStream::connect(target).await.map_err(|e| describe(&e))?;
-    let CheckKind::SendExpect { send, expect } = kind else { return Ok(()) };
+    let CheckKind::SendExpect { send, expect } = kind else {
+        return Ok(());
+    };
     if !send.is_empty() {
-        stream.write_all(send).await.map_err(|e| format!("send failed: {}", describe(&e)))?;
+        stream
+            .write_all(send)
+            .await
+            .map_err(|e| format!("send failed: {}", describe(&e)))?;
     }
     let mut got = vec![0u8; expect.len()];
     let mut filled = 0;
     while filled < expect.len() {
-        let n = stream.read(&mut got[filled..]).await.map_err(|e| format!("read failed: {}", describe(&e)))?;
+        let n = stream
+            .read(&mut got[filled..])
+            .await
+            .map_err(|e| format!("read failed: {}", describe(&e)))?;
         if n == 0 {
-            return Err(format!("closed after {filled} byte(s) of reply, expected {:?}", String::from_utf8_lossy(expect)));
+            return Err(format!(
+                "closed after {filled} byte(s) of reply, expected {:?}",
+                String::from_utf8_lossy(expect)
+            ));
         }
         if got[filled..filled + n] != expect[filled..filled + n] {
             filled += n;

@@ -28,27 +28,77 @@ pub fn render(server: &Server) -> String {
             }
         }};
     }
-    each_listener!("ringlb_listener_connections_accepted_total", "counter", "Connections accepted.", |l| l.stats.accepted.get());
-    each_listener!("ringlb_listener_connections_active", "gauge", "Connections being relayed.", |l| l.stats.active.current());
-    each_listener!("ringlb_listener_received_bytes_total", "counter", "Bytes from clients to backends.", |l| l.stats.bytes_in.get());
-    each_listener!("ringlb_listener_sent_bytes_total", "counter", "Bytes from backends to clients.", |l| l.stats.bytes_out.get());
-    each_listener!("ringlb_listener_accept_errors_total", "counter", "Accept errors (EMFILE and others).", |l| l.stats.accept_errors.get());
-    let n = family(&mut out, "ringlb_listener_connections_refused_total", "counter", "Connections refused, by reason.");
+    each_listener!(
+        "ringlb_listener_connections_accepted_total",
+        "counter",
+        "Connections accepted.",
+        |l| l.stats.accepted.get()
+    );
+    each_listener!(
+        "ringlb_listener_connections_active",
+        "gauge",
+        "Connections being relayed.",
+        |l| l.stats.active.current()
+    );
+    each_listener!(
+        "ringlb_listener_received_bytes_total",
+        "counter",
+        "Bytes from clients to backends.",
+        |l| l.stats.bytes_in.get()
+    );
+    each_listener!(
+        "ringlb_listener_sent_bytes_total",
+        "counter",
+        "Bytes from backends to clients.",
+        |l| l.stats.bytes_out.get()
+    );
+    each_listener!(
+        "ringlb_listener_accept_errors_total",
+        "counter",
+        "Accept errors (EMFILE and others).",
+        |l| l.stats.accept_errors.get()
+    );
+    let n = family(
+        &mut out,
+        "ringlb_listener_connections_refused_total",
+        "counter",
+        "Connections refused, by reason.",
+    );
     for l in &model.listeners {
         for r in RefuseReason::ALL {
-            let _ = writeln!(out, "{n}{{listener=\"{}\",reason=\"{}\"}} {}", l.config.name, r.label(), l.stats.refused[r as usize].get());
+            let _ = writeln!(
+                out,
+                "{n}{{listener=\"{}\",reason=\"{}\"}} {}",
+                l.config.name,
+                r.label(),
+                l.stats.refused[r as usize].get()
+            );
         }
     }
-    let n = family(&mut out, "ringlb_backend_connect_duration_seconds", "histogram", "Time to connect to a backend.");
+    let n = family(
+        &mut out,
+        "ringlb_backend_connect_duration_seconds",
+        "histogram",
+        "Time to connect to a backend.",
+    );
     for l in &model.listeners {
         let h = &l.stats.connect_latency;
         let cumulative = h.cumulative();
         for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
-            let _ = writeln!(out, "{n}_bucket{{listener=\"{}\",le=\"{le}\"}} {}", l.config.name, cumulative[i]);
+            let _ = writeln!(
+                out,
+                "{n}_bucket{{listener=\"{}\",le=\"{le}\"}} {}",
+                l.config.name, cumulative[i]
+            );
         }
         let count = *cumulative.last().unwrap_or(&0);
         let _ = writeln!(out, "{n}_bucket{{listener=\"{}\",le=\"+Inf\"}} {count}", l.config.name);
-        let _ = writeln!(out, "{n}_sum{{listener=\"{}\"}} {}", l.config.name, h.sum_micros.get() as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "{n}_sum{{listener=\"{}\"}} {}",
+            l.config.name,
+            h.sum_micros.get() as f64 / 1e6
+        );
         let _ = writeln!(out, "{n}_count{{listener=\"{}\"}} {count}", l.config.name);
     }
 
@@ -58,46 +108,133 @@ pub fn render(server: &Server) -> String {
             let n = family(&mut out, $name, $kind, $help);
             for p in &model.pools {
                 for $b in &p.backends {
-                    let _ = writeln!(out, "{n}{{pool=\"{}\",backend=\"{}\"}} {}", p.config.name, $b.config.addr, $value);
+                    let _ = writeln!(
+                        out,
+                        "{n}{{pool=\"{}\",backend=\"{}\"}} {}",
+                        p.config.name, $b.config.addr, $value
+                    );
                 }
             }
         }};
     }
-    each_backend!("ringlb_backend_connections_active", "gauge", "Open connections to the backend.", |b| b.shared.stats.conns.current());
-    each_backend!("ringlb_backend_connections_total", "counter", "Connections made to the backend.", |b| b.shared.stats.conns.opened.get());
-    each_backend!("ringlb_backend_sent_bytes_total", "counter", "Bytes sent to the backend.", |b| b.shared.stats.bytes_in.get());
-    each_backend!("ringlb_backend_received_bytes_total", "counter", "Bytes received from the backend.", |b| b.shared.stats.bytes_out.get());
-    each_backend!("ringlb_backend_connect_failures_total", "counter", "Failed or timed-out connects.", |b| b.shared.stats.connect_failures.get());
-    each_backend!("ringlb_backend_weight", "gauge", "Configured weight.", |b| b.config.weight);
-    each_backend!("ringlb_backend_up", "gauge", "1 when healthy by active and passive checks.", |b| u8::from(b.healthy(now)));
-    each_backend!("ringlb_backend_ejections_total", "counter", "Passive-check ejections.", |b| b.outlier.ejections_total());
-    each_backend!("ringlb_backend_check_duration_seconds", "gauge", "Duration of the last active check.", |b| b.last_check.as_ref().map_or(0.0, |c| c.1.as_secs_f64()));
-    let n = family(&mut out, "ringlb_backend_state", "gauge", "1 for the backend's current state.");
+    each_backend!(
+        "ringlb_backend_connections_active",
+        "gauge",
+        "Open connections to the backend.",
+        |b| b.shared.stats.conns.current()
+    );
+    each_backend!(
+        "ringlb_backend_connections_total",
+        "counter",
+        "Connections made to the backend.",
+        |b| b.shared.stats.conns.opened.get()
+    );
+    each_backend!(
+        "ringlb_backend_sent_bytes_total",
+        "counter",
+        "Bytes sent to the backend.",
+        |b| b.shared.stats.bytes_in.get()
+    );
+    each_backend!(
+        "ringlb_backend_received_bytes_total",
+        "counter",
+        "Bytes received from the backend.",
+        |b| b.shared.stats.bytes_out.get()
+    );
+    each_backend!(
+        "ringlb_backend_connect_failures_total",
+        "counter",
+        "Failed or timed-out connects.",
+        |b| b.shared.stats.connect_failures.get()
+    );
+    each_backend!("ringlb_backend_weight", "gauge", "Configured weight.", |b| b
+        .config
+        .weight);
+    each_backend!(
+        "ringlb_backend_up",
+        "gauge",
+        "1 when healthy by active and passive checks.",
+        |b| u8::from(b.healthy(now))
+    );
+    each_backend!(
+        "ringlb_backend_ejections_total",
+        "counter",
+        "Passive-check ejections.",
+        |b| b.outlier.ejections_total()
+    );
+    each_backend!(
+        "ringlb_backend_check_duration_seconds",
+        "gauge",
+        "Duration of the last active check.",
+        |b| b.last_check.as_ref().map_or(0.0, |c| c.1.as_secs_f64())
+    );
+    let n = family(
+        &mut out,
+        "ringlb_backend_state",
+        "gauge",
+        "1 for the backend's current state.",
+    );
     for p in &model.pools {
         for b in &p.backends {
             let current = b.state_label(now);
             for s in ["active", "draining", "disabled", "down", "ejected"] {
-                let _ = writeln!(out, "{n}{{pool=\"{}\",backend=\"{}\",state=\"{s}\"}} {}", p.config.name, b.config.addr, u8::from(s == current));
+                let _ = writeln!(
+                    out,
+                    "{n}{{pool=\"{}\",backend=\"{}\",state=\"{s}\"}} {}",
+                    p.config.name,
+                    b.config.addr,
+                    u8::from(s == current)
+                );
             }
         }
     }
-    let n = family(&mut out, "ringlb_pool_table_generation", "gauge", "Generation of the pool's Maglev table.");
+    let n = family(
+        &mut out,
+        "ringlb_pool_table_generation",
+        "gauge",
+        "Generation of the pool's Maglev table.",
+    );
     for p in &model.pools {
         let _ = writeln!(out, "{n}{{pool=\"{}\"}} {}", p.config.name, p.published.generation);
     }
-    let n = family(&mut out, "ringlb_pool_table_build_seconds", "gauge", "Time the last table build took.");
+    let n = family(
+        &mut out,
+        "ringlb_pool_table_build_seconds",
+        "gauge",
+        "Time the last table build took.",
+    );
     for p in &model.pools {
-        let _ = writeln!(out, "{n}{{pool=\"{}\"}} {}", p.config.name, p.published.build_time.as_secs_f64());
+        let _ = writeln!(
+            out,
+            "{n}{{pool=\"{}\"}} {}",
+            p.config.name,
+            p.published.build_time.as_secs_f64()
+        );
     }
-    let n = family(&mut out, "ringlb_pool_panic", "gauge", "1 while the pool is in panic mode.");
+    let n = family(
+        &mut out,
+        "ringlb_pool_panic",
+        "gauge",
+        "1 while the pool is in panic mode.",
+    );
     for p in &model.pools {
         let _ = writeln!(out, "{n}{{pool=\"{}\"}} {}", p.config.name, u8::from(p.panic));
     }
     let n = family(&mut out, "ringlb_workers", "gauge", "Worker threads.");
     let _ = writeln!(out, "{n} {}", server.shared.workers);
-    let n = family(&mut out, "ringlb_config_generation", "gauge", "Successful config loads.");
+    let n = family(
+        &mut out,
+        "ringlb_config_generation",
+        "gauge",
+        "Successful config loads.",
+    );
     let _ = writeln!(out, "{n} {}", model.config_generation);
-    let n = family(&mut out, "ringlb_snapshot_generation", "gauge", "Routing snapshots published.");
+    let n = family(
+        &mut out,
+        "ringlb_snapshot_generation",
+        "gauge",
+        "Routing snapshots published.",
+    );
     let _ = writeln!(out, "{n} {}", model.generation());
     let n = family(&mut out, "ringlb_uptime_seconds", "gauge", "Seconds since start.");
     let _ = writeln!(out, "{n} {}", server.shared.started.elapsed().as_secs_f64());
@@ -112,7 +249,9 @@ pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
         let server = server.clone();
         tokio::spawn(async move {
             let _permit = permit;

@@ -107,14 +107,18 @@ async fn health_scheduler(server: Arc<Server>) {
         interval.tick().await;
         let jobs = server.model.lock().due_checks(Instant::now());
         for job in jobs {
-            let entry = limits.entry(job.pool_name.clone()).or_insert_with(|| (job.max_concurrent, Arc::new(Semaphore::new(job.max_concurrent))));
+            let entry = limits
+                .entry(job.pool_name.clone())
+                .or_insert_with(|| (job.max_concurrent, Arc::new(Semaphore::new(job.max_concurrent))));
             if entry.0 != job.max_concurrent {
                 *entry = (job.max_concurrent, Arc::new(Semaphore::new(job.max_concurrent)));
             }
             let slots = entry.1.clone();
             let server = server.clone();
             tokio::spawn(async move {
-                let Ok(_permit) = slots.acquire_owned().await else { return };
+                let Ok(_permit) = slots.acquire_owned().await else {
+                    return;
+                };
                 let (ok, latency, detail) = health_check::run_check(job.target, &job.kind, job.timeout).await;
                 let mut model = server.model.lock();
                 if model.record_check(job.pool, job.epoch, ok, latency, detail, Instant::now()) {
@@ -183,7 +187,9 @@ fn status(server: &Server) -> Value {
 fn backends(server: &Server, only: Option<&str>) -> Result<Value, String> {
     let model = server.model.lock();
     if let Some(name) = only {
-        model.pool_index(name).ok_or_else(|| format!("no pool named \"{name}\""))?;
+        model
+            .pool_index(name)
+            .ok_or_else(|| format!("no pool named \"{name}\""))?;
     }
     let now = Instant::now();
     let pools: Vec<Value> = model

@@ -108,7 +108,10 @@ mod tests {
     #[test]
     fn parses_known_commands() {
         assert!(matches!(parse_request(r#"{"cmd":"status"}"#), Ok(Request::Status {})));
-        assert!(matches!(parse_request(r#"{"cmd":"backends"}"#), Ok(Request::Backends { pool: None })));
+        assert!(matches!(
+            parse_request(r#"{"cmd":"backends"}"#),
+            Ok(Request::Backends { pool: None })
+        ));
         assert!(matches!(
             parse_request(r#"{"cmd":"weight","pool":"p","addr":"127.0.0.1:1","weight":3}"#),
             Ok(Request::Weight { weight: 3, .. })
@@ -117,7 +120,14 @@ mod tests {
 
     #[test]
     fn rejects_garbage_unknown_and_extra_fields() {
-        for bad in ["", "garbage", "{}", r#"{"cmd":"explode"}"#, r#"{"cmd":"drain","pool":"p"}"#, r#"{"cmd":"status","x":1}"#] {
+        for bad in [
+            "",
+            "garbage",
+            "{}",
+            r#"{"cmd":"explode"}"#,
+            r#"{"cmd":"drain","pool":"p"}"#,
+            r#"{"cmd":"status","x":1}"#,
+        ] {
             assert!(parse_request(bad).is_err(), "{bad:?} accepted");
         }
     }

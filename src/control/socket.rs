@@ -37,7 +37,8 @@ pub fn bind_control_socket(path: &Path) -> Result<std::os::unix::net::UnixListen
                 ))
             }
             Err(_) => {
-                std::fs::remove_file(path).map_err(|e| format!("removing stale control socket {}: {e}", path.display()))?;
+                std::fs::remove_file(path)
+                    .map_err(|e| format!("removing stale control socket {}: {e}", path.display()))?;
                 log::info!("replaced stale control socket {}", path.display());
             }
         }
@@ -83,7 +84,10 @@ pub async fn serve(listener: std::os::unix::net::UnixListener, server: Arc<Serve
                 });
             }
             Err(_) => {
-                let reply = format!("{}\n", error(format!("too many control clients (max {MAX_CLIENTS}); try again")));
+                let reply = format!(
+                    "{}\n",
+                    error(format!("too many control clients (max {MAX_CLIENTS}); try again"))
+                );
                 let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(reply.as_bytes())).await;
             }
         }
@@ -96,12 +100,19 @@ enum Line {
     Eof,
 }
 
-async fn read_line_capped(reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>, buf: &mut Vec<u8>) -> std::io::Result<Line> {
+async fn read_line_capped(
+    reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Line> {
     buf.clear();
     loop {
         let chunk = reader.fill_buf().await?;
         if chunk.is_empty() {
-            return Ok(if buf.is_empty() { Line::Eof } else { Line::Complete(String::from_utf8_lossy(buf).into_owned()) });
+            return Ok(if buf.is_empty() {
+                Line::Eof
+            } else {
+                Line::Complete(String::from_utf8_lossy(buf).into_owned())
+            });
         }
         let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
             Some(i) => (i + 1, true),
@@ -131,9 +142,16 @@ async fn serve_client(stream: tokio::net::UnixStream, server: &Arc<Server>) {
                 Err(e) => error(e),
             },
         };
-        let close = reply.get("error").and_then(|e| e.as_str()).is_some_and(|e| e.starts_with("request line longer"));
+        let close = reply
+            .get("error")
+            .and_then(|e| e.as_str())
+            .is_some_and(|e| e.starts_with("request line longer"));
         let text = format!("{reply}\n");
-        if !matches!(tokio::time::timeout(Duration::from_secs(5), write.write_all(text.as_bytes())).await, Ok(Ok(()))) || close {
+        if !matches!(
+            tokio::time::timeout(Duration::from_secs(5), write.write_all(text.as_bytes())).await,
+            Ok(Ok(()))
+        ) || close
+        {
             return;
         }
     }

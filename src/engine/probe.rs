@@ -46,7 +46,9 @@ pub fn probe_io_uring() -> Result<(), String> {
         (Some(libc::EPERM), _) => {
             "io_uring_setup is blocked (EPERM: a seccomp profile, e.g. Docker's or containerd's default)".to_string()
         }
-        (Some(libc::ENOSYS), _) => "io_uring_setup is not available (ENOSYS: kernel too old or built without io_uring)".to_string(),
+        (Some(libc::ENOSYS), _) => {
+            "io_uring_setup is not available (ENOSYS: kernel too old or built without io_uring)".to_string()
+        }
         _ => format!("io_uring_setup failed: {err}"),
     };
     Err(why)

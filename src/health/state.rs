@@ -151,13 +151,7 @@ impl Outlier {
     /// is not re-ejected); `allowed` is false; the computed span is zero (`base` or `max`
     /// zero disables ejection); or the end would not fit in an `Instant` (a config error,
     /// refused rather than panicking).
-    pub fn eject(
-        &mut self,
-        now: Instant,
-        base: Duration,
-        max: Duration,
-        allowed: bool,
-    ) -> Option<Instant> {
+    pub fn eject(&mut self, now: Instant, base: Duration, max: Duration, allowed: bool) -> Option<Instant> {
         if self.is_ejected(now) || !allowed {
             return None;
         }
@@ -264,12 +258,7 @@ pub fn may_eject(ejected_now: usize, total: usize, max_ejection_percent: f64) ->
 /// `steps` Maglev builds per recovering backend per window. `steps` is clamped to
 /// 1..=1000 (permille resolution); `steps == 1` or a zero window means no slow start.
 /// `now` before `since` counts as zero elapsed.
-pub fn slow_start(
-    since: Instant,
-    now: Instant,
-    window: Duration,
-    steps: u32,
-) -> (u32, Option<Instant>) {
+pub fn slow_start(since: Instant, now: Instant, window: Duration, steps: u32) -> (u32, Option<Instant>) {
     let steps = steps.clamp(1, PERMILLE_FULL);
     let window_ns = window.as_nanos();
     if window_ns == 0 {
@@ -342,11 +331,7 @@ pub struct PoolPlan {
 pub fn plan_pool(backends: &[BackendView], panic_threshold: f64) -> PoolPlan {
     let enabled = |b: &&BackendView| b.admin == AdminState::Enabled;
     // u64 sums cannot overflow for any realistic pool size (< 2^32 backends).
-    let enabled_weight: u64 = backends
-        .iter()
-        .filter(enabled)
-        .map(|b| u64::from(b.weight))
-        .sum();
+    let enabled_weight: u64 = backends.iter().filter(enabled).map(|b| u64::from(b.weight)).sum();
     let healthy_weight: u64 = backends
         .iter()
         .filter(enabled)
@@ -378,11 +363,7 @@ pub fn plan_pool(backends: &[BackendView], panic_threshold: f64) -> PoolPlan {
         })
         .collect();
     let usable = weights.iter().filter(|&&w| w > 0).count();
-    PoolPlan {
-        weights,
-        panic,
-        usable,
-    }
+    PoolPlan { weights, panic, usable }
 }
 
 #[cfg(test)]
@@ -619,11 +600,7 @@ mod tests {
 
     #[test]
     fn plan_normal_scales_weights() {
-        let mut b = vec![
-            view(1, Enabled, true),
-            view(3, Enabled, true),
-            view(2, Enabled, false),
-        ];
+        let mut b = vec![view(1, Enabled, true), view(3, Enabled, true), view(2, Enabled, false)];
         b[0].slow_start_permille = 100;
         let p = plan_pool(&b, DEFAULT_PANIC_THRESHOLD);
         assert_eq!(p.weights, [100, 3000, 0]);
@@ -636,11 +613,7 @@ mod tests {
 
     #[test]
     fn plan_excludes_draining_and_disabled() {
-        let b = [
-            view(1, Enabled, true),
-            view(5, Draining, true),
-            view(5, Disabled, true),
-        ];
+        let b = [view(1, Enabled, true), view(5, Draining, true), view(5, Disabled, true)];
         let p = plan_pool(&b, 0.5);
         assert_eq!(p.weights, [1000, 0, 0]);
         assert_eq!(p.usable, 1);
@@ -651,22 +624,14 @@ mod tests {
     #[test]
     fn panic_below_threshold_not_at_it() {
         // 1 of 3 equal-weight healthy: 33% < 50% -> panic, all enabled at full weight.
-        let mut b = vec![
-            view(1, Enabled, true),
-            view(1, Enabled, false),
-            view(1, Enabled, false),
-        ];
+        let mut b = vec![view(1, Enabled, true), view(1, Enabled, false), view(1, Enabled, false)];
         b[0].slow_start_permille = 500;
         let p = plan_pool(&b, 0.5);
         assert!(p.panic);
         assert_eq!(p.weights, [1000, 1000, 1000]);
         assert_eq!(p.usable, 3);
         // Exactly 50% healthy (by weight) does not panic.
-        let b = [
-            view(2, Enabled, true),
-            view(1, Enabled, false),
-            view(1, Enabled, false),
-        ];
+        let b = [view(2, Enabled, true), view(1, Enabled, false), view(1, Enabled, false)];
         let p = plan_pool(&b, 0.5);
         assert!(!p.panic);
         assert_eq!(p.weights, [2000, 0, 0]);
@@ -697,11 +662,7 @@ mod tests {
 
     #[test]
     fn all_disabled_is_all_zero() {
-        let b = [
-            view(1, Disabled, true),
-            view(2, Draining, true),
-            view(0, Enabled, true),
-        ];
+        let b = [view(1, Disabled, true), view(2, Draining, true), view(0, Enabled, true)];
         let p = plan_pool(&b, 0.5);
         assert_eq!(
             p,

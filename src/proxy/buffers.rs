@@ -26,7 +26,11 @@ pub struct BufPool {
 impl BufPool {
     /// Takes a buffer of `SMALL_BUF` or `LARGE_BUF` capacity.
     pub fn take(&self, large: bool) -> Vec<u8> {
-        let (free, size) = if large { (&self.large, LARGE_BUF) } else { (&self.small, SMALL_BUF) };
+        let (free, size) = if large {
+            (&self.large, LARGE_BUF)
+        } else {
+            (&self.small, SMALL_BUF)
+        };
         free.borrow_mut().pop().unwrap_or_else(|| Vec::with_capacity(size))
     }
 
@@ -56,7 +60,8 @@ mod tests {
         assert_eq!(a.capacity(), LARGE_BUF);
         let ptr = a.as_ptr();
         pool.give(a);
-        assert_eq!(pool.take(true).as_ptr(), ptr);
+        let again = pool.take(true);
+        assert_eq!(again.as_ptr(), ptr);
         for _ in 0..MAX_FREE_LARGE + 10 {
             pool.give(Vec::with_capacity(LARGE_BUF));
         }

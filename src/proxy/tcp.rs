@@ -50,10 +50,16 @@ pub async fn accept_loop<E: Engine>(
                     l.stats.accept_errors.inc();
                 }
                 if last_warn.is_none_or(|t| t.elapsed() >= ACCEPT_WARN_EVERY) {
-                    log::warn!("worker {}: listener \"{name}\": accept failed: {e} (further errors for 5s not logged)", ctx.id);
+                    log::warn!(
+                        "worker {}: listener \"{name}\": accept failed: {e} (further errors for 5s not logged)",
+                        ctx.id
+                    );
                     last_warn = Some(Instant::now());
                 }
-                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) {
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                ) {
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             }
@@ -66,7 +72,11 @@ pub async fn accept_loop<E: Engine>(
 /// on both engines because it can be cancelled there: a timed-out connect
 /// closes its socket at once.
 async fn connect<E: Engine>(addr: SocketAddr, timeout: Duration) -> io::Result<E::Stream> {
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
     let stream = tokio::time::timeout(timeout, socket.connect(addr))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
@@ -128,8 +138,14 @@ async fn handle_connection<E: Engine>(ctx: Rc<WorkerCtx>, slot: usize, client: E
         &server,
         &ctx.bufs,
         config.idle_timeout,
-        DirectionCounters { listener: &stats.bytes_in, backend: &backend.stats.bytes_in },
-        DirectionCounters { listener: &stats.bytes_out, backend: &backend.stats.bytes_out },
+        DirectionCounters {
+            listener: &stats.bytes_in,
+            backend: &backend.stats.bytes_in,
+        },
+        DirectionCounters {
+            listener: &stats.bytes_out,
+            backend: &backend.stats.bytes_out,
+        },
         ctx.close_requested(&backend, &stats),
     )
     .await;

@@ -322,9 +322,7 @@ impl<K: Copy + Eq + Hash, V> FlowTable<K, V> {
 
     /// Frees an entry that is no longer linked into the wheel.
     fn release(&mut self, idx: u32) -> Node<K, V> {
-        let vacant = Entry::Vacant {
-            next_free: self.free,
-        };
+        let vacant = Entry::Vacant { next_free: self.free };
         self.free = idx;
         match mem::replace(&mut self.slab[idx as usize], vacant) {
             Entry::Occupied(node) => node,
@@ -548,8 +546,7 @@ mod tests {
         assert!(t.is_empty());
         assert_eq!(t.ticks_walked, SLOTS, "walk not capped at one rotation");
         // And the next jump starts from there, not from the origin.
-        t.insert(1, 1, t0 + Duration::from_secs(2 * 86_400))
-            .unwrap();
+        t.insert(1, 1, t0 + Duration::from_secs(2 * 86_400)).unwrap();
         t.expire(t0 + Duration::from_secs(3 * 86_400), &mut out);
         assert_eq!(t.ticks_walked, 2 * SLOTS);
         assert!(t.is_empty());

@@ -28,7 +28,11 @@ pub struct TempDir(pub PathBuf);
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!("ringlb-test-{}-{tag}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+        let p = std::env::temp_dir().join(format!(
+            "ringlb-test-{}-{tag}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
     }
@@ -78,10 +82,17 @@ impl Ringlb {
             if is_listening(wait_for) {
                 break;
             }
-            assert!(Instant::now() < deadline, "ringlb did not listen on {wait_for} within 10s");
+            assert!(
+                Instant::now() < deadline,
+                "ringlb did not listen on {wait_for} within 10s"
+            );
             thread::sleep(Duration::from_millis(20));
         }
-        Ringlb { child, dir, config: path }
+        Ringlb {
+            child,
+            dir,
+            config: path,
+        }
     }
 
     /// Waits until `addr` is listening (without sending a connection through).
@@ -133,16 +144,21 @@ impl Drop for Ringlb {
 pub fn is_listening(addr: SocketAddr) -> bool {
     let port = format!(":{:04X} ", addr.port());
     ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
-        std::fs::read_to_string(f)
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.split_whitespace().nth(3) == Some("0A") && l.contains(&port) && l.split_whitespace().nth(1).is_some_and(|a| a.ends_with(port.trim())))
+        std::fs::read_to_string(f).unwrap_or_default().lines().any(|l| {
+            l.split_whitespace().nth(3) == Some("0A")
+                && l.contains(&port)
+                && l.split_whitespace().nth(1).is_some_and(|a| a.ends_with(port.trim()))
+        })
     })
 }
 
 /// Runs `ringlb ARGS...` to completion.
 pub fn ringlb_cmd(args: &[&str]) -> Output {
-    Command::new(ringlb_bin()).args(args).env("RUST_LOG", "warn").output().expect("run ringlb")
+    Command::new(ringlb_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run ringlb")
 }
 
 /// How a test backend treats each connection.
@@ -154,6 +170,10 @@ pub enum Behaviour {
     Echo,
     /// Accepts and never reads or writes.
     Stall,
+    /// Reads once, writes this reply, closes.
+    Reply(&'static str),
+    /// Accepts and resets the connection at once.
+    Reset,
 }
 
 /// A backend thread on a loopback port; stops accepting on drop.
@@ -186,7 +206,12 @@ impl Backend {
                 thread::spawn(move || serve(s, &t, behaviour));
             }
         });
-        Backend { addr, tag: tag.to_string(), accepted, stop }
+        Backend {
+            addr,
+            tag: tag.to_string(),
+            accepted,
+            stop,
+        }
     }
 
     pub fn accepted(&self) -> usize {
@@ -215,6 +240,16 @@ fn serve(mut s: TcpStream, tag: &str, behaviour: Behaviour) {
     match behaviour {
         Behaviour::Stall => {
             thread::sleep(Duration::from_secs(60));
+        }
+        Behaviour::Reply(reply) => {
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+            let mut buf = [0u8; 256];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(reply.as_bytes());
+        }
+        Behaviour::Reset => {
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            drop(s);
         }
         Behaviour::TagEcho | Behaviour::Echo => {
             if let Behaviour::TagEcho = behaviour {
@@ -247,7 +282,12 @@ pub fn read_tag(lb: SocketAddr, from: Option<std::net::IpAddr>) -> std::io::Resu
     let mut b = [0u8; 1];
     loop {
         match s.read(&mut b)? {
-            0 => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("EOF after {:?}", String::from_utf8_lossy(&line)))),
+            0 => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("EOF after {:?}", String::from_utf8_lossy(&line)),
+                ))
+            }
             _ if b[0] == b'\n' => break,
             _ => line.push(b[0]),
         }
@@ -269,7 +309,13 @@ pub fn connect_from(to: SocketAddr, from: Option<std::net::IpAddr>) -> std::io::
 }
 
 /// A listener block and a pool block for a config.
-pub fn tcp_config(engine: &str, listen: SocketAddr, extra_listener: &str, backends: &[(SocketAddr, u32)], extra_pool: &str) -> String {
+pub fn tcp_config(
+    engine: &str,
+    listen: SocketAddr,
+    extra_listener: &str,
+    backends: &[(SocketAddr, u32)],
+    extra_pool: &str,
+) -> String {
     let mut c = format!(
         "[runtime]\nworkers = 2\nio_engine = \"{engine}\"\nshutdown_timeout = \"2s\"\n\n[[listener]]\nname = \"t\"\nbind = \"{listen}\"\npool = \"p\"\nconnect_timeout = \"1s\"\n{extra_listener}\n\n[[pool]]\nname = \"p\"\ntable_size = 65537\n{extra_pool}\n"
     );
@@ -289,7 +335,14 @@ pub fn path_str(p: &Path) -> &str {
 
 /// Runs `ringlb ctl -s SOCK --json ARGS` and returns (exit code, reply).
 pub fn ctl_json(sock: &Path, args: &[&str]) -> (i32, serde_json::Value) {
-    let out = Command::new(ringlb_bin()).arg("ctl").arg("-s").arg(sock).arg("--json").args(args).output().unwrap();
+    let out = Command::new(ringlb_bin())
+        .arg("ctl")
+        .arg("-s")
+        .arg(sock)
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap();
     let code = out.status.code().unwrap_or(-1);
     let text = String::from_utf8_lossy(&out.stdout);
     let v = serde_json::from_str(text.trim()).unwrap_or(serde_json::Value::Null);
@@ -298,15 +351,31 @@ pub fn ctl_json(sock: &Path, args: &[&str]) -> (i32, serde_json::Value) {
 
 /// Runs `ringlb ctl -s SOCK ARGS` (human output): (exit code, stdout, stderr).
 pub fn ctl_text(sock: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(ringlb_bin()).arg("ctl").arg("-s").arg(sock).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(ringlb_bin())
+        .arg("ctl")
+        .arg("-s")
+        .arg(sock)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// The backend entry for `addr` from `ctl backends`.
 pub fn backend_info(sock: &Path, pool: &str, addr: SocketAddr) -> serde_json::Value {
     let (code, v) = ctl_json(sock, &["backends", pool]);
     assert_eq!(code, 0, "{v}");
-    v["pools"][0]["backends"].as_array().unwrap().iter().find(|b| b["addr"] == addr.to_string()).cloned().unwrap_or(serde_json::Value::Null)
+    v["pools"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["addr"] == addr.to_string())
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
 }
 
 /// Polls `f` every 20 ms until it is true or `timeout` passes.

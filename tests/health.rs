@@ -1,0 +1,278 @@
+//! Health checks, passive ejection, panic mode and slow start through the
+//! real binary, with backends that misbehave on purpose.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Lb {
+    _lb: Ringlb,
+    sock: PathBuf,
+    listen: SocketAddr,
+    _dir: TempDir,
+}
+
+fn start(backends: &[SocketAddr], pool_extra: &str) -> Lb {
+    let dir = TempDir::new("health");
+    let sock = dir.0.join("ctl.sock");
+    let listen = lb_addr();
+    let mut body = format!("[[listener]]\nname = \"web\"\nbind = \"{listen}\"\npool = \"web\"\nconnect_timeout = \"500ms\"\nconnect_attempts = 4\n\n[[pool]]\nname = \"web\"\n{pool_extra}\n");
+    for b in backends {
+        body.push_str(&format!("[[pool.backend]]\naddr = \"{b}\"\n"));
+    }
+    let lb = Ringlb::start(&config_with_control("auto", &sock, &body), listen);
+    Lb {
+        _lb: lb,
+        sock,
+        listen,
+        _dir: dir,
+    }
+}
+
+fn state(lb: &Lb, addr: SocketAddr) -> String {
+    backend_info(&lb.sock, "web", addr)["state"]
+        .as_str()
+        .unwrap_or("?")
+        .to_string()
+}
+
+fn panic_flag(lb: &Lb) -> bool {
+    ctl_json(&lb.sock, &["backends", "web"]).1["pools"][0]["panic"] == true
+}
+
+const ACTIVE_TCP: &str = "[pool.health_check]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2\njitter = \"20ms\"\n";
+
+fn spread(listen: SocketAddr, n: usize) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for _ in 0..n {
+        *m.entry(read_tag(listen, None).unwrap()).or_default() += 1;
+    }
+    m
+}
+
+#[test]
+fn killed_backend_is_detected_within_fall_times_interval_with_no_client_errors_and_returns() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let b = Backend::start("b", Behaviour::TagEcho);
+    let c = Backend::start("c", Behaviour::TagEcho);
+    let b_addr = b.addr;
+    // Passive ejection (on by default) would also catch the refused connects;
+    // keep its ejection short so recovery is paced by the active checks.
+    let lb = start(
+        &[a.addr, b.addr, c.addr],
+        &format!("{ACTIVE_TCP}[pool.outlier]\nejection_time = \"200ms\"\n"),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let attempted = Arc::new(AtomicUsize::new(0));
+    let listen = lb.listen;
+    let load: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, failed, attempted) = (stop.clone(), failed.clone(), attempted.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    attempted.fetch_add(1, Ordering::SeqCst);
+                    if read_tag(listen, None).is_err() {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    drop(b); // b dies: its port now refuses
+    let killed = Instant::now();
+    assert!(wait_until(Duration::from_secs(3), || state(&lb, b_addr) == "down"));
+    let detected = killed.elapsed();
+    println!("detection time: {detected:?} (fall 2 x interval 200ms + timeout 200ms = 600ms)");
+    // fall x interval + timeout, plus jitter (20 ms), the 20 ms check scan and ctl polling.
+    assert!(
+        detected <= Duration::from_millis(600 + 250),
+        "detected after {detected:?}"
+    );
+
+    // It comes back after rise passed checks and gets its share again.
+    let b = Backend::start_on(b_addr, "b", Behaviour::TagEcho);
+    let back = Instant::now();
+    assert!(wait_until(Duration::from_secs(3), || state(&lb, b_addr) == "active"));
+    println!("recovery time: {:?} (rise 2 x interval 200ms)", back.elapsed());
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    for t in load {
+        t.join().unwrap();
+    }
+    println!(
+        "{} connections during kill and recovery, {} failed",
+        attempted.load(Ordering::SeqCst),
+        failed.load(Ordering::SeqCst)
+    );
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "client-visible errors");
+    let m = spread(lb.listen, 300);
+    assert!(m.get("b").copied().unwrap_or(0) > 50, "b's share after recovery: {m:?}");
+    drop(b);
+}
+
+#[test]
+fn send_expect_marks_wrong_answers_resets_and_stalls_down() {
+    let good = Backend::start("good", Behaviour::Reply("+PONG\r\n"));
+    let wrong = Backend::start("wrong", Behaviour::Reply("-ERR unknown\r\n"));
+    let reset = Backend::start("reset", Behaviour::Reset);
+    let stall = Backend::start("stall", Behaviour::Stall);
+    let check = "[pool.health_check]\nkind = \"send_expect\"\nsend = \"PING\\r\\n\"\nexpect = \"+PONG\"\ninterval = \"200ms\"\ntimeout = \"300ms\"\nrise = 1\nfall = 1\n";
+    let lb = start(
+        &[good.addr, wrong.addr, reset.addr, stall.addr],
+        &format!("panic_threshold = 0\n{check}"),
+    );
+    for (b, why) in [
+        (&wrong, "does not start with"),
+        (&reset, "reset"),
+        (&stall, "timed out"),
+    ] {
+        assert!(
+            wait_until(Duration::from_secs(3), || state(&lb, b.addr) == "down"),
+            "{} not down",
+            b.tag
+        );
+        let reason = backend_info(&lb.sock, "web", b.addr)["reason"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            reason.contains(why) || (why == "reset" && reason.contains("closed")),
+            "{}: {reason}",
+            b.tag
+        );
+    }
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(state(&lb, good.addr), "active");
+}
+
+#[test]
+fn panic_mode_engages_below_threshold_and_disengages() {
+    let backends: Vec<Backend> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|t| Backend::start(t, Behaviour::TagEcho))
+        .collect();
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let lb = start(&addrs, ACTIVE_TCP);
+    let mut backends = backends.into_iter();
+    let survivor = backends.next().unwrap();
+    drop(backends.next()); // 3 of 4 healthy: 75% >= 50%, no panic
+    assert!(wait_until(Duration::from_secs(3), || state(&lb, addrs[1]) == "down"));
+    assert!(!panic_flag(&lb));
+    let rest: Vec<Backend> = backends.collect();
+    drop(rest); // 1 of 4 healthy: panic
+    assert!(
+        wait_until(Duration::from_secs(3), || panic_flag(&lb)),
+        "panic mode engaged"
+    );
+    // In panic the table spans all enabled backends; the connect retry still
+    // finds the survivor, so clients are served.
+    for _ in 0..50 {
+        assert_eq!(read_tag(lb.listen, None).unwrap(), "a");
+    }
+    let back: Vec<Backend> = addrs[1..]
+        .iter()
+        .zip(["b", "c", "d"])
+        .map(|(a, t)| Backend::start_on(*a, t, Behaviour::TagEcho))
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(3), || !panic_flag(&lb)),
+        "panic mode over"
+    );
+    drop((survivor, back));
+}
+
+#[test]
+fn passive_ejection_respects_max_ejection_percent_and_expires() {
+    let backends: Vec<Backend> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|t| Backend::start(t, Behaviour::TagEcho))
+        .collect();
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let outlier = "[pool.outlier]\nconsecutive_failures = 2\nejection_time = \"1s\"\nmax_ejection_percent = 50\n";
+    let lb = start(&addrs, outlier);
+    drop(backends); // every backend fails at once
+    for _ in 0..60 {
+        let _ = read_tag(lb.listen, None);
+    }
+    thread::sleep(Duration::from_millis(300));
+    let ejected = addrs.iter().filter(|a| state(&lb, **a) == "ejected").count();
+    assert!(ejected >= 1, "passive detection ejected nothing");
+    assert!(ejected <= 2, "{ejected} of 4 ejected despite max_ejection_percent = 50");
+    // Ejections end after ejection_time.
+    let back: Vec<Backend> = addrs
+        .iter()
+        .zip(["a", "b", "c", "d"])
+        .map(|(a, t)| Backend::start_on(*a, t, Behaviour::TagEcho))
+        .collect();
+    assert!(wait_until(Duration::from_secs(4), || addrs
+        .iter()
+        .all(|a| state(&lb, *a) == "active")));
+    drop(back);
+}
+
+#[test]
+fn refusing_backend_is_ejected_passively_while_clients_are_served() {
+    let good = Backend::start("good", Behaviour::TagEcho);
+    let refusing = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let lb = start(
+        &[good.addr, refusing],
+        "[pool.outlier]\nconsecutive_failures = 3\nejection_time = \"30s\"\n",
+    );
+    for _ in 0..100 {
+        assert_eq!(read_tag(lb.listen, None).unwrap(), "good");
+    }
+    assert!(wait_until(Duration::from_secs(2), || state(&lb, refusing) == "ejected"));
+    let reason = backend_info(&lb.sock, "web", refusing)["reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(reason.contains("consecutive connect failures"), "{reason}");
+}
+
+#[test]
+fn no_usable_backend_fails_fast_and_is_counted() {
+    let refusing = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let lb = start(&[refusing], ACTIVE_TCP);
+    assert!(wait_until(Duration::from_secs(3), || state(&lb, refusing) == "down"));
+    // One backend down of one: panic mode keeps it in the table. Disable it to
+    // leave nothing usable at all.
+    assert_eq!(ctl_json(&lb.sock, &["disable", "web", &refusing.to_string()]).0, 0);
+    let started = Instant::now();
+    assert!(read_tag(lb.listen, None).is_err());
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(100),
+        "client waited {waited:?} (connect_timeout is 500ms)"
+    );
+    let stats = ctl_json(&lb.sock, &["stats"]).1;
+    assert_eq!(stats["listeners"][0]["refused"]["no_backend"], 1, "{stats}");
+}
+
+#[test]
+fn slow_start_ramps_a_recovered_backends_share() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let b = Backend::start("b", Behaviour::TagEcho);
+    let b_addr = b.addr;
+    let lb = start(&[a.addr, b.addr], &format!("slow_start = \"3s\"\n{ACTIVE_TCP}"));
+    drop(b);
+    assert!(wait_until(Duration::from_secs(3), || state(&lb, b_addr) == "down"));
+    let b = Backend::start_on(b_addr, "b", Behaviour::TagEcho);
+    assert!(wait_until(Duration::from_secs(3), || state(&lb, b_addr) == "active"));
+    let early = spread(lb.listen, 400).get("b").copied().unwrap_or(0);
+    thread::sleep(Duration::from_millis(3200));
+    let late = spread(lb.listen, 400).get("b").copied().unwrap_or(0);
+    println!("slow start: b got {early}/400 just after recovery, {late}/400 after the ramp");
+    assert!(early < 120, "b took {early}/400 at once despite slow start");
+    assert!((150..=250).contains(&late), "b's full share after the ramp: {late}/400");
+    drop(b);
+}
