@@ -51,6 +51,37 @@ pub fn bind_tcp_for_workers(
         .collect()
 }
 
+/// Binds `count` SO_REUSEPORT UDP sockets for a listener, after checking that
+/// no other process holds the address (a probe bound without SO_REUSEADDR or
+/// SO_REUSEPORT fails if anyone has it).
+pub fn bind_udp_for_workers(name: &str, addr: SocketAddr, count: usize) -> Result<Vec<std::net::UdpSocket>, String> {
+    let probe = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(|e| e.to_string())?;
+    if addr.is_ipv6() {
+        probe.set_only_v6(true).map_err(|e| e.to_string())?;
+    }
+    probe.bind(&addr.into()).map_err(|e| match e.kind() {
+        io::ErrorKind::AddrInUse => format!("listener \"{name}\": udp {addr} is already in use by another process"),
+        _ => format!("listener \"{name}\": cannot bind udp {addr}: {e}"),
+    })?;
+    drop(probe);
+    (0..count)
+        .map(|_| {
+            let bind = || -> io::Result<std::net::UdpSocket> {
+                let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+                socket.set_reuse_port(true)?;
+                if addr.is_ipv6() {
+                    socket.set_only_v6(true)?;
+                }
+                // Bursts of client datagrams queue here while a worker is busy.
+                let _ = socket.set_recv_buffer_size(4 << 20);
+                socket.bind(&addr.into())?;
+                Ok(socket.into())
+            };
+            bind().map_err(|e| format!("listener \"{name}\": cannot bind udp {addr}: {e}"))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -320,6 +320,9 @@ impl Model {
             }
         }
         pool.panic = plan.panic;
+        for (b, v) in pool.backends.iter().zip(&views) {
+            b.shared.down.store(!v.healthy && !plan.panic, Ordering::Relaxed);
+        }
         pool.next_slow_start_step = next_step;
         let generation = pool.published.generation + 1;
         let snapshot = PoolSnapshot::build(

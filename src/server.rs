@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use crate::config::{Config, ListenerConfig, Protocol};
 use crate::control::{run_control_plane, ControlEndpoints};
 use crate::engine::resolve_engine;
-use crate::listen::bind_tcp_for_workers;
+use crate::listen::{bind_tcp_for_workers, bind_udp_for_workers};
 use crate::model::Model;
 use crate::worker::{spawn_worker, Shared, WorkerCmd, WORKER_QUEUE};
 
@@ -54,23 +54,43 @@ impl Server {
     }
 
     /// Hands bound sockets of a new listener to the workers.
-    fn start_listener(&self, model: &mut Model, config: ListenerConfig, sockets: Vec<std::net::TcpListener>) {
+    fn start_listener(&self, model: &mut Model, config: ListenerConfig, sockets: BoundSockets) {
         let workers = self.workers.len();
+        let proto = if config.protocol == Protocol::Udp { "udp" } else { "tcp" };
         log::info!(
-            "listener \"{}\" bound on {} (tcp, {workers} sockets, pool \"{}\")",
+            "listener \"{}\" bound on {} ({proto}, {workers} sockets, pool \"{}\")",
             config.name,
             config.bind,
             config.pool
         );
         let state = model.add_listener(config.clone());
-        let (slot, stop) = (state.slot, state.stop.clone());
-        let mut sockets = sockets.into_iter();
-        self.tell_workers(|_| WorkerCmd::ListenTcp {
-            slot,
-            name: config.name.clone(),
-            socket: sockets.next().expect("one socket per worker"),
-            stop: stop.clone(),
-        });
+        let (slot, stop, stats) = (state.slot, state.stop.clone(), state.stats.clone());
+        match sockets {
+            BoundSockets::Tcp(sockets) => {
+                let mut sockets = sockets.into_iter();
+                self.tell_workers(|_| WorkerCmd::ListenTcp {
+                    slot,
+                    name: config.name.clone(),
+                    socket: sockets.next().expect("one socket per worker"),
+                    stop: stop.clone(),
+                });
+            }
+            BoundSockets::Udp(sockets) => {
+                let mut sockets = sockets.into_iter();
+                let per_worker = config.max_flows.div_ceil(workers).max(1);
+                self.tell_workers(|_| {
+                    WorkerCmd::ListenUdp(crate::udp::proxy::UdpListenerSpec {
+                        slot,
+                        name: config.name.clone(),
+                        socket: sockets.next().expect("one socket per worker"),
+                        stop: stop.clone(),
+                        max_flows: per_worker,
+                        idle_timeout: config.idle_timeout,
+                        stats: stats.clone(),
+                    })
+                });
+            }
+        }
     }
 
     /// Re-reads the config file and applies it. A config that fails
@@ -84,13 +104,8 @@ impl Server {
             .clone()
             .ok_or("this ringlb runs an embedded config; nothing to reload")?;
         let new = Config::load(&path).map_err(|e| e.to_string())?;
-        for l in &new.listeners {
-            if l.protocol != Protocol::Tcp {
-                return Err(format!("listener \"{}\": only tcp is supported by this build", l.name));
-            }
-        }
         // Bind what is new before touching anything.
-        let mut sockets: HashMap<String, Vec<std::net::TcpListener>> = HashMap::new();
+        let mut sockets: HashMap<String, BoundSockets> = HashMap::new();
         {
             let model = self.model.lock();
             for l in &new.listeners {
@@ -101,10 +116,7 @@ impl Server {
                         && s.config.protocol == l.protocol
                 });
                 if !kept {
-                    sockets.insert(
-                        l.name.clone(),
-                        bind_tcp_for_workers(&l.name, l.bind, l.backlog, self.workers.len())?,
-                    );
+                    sockets.insert(l.name.clone(), bind_listener(l, self.workers.len())?);
                 }
             }
         }
@@ -124,6 +136,19 @@ impl Server {
         }
         Ok(changes)
     }
+}
+
+/// A listener's sockets, one per worker.
+enum BoundSockets {
+    Tcp(Vec<std::net::TcpListener>),
+    Udp(Vec<std::net::UdpSocket>),
+}
+
+fn bind_listener(l: &ListenerConfig, workers: usize) -> Result<BoundSockets, String> {
+    Ok(match l.protocol {
+        Protocol::Tcp => BoundSockets::Tcp(bind_tcp_for_workers(&l.name, l.bind, l.backlog, workers)?),
+        Protocol::Udp => BoundSockets::Udp(bind_udp_for_workers(&l.name, l.bind, workers)?),
+    })
 }
 
 /// Starts ringlb with `config` and blocks until it has shut down.
@@ -147,10 +172,7 @@ pub fn run(config: Config) -> Result<(), String> {
     // taken never half-starts.
     let mut bound = Vec::new();
     for l in &config.listeners {
-        if l.protocol != Protocol::Tcp {
-            return Err(format!("listener \"{}\": only tcp is supported by this build", l.name));
-        }
-        bound.push((l.clone(), bind_tcp_for_workers(&l.name, l.bind, l.backlog, workers)?));
+        bound.push((l.clone(), bind_listener(l, workers)?));
     }
     let endpoints = ControlEndpoints {
         socket: config

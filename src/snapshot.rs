@@ -25,6 +25,9 @@ pub struct Backend {
     /// Set when its open connections must be closed (drain timeout passed,
     /// removed); workers check it when woken by a close command.
     pub closing: AtomicBool,
+    /// Set while health checks say it is down (outside panic mode): UDP
+    /// flows on it re-pick on their next datagram.
+    pub down: AtomicBool,
     /// Connect failures in a row, across workers. Reset on success only when
     /// non-zero, so a healthy backend's line is only read, never written.
     pub consecutive_failures: AtomicU32,
@@ -37,6 +40,7 @@ impl Backend {
             addr,
             stats: BackendStats::new(workers),
             closing: AtomicBool::new(false),
+            down: AtomicBool::new(false),
             consecutive_failures: AtomicU32::new(0),
         }
     }
@@ -54,6 +58,12 @@ impl Backend {
     pub fn connect_failed(&self) -> u32 {
         self.stats.connect_failures.inc();
         self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Whether health checks say it is down.
+    #[inline]
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
     }
 
     /// Whether its connections must close now.

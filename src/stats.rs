@@ -141,24 +141,51 @@ impl Histogram {
     }
 }
 
-/// Why a client was refused or closed without being relayed.
+/// Why a client (TCP connection, or UDP datagram/flow) was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefuseReason {
     /// No usable backend in the pool.
     NoBackend,
     /// Every candidate backend failed to connect.
     ConnectFailed,
+    /// The source's token bucket is empty.
+    RateLimited,
+    /// The source has `max_connections_per_source` open.
+    SourceLimit,
+    /// The listener has `max_connections` open.
+    ListenerFull,
+    /// Every candidate backend has `max_connections` open.
+    BackendFull,
+    /// The process is out of file descriptors or memory.
+    Overloaded,
+    /// The UDP flow table is full.
+    FlowTableFull,
 }
 
 impl RefuseReason {
-    /// Every reason, for exposition.
-    pub const ALL: [RefuseReason; 2] = [RefuseReason::NoBackend, RefuseReason::ConnectFailed];
+    /// Every reason, for exposition (index = `reason as usize`).
+    pub const ALL: [RefuseReason; 8] = [
+        RefuseReason::NoBackend,
+        RefuseReason::ConnectFailed,
+        RefuseReason::RateLimited,
+        RefuseReason::SourceLimit,
+        RefuseReason::ListenerFull,
+        RefuseReason::BackendFull,
+        RefuseReason::Overloaded,
+        RefuseReason::FlowTableFull,
+    ];
 
     /// The label used in metrics and `ctl stats`.
     pub fn label(self) -> &'static str {
         match self {
             RefuseReason::NoBackend => "no_backend",
             RefuseReason::ConnectFailed => "connect_failed",
+            RefuseReason::RateLimited => "rate_limited",
+            RefuseReason::SourceLimit => "source_limit",
+            RefuseReason::ListenerFull => "listener_full",
+            RefuseReason::BackendFull => "backend_full",
+            RefuseReason::Overloaded => "overloaded",
+            RefuseReason::FlowTableFull => "flow_table_full",
         }
     }
 }
@@ -171,7 +198,13 @@ pub struct ListenerStats {
     /// Connections relayed (open now = opened - closed).
     pub active: Gauge,
     /// Refusals, indexed like [`RefuseReason::ALL`].
-    pub refused: [Counter; 2],
+    pub refused: [Counter; 8],
+    /// UDP datagrams received from clients.
+    pub datagrams_in: Counter,
+    /// UDP datagrams sent back to clients.
+    pub datagrams_out: Counter,
+    /// UDP datagrams dropped (send failed, backend unreachable).
+    pub datagrams_dropped: Counter,
     /// Bytes from clients to backends.
     pub bytes_in: Counter,
     /// Bytes from backends to clients.
@@ -191,7 +224,10 @@ impl ListenerStats {
         ListenerStats {
             accepted: Counter::new(workers),
             active: Gauge::new(workers),
-            refused: [Counter::new(workers), Counter::new(workers)],
+            refused: std::array::from_fn(|_| Counter::new(workers)),
+            datagrams_in: Counter::new(workers),
+            datagrams_out: Counter::new(workers),
+            datagrams_dropped: Counter::new(workers),
             bytes_in: Counter::new(workers),
             bytes_out: Counter::new(workers),
             accept_errors: Counter::new(workers),

@@ -74,6 +74,8 @@ pub enum WorkerCmd {
         /// Fires when the listener is removed or ringlb shuts down.
         stop: Arc<StopSignal>,
     },
+    /// Start serving a UDP listener on this socket.
+    ListenUdp(crate::udp::proxy::UdpListenerSpec),
     /// Wake every connection so it checks whether it must close
     /// (its backend's `closing` flag, or [`Shared::force_close`]).
     CheckClose,
@@ -198,6 +200,7 @@ fn run<E: Engine>(id: usize, shared: Arc<Shared>, mut commands: mpsc::Receiver<W
                         Err(e) => log::error!("worker {id}: listener \"{name}\" ({local:?}): {e}"),
                     }
                 }
+                WorkerCmd::ListenUdp(spec) => E::spawn(crate::udp::proxy::udp_loop::<E>(ctx.clone(), spec)),
                 WorkerCmd::CheckClose => ctx.close.notify_waiters(),
             }
         }

@@ -71,6 +71,8 @@ pub struct ListenerFile {
     pub backlog: Option<i64>,
     /// Backends tried per connection before the client is closed.
     pub connect_attempts: Option<i64>,
+    /// UDP: most flows across workers.
+    pub max_flows: Option<i64>,
 }
 
 /// `[[pool]]`: a set of backends and its Maglev table.

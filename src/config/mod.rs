@@ -112,6 +112,8 @@ pub struct ListenerConfig {
     pub backlog: u32,
     /// Distinct backends tried per connection.
     pub connect_attempts: u32,
+    /// UDP: most flows across all workers.
+    pub max_flows: usize,
 }
 
 /// `[[pool]]`
@@ -145,6 +147,13 @@ pub enum CheckKind {
     /// Connect, send `send`, and the reply must start with `expect`.
     SendExpect {
         /// Bytes sent (may be empty for servers that greet first).
+        send: Vec<u8>,
+        /// Required reply prefix.
+        expect: Vec<u8>,
+    },
+    /// Send the datagram `send`; the reply datagram must start with `expect`.
+    UdpSendExpect {
+        /// Probe datagram.
         send: Vec<u8>,
         /// Required reply prefix.
         expect: Vec<u8>,
@@ -458,13 +467,7 @@ fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Opti
     let bind = c.addr(&place, "bind", &l.bind);
     let protocol = match l.protocol.as_deref() {
         None | Some("tcp") => Protocol::Tcp,
-        Some("udp") => {
-            c.err(
-                &format!("{place}protocol"),
-                "\"udp\" is not supported yet by this build",
-            );
-            Protocol::Udp
-        }
+        Some("udp") => Protocol::Udp,
         Some(other) => {
             c.err(&format!("{place}protocol"), format!("\"{other}\": expected tcp or udp"));
             Protocol::Tcp
@@ -492,7 +495,13 @@ fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Opti
     if connect_timeout.is_zero() {
         c.err(&format!("{place}connect_timeout"), "must be more than 0");
     }
-    let idle_timeout = c.duration(&place, "idle_timeout", &l.idle_timeout, Duration::from_secs(300));
+    // UDP flows idle out sooner by default (Envoy's udp_proxy uses 60s too).
+    let default_idle = if protocol == Protocol::Udp {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs(300)
+    };
+    let idle_timeout = c.duration(&place, "idle_timeout", &l.idle_timeout, default_idle);
     if idle_timeout.is_zero() {
         c.err(&format!("{place}idle_timeout"), "must be more than 0");
     }
@@ -510,7 +519,12 @@ fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Opti
         MAX_CONNECT_ATTEMPTS as i64,
         3,
     ) as u32;
+    let max_flows = c.ranged(&format!("{place}max_flows"), l.max_flows, 1, 100_000_000, 1_000_000) as usize;
+    if l.max_flows.is_some() && protocol == Protocol::Tcp {
+        c.err(&format!("{place}max_flows"), "only applies to protocol = \"udp\"");
+    }
     Some(ListenerConfig {
+        max_flows,
         name: name?,
         bind: bind?,
         protocol,
@@ -621,15 +635,20 @@ fn validate_health_check(c: &mut Checker<'_>, place: &str, h: &file::HealthCheck
     let kind = match h.kind.as_deref() {
         None | Some("tcp") => CheckKind::Tcp,
         Some("none") => CheckKind::None,
-        Some("send_expect") => match &h.expect {
-            Some(expect) if !expect.is_empty() => CheckKind::SendExpect {
-                send: h.send.clone().unwrap_or_default().into_bytes(),
-                expect: expect.clone().into_bytes(),
-            },
+        Some(kind @ ("send_expect" | "udp_send_expect")) => match &h.expect {
+            Some(expect) if !expect.is_empty() => {
+                let send = h.send.clone().unwrap_or_default().into_bytes();
+                let expect = expect.clone().into_bytes();
+                if kind == "send_expect" {
+                    CheckKind::SendExpect { send, expect }
+                } else {
+                    CheckKind::UdpSendExpect { send, expect }
+                }
+            }
             _ => {
                 c.err(
                     &format!("{place}expect"),
-                    "kind = \"send_expect\" needs a non-empty expect",
+                    format!("kind = \"{kind}\" needs a non-empty expect"),
                 );
                 CheckKind::Tcp
             }
@@ -637,15 +656,17 @@ fn validate_health_check(c: &mut Checker<'_>, place: &str, h: &file::HealthCheck
         Some(other) => {
             c.err(
                 &format!("{place}kind"),
-                format!("\"{other}\": expected tcp, send_expect or none"),
+                format!("\"{other}\": expected tcp, send_expect, udp_send_expect or none"),
             );
             CheckKind::Tcp
         }
     };
-    if !matches!(kind, CheckKind::SendExpect { .. }) && (h.send.is_some() || h.expect.is_some()) {
+    if !matches!(kind, CheckKind::SendExpect { .. } | CheckKind::UdpSendExpect { .. })
+        && (h.send.is_some() || h.expect.is_some())
+    {
         c.err(
             &format!("{place}send"),
-            "send/expect only apply to kind = \"send_expect\"",
+            "send/expect only apply to kind = \"send_expect\" or \"udp_send_expect\"",
         );
     }
     let interval = c.duration(place, "interval", &h.interval, d.interval);

@@ -54,7 +54,7 @@ fn unknown_key_names_file_line_and_key() {
     let e = errors(&GOOD.replace("hash_key = \"src_ip\"", "hash_kye = \"src_ip\""));
     assert_eq!(e.len(), 1);
     assert!(
-        e[0].starts_with("test.toml: line 11, column 1: unknown field `hash_kye`"),
+        e[0].starts_with("test.toml: line 10, column 1: unknown field `hash_kye`"),
         "{e:?}"
     );
 }

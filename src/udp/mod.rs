@@ -1,2 +1,3 @@
 //! UDP balancing: per-flow backend choice with a bounded flow table.
 pub mod flow_table;
+pub mod proxy;
