@@ -96,6 +96,8 @@ pub struct ListenerState {
     pub stats: Arc<ListenerStats>,
     /// Stops its accept loops.
     pub stop: Arc<StopSignal>,
+    /// Admission state (buckets, counts).
+    pub limits: Arc<crate::admission::limits::ListenerLimits>,
     /// Removed by a reload: its connections are closed at this instant.
     pub retire_deadline: Option<Instant>,
 }
@@ -210,11 +212,13 @@ impl Model {
     pub fn add_listener(&mut self, config: ListenerConfig) -> &ListenerState {
         let slot = self.next_slot;
         self.next_slot += 1;
+        let limits = Arc::new(crate::admission::limits::ListenerLimits::new(&config));
         self.listeners.push(ListenerState {
             slot,
             config: Arc::new(config),
             stats: Arc::new(ListenerStats::new(self.workers)),
             stop: Arc::new(StopSignal::default()),
+            limits,
             retire_deadline: None,
         });
         self.listeners.last().expect("just pushed")
@@ -250,6 +254,7 @@ impl Model {
                     config: l.config.clone(),
                     pool,
                     stats: l.stats.clone(),
+                    limits: l.limits.clone(),
                 });
             }
         }
@@ -322,6 +327,7 @@ impl Model {
         pool.panic = plan.panic;
         for (b, v) in pool.backends.iter().zip(&views) {
             b.shared.down.store(!v.healthy && !plan.panic, Ordering::Relaxed);
+            b.shared.max_conns.store(b.config.max_connections, Ordering::Relaxed);
         }
         pool.next_slow_start_step = next_step;
         let generation = pool.published.generation + 1;
@@ -713,6 +719,11 @@ impl Model {
                 Some(l) if l.config.bind == lc.bind && l.config.protocol == lc.protocol => {
                     if *l.config != *lc {
                         changes.push(format!("listener \"{}\" updated", lc.name));
+                        if !l.limits.matches(lc) {
+                            // New limits start with fresh buckets and counts;
+                            // connections admitted under the old ones release there.
+                            l.limits = Arc::new(crate::admission::limits::ListenerLimits::new(lc));
+                        }
                         l.config = Arc::new(lc.clone());
                     }
                 }

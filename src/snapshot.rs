@@ -28,6 +28,11 @@ pub struct Backend {
     /// Set while health checks say it is down (outside panic mode): UDP
     /// flows on it re-pick on their next datagram.
     pub down: AtomicBool,
+    /// Most open connections (0 = no limit), set by the control plane.
+    pub max_conns: std::sync::atomic::AtomicU64,
+    /// Open connections, counted only while `max_conns` is set (a shared
+    /// counter is the only exact way to enforce a cross-worker maximum).
+    pub open: std::sync::atomic::AtomicU64,
     /// Connect failures in a row, across workers. Reset on success only when
     /// non-zero, so a healthy backend's line is only read, never written.
     pub consecutive_failures: AtomicU32,
@@ -41,6 +46,8 @@ impl Backend {
             stats: BackendStats::new(workers),
             closing: AtomicBool::new(false),
             down: AtomicBool::new(false),
+            max_conns: std::sync::atomic::AtomicU64::new(0),
+            open: std::sync::atomic::AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
         }
     }
@@ -58,6 +65,37 @@ impl Backend {
     pub fn connect_failed(&self) -> u32 {
         self.stats.connect_failures.inc();
         self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Takes a connection slot; false when it is at `max_conns`. Returns
+    /// `Some(counted)`: whether [`Backend::release_slot`] must be called.
+    #[inline]
+    pub fn try_take_slot(&self) -> Option<bool> {
+        let max = self.max_conns.load(Ordering::Relaxed);
+        if max == 0 {
+            return Some(false);
+        }
+        let mut cur = self.open.load(Ordering::Relaxed);
+        loop {
+            if cur >= max {
+                return None;
+            }
+            match self
+                .open
+                .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(true),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Gives back a slot taken with [`Backend::try_take_slot`].
+    #[inline]
+    pub fn release_slot(&self) {
+        let _ = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     /// Whether health checks say it is down.
@@ -130,6 +168,8 @@ pub struct ListenerView {
     pub pool: usize,
     /// Its counters (kept across reloads while the name and bind stay).
     pub stats: Arc<ListenerStats>,
+    /// Its admission state.
+    pub limits: Arc<crate::admission::limits::ListenerLimits>,
 }
 
 /// Everything a worker needs to route a new connection.

@@ -94,6 +94,9 @@ pub struct WorkerCtx {
     pub bufs: BufPool,
     /// Woken on [`WorkerCmd::CheckClose`]; only this worker's tasks wait on it.
     pub close: Notify,
+    /// A spare descriptor freed on EMFILE so pending clients can be accepted
+    /// and refused at once instead of waiting in the backlog.
+    pub reserve_fd: RefCell<Option<std::fs::File>>,
     #[allow(clippy::redundant_allocation)]
     cached: RefCell<Option<Rc<Arc<Snapshot>>>>,
 }
@@ -178,6 +181,7 @@ fn run<E: Engine>(id: usize, shared: Arc<Shared>, mut commands: mpsc::Receiver<W
             shared,
             bufs: BufPool::default(),
             close: Notify::new(),
+            reserve_fd: RefCell::new(std::fs::File::open("/dev/null").ok()),
             cached: RefCell::new(None),
         });
         while let Some(cmd) = commands.recv().await {

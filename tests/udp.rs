@@ -297,6 +297,44 @@ fn malformed_and_empty_datagrams_disturb_nothing(engine: &str) {
     assert_eq!(ctl_json(&lb.sock, &["status"]).0, 0, "still running");
 }
 
+fn per_source_packet_rate_drops_only_the_noisy_source(engine: &str) {
+    let b = UdpBackend::start("a");
+    let lb = start(
+        engine,
+        2,
+        &[(b.addr, 1)],
+        "[listener.rate_limit]\nper_source_rate = 100\nper_source_packet_rate = 5\nper_source_packet_burst = 5\n",
+        "",
+    );
+    let noisy = client();
+    noisy.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    for i in 0..50 {
+        noisy.send_to(format!("n{i}").as_bytes(), lb.listen).unwrap();
+    }
+    let mut replies = 0;
+    let mut buf = [0u8; 64];
+    while noisy.recv(&mut buf).is_ok() {
+        replies += 1;
+    }
+    assert!(
+        (5..=7).contains(&replies),
+        "noisy source got {replies} replies for 50 datagrams at burst 5"
+    );
+    let quiet = UdpSocket::bind("127.0.0.2:0").unwrap();
+    quiet.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    for i in 0..5 {
+        assert!(
+            ask(&quiet, lb.listen, &format!("q{i}")).is_some(),
+            "quiet source served"
+        );
+    }
+    let stats = ctl_json(&lb.sock, &["stats"]).1;
+    assert!(
+        stats["listeners"][0]["refused"]["rate_limited"].as_u64().unwrap() >= 40,
+        "{stats}"
+    );
+}
+
 macro_rules! on_both_engines {
     ($($name:ident),* $(,)?) => {
         mod uring {
@@ -317,4 +355,5 @@ on_both_engines!(
     backend_going_down_moves_its_flows_on_the_next_datagram,
     large_datagrams_pass_intact,
     malformed_and_empty_datagrams_disturb_nothing,
+    per_source_packet_rate_drops_only_the_noisy_source,
 );

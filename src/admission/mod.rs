@@ -3,6 +3,7 @@
 //! Nothing here reads a clock or touches a socket: every time-dependent call takes
 //! `now: Instant`, so the logic is deterministic under test and fuzzing.
 
+pub mod limits;
 pub mod source_table;
 pub mod token_bucket;
 

@@ -73,6 +73,32 @@ pub struct ListenerFile {
     pub connect_attempts: Option<i64>,
     /// UDP: most flows across workers.
     pub max_flows: Option<i64>,
+    /// Most open connections (UDP: flows) across workers; 0 = no limit.
+    pub max_connections: Option<i64>,
+    /// Most open connections from one source; 0 = no limit.
+    pub max_connections_per_source: Option<i64>,
+    /// `[listener.rate_limit]`
+    pub rate_limit: Option<RateLimitFile>,
+}
+
+/// `[listener.rate_limit]`: per-source token buckets.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitFile {
+    /// New connections (UDP: new flows) per second per source.
+    pub per_source_rate: Option<f64>,
+    /// Bucket size for new connections.
+    pub per_source_burst: Option<i64>,
+    /// UDP datagrams per second per source (0 = no packet limit).
+    pub per_source_packet_rate: Option<f64>,
+    /// Bucket size for datagrams.
+    pub per_source_packet_burst: Option<i64>,
+    /// IPv4 prefix length that makes one source.
+    pub source_prefix_v4: Option<i64>,
+    /// IPv6 prefix length that makes one source.
+    pub source_prefix_v6: Option<i64>,
+    /// Sources tracked at most.
+    pub max_sources: Option<i64>,
 }
 
 /// `[[pool]]`: a set of backends and its Maglev table.
@@ -151,4 +177,6 @@ pub struct BackendFile {
     pub weight: Option<i64>,
     /// Address health checks go to instead of `addr`.
     pub check_addr: Option<String>,
+    /// Most open connections to this backend; 0 = no limit.
+    pub max_connections: Option<i64>,
 }

@@ -114,6 +114,27 @@ pub struct ListenerConfig {
     pub connect_attempts: u32,
     /// UDP: most flows across all workers.
     pub max_flows: usize,
+    /// Most open connections (UDP: flows) across workers; 0 = no limit.
+    pub max_connections: u64,
+    /// Most open connections from one source; 0 = no limit.
+    pub max_connections_per_source: u64,
+    /// Per-source token buckets.
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// `[listener.rate_limit]`
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitConfig {
+    /// New connections (UDP: new flows) per source.
+    pub connections: crate::admission::BucketParams,
+    /// UDP datagrams per source (None = no packet limit).
+    pub packets: Option<crate::admission::BucketParams>,
+    /// IPv4 prefix length of one source.
+    pub prefix_v4: u8,
+    /// IPv6 prefix length of one source.
+    pub prefix_v6: u8,
+    /// Sources tracked at most (per table).
+    pub max_sources: usize,
 }
 
 /// `[[pool]]`
@@ -232,6 +253,8 @@ pub struct BackendConfig {
     pub weight: u32,
     /// Where health checks go (default: `addr`, with the pool's port override).
     pub check_addr: Option<SocketAddr>,
+    /// Most open connections to it; 0 = no limit.
+    pub max_connections: u64,
 }
 
 impl Config {
@@ -523,8 +546,23 @@ fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Opti
     if l.max_flows.is_some() && protocol == Protocol::Tcp {
         c.err(&format!("{place}max_flows"), "only applies to protocol = \"udp\"");
     }
+    let max_connections = c.ranged(&format!("{place}max_connections"), l.max_connections, 0, 100_000_000, 0) as u64;
+    let max_connections_per_source = c.ranged(
+        &format!("{place}max_connections_per_source"),
+        l.max_connections_per_source,
+        0,
+        100_000_000,
+        0,
+    ) as u64;
+    let rate_limit = l
+        .rate_limit
+        .as_ref()
+        .and_then(|r| validate_rate_limit(c, &format!("{place}rate_limit."), r, protocol));
     Some(ListenerConfig {
         max_flows,
+        max_connections,
+        max_connections_per_source,
+        rate_limit,
         name: name?,
         bind: bind?,
         protocol,
@@ -623,10 +661,81 @@ fn validate_backend(c: &mut Checker<'_>, place: &str, b: &BackendFile) -> Option
         None => None,
         Some(_) => Some(c.addr(place, "check_addr", &b.check_addr)?),
     };
+    let max_connections = c.ranged(&format!("{place}max_connections"), b.max_connections, 0, 100_000_000, 0) as u64;
     Some(BackendConfig {
         addr: addr?,
         weight,
         check_addr,
+        max_connections,
+    })
+}
+
+fn validate_rate_limit(
+    c: &mut Checker<'_>,
+    place: &str,
+    r: &file::RateLimitFile,
+    protocol: Protocol,
+) -> Option<RateLimitConfig> {
+    use crate::admission::BucketParams;
+    let mut bucket = |rate_key: &str, rate: Option<f64>, burst_key: &str, burst: Option<i64>| -> Option<BucketParams> {
+        let rate = rate?;
+        let burst = c.ranged(
+            &format!("{place}{burst_key}"),
+            burst,
+            1,
+            1_000_000_000,
+            (rate.ceil() as i64).max(1),
+        );
+        match BucketParams::new(rate, burst as u32) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                c.err(&format!("{place}{rate_key}"), format!("{rate}: {e}"));
+                None
+            }
+        }
+    };
+    let connections = bucket(
+        "per_source_rate",
+        r.per_source_rate,
+        "per_source_burst",
+        r.per_source_burst,
+    );
+    let packets = match r.per_source_packet_rate {
+        Some(x) if x == 0.0 => None,
+        rate => bucket(
+            "per_source_packet_rate",
+            rate,
+            "per_source_packet_burst",
+            r.per_source_packet_burst,
+        ),
+    };
+    if packets.is_some() && protocol == Protocol::Tcp {
+        c.err(
+            &format!("{place}per_source_packet_rate"),
+            "only applies to protocol = \"udp\"",
+        );
+    }
+    if r.per_source_rate.is_none() {
+        c.err(
+            &format!("{place}per_source_rate"),
+            "missing (new connections or flows per second per source)",
+        );
+    }
+    let prefix_v4 = c.ranged(&format!("{place}source_prefix_v4"), r.source_prefix_v4, 1, 32, 32) as u8;
+    let prefix_v6 = c.ranged(&format!("{place}source_prefix_v6"), r.source_prefix_v6, 1, 128, 64) as u8;
+    let max_sources = c.ranged(
+        &format!("{place}max_sources"),
+        r.max_sources,
+        64,
+        100_000_000,
+        1_000_000,
+    ) as usize;
+    Some(RateLimitConfig {
+        connections: connections?,
+        packets,
+        prefix_v4,
+        prefix_v6,
+        max_sources,
     })
 }
 
@@ -755,6 +864,7 @@ pub fn validate_backend_request(addr: &str, weight: Option<i64>) -> Result<Backe
             addr: Some(addr.to_string()),
             weight,
             check_addr: None,
+            max_connections: None,
         },
     );
     match b {

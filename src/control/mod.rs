@@ -79,12 +79,41 @@ pub fn run_control_plane(server: Arc<Server>, endpoints: ControlEndpoints) -> Re
     })
 }
 
+/// One summary line per listener and period with refusals, at warn: never a
+/// line per refused connection.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+fn log_refusals(model: &crate::model::Model, last: &mut HashMap<usize, [u64; 8]>) {
+    for l in &model.listeners {
+        let now: [u64; 8] = std::array::from_fn(|i| l.stats.refused[i].get());
+        let before = last.insert(l.slot, now).unwrap_or([0; 8]);
+        let parts: Vec<String> = RefuseReason::ALL
+            .iter()
+            .filter(|r| now[**r as usize] > before[**r as usize])
+            .map(|r| format!("{}={}", r.label(), now[*r as usize] - before[*r as usize]))
+            .collect();
+        if !parts.is_empty() {
+            log::warn!(
+                "listener \"{}\": refused in the last {REFUSAL_LOG_EVERY:?}: {}",
+                l.config.name,
+                parts.join(" ")
+            );
+        }
+    }
+}
+
 async fn ticker(server: Arc<Server>) {
     let mut interval = tokio::time::interval(TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refused_seen = HashMap::new();
+    let mut next_refusal_log = Instant::now() + REFUSAL_LOG_EVERY;
     loop {
         interval.tick().await;
         let mut model = server.model.lock();
+        if Instant::now() >= next_refusal_log {
+            log_refusals(&model, &mut refused_seen);
+            next_refusal_log = Instant::now() + REFUSAL_LOG_EVERY;
+        }
         let fx = model.tick(Instant::now());
         if fx.publish {
             server.publish(&mut model);
@@ -240,6 +269,16 @@ fn stats(server: &Server) -> Value {
                 "bytes_in": l.stats.bytes_in.get(),
                 "bytes_out": l.stats.bytes_out.get(),
                 "accept_errors": l.stats.accept_errors.get(),
+                "datagrams_in": l.stats.datagrams_in.get(),
+                "datagrams_out": l.stats.datagrams_out.get(),
+                "datagrams_dropped": l.stats.datagrams_dropped.get(),
+                "sources": l.limits.source_stats().map(|st| json!({
+                    "tracked": st.len,
+                    "evictions": st.evictions,
+                    "table_full": st.table_full,
+                    "capacity": l.limits.connections.as_ref().map_or(0, |t| t.capacity()),
+                    "memory_bytes": l.limits.connections.as_ref().map_or(0, |t| t.approx_memory_bytes()),
+                })),
             })
         }).collect::<Vec<_>>(),
         "pools": model.pools.iter().map(|p| json!({

@@ -60,12 +60,69 @@ pub async fn accept_loop<E: Engine>(
                     e.raw_os_error(),
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
                 ) {
+                    let refused = shed_pending(&ctx, fd);
+                    if let Some(l) = ctx.snapshot().listener(slot) {
+                        l.stats.refused[RefuseReason::Overloaded as usize].add(refused);
+                    }
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             }
         }
     }
     log::debug!("worker {}: listener \"{name}\" stopped accepting", ctx.id);
+}
+
+/// Out of descriptors: frees the worker's spare one and uses it to accept and
+/// reset the clients waiting in the backlog (up to a batch), so they are
+/// refused at once rather than left hanging; then takes the spare back.
+/// Established connections are untouched. Returns how many were refused.
+fn shed_pending(ctx: &WorkerCtx, listener_fd: std::os::fd::RawFd) -> u64 {
+    const BATCH: u64 = 256;
+    let mut reserve = ctx.reserve_fd.borrow_mut();
+    let mut refused = 0;
+    if reserve.take().is_some() {
+        while refused < BATCH {
+            let mut pfd = libc::pollfd {
+                fd: listener_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll on one valid pollfd with a zero timeout never blocks.
+            if unsafe { libc::poll(&mut pfd, 1, 0) } != 1 {
+                break;
+            }
+            // SAFETY: accept4 on our listening socket; the new fd is closed below.
+            let fd = unsafe {
+                libc::accept4(
+                    listener_fd,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                )
+            };
+            if fd < 0 {
+                break;
+            }
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: setsockopt/close on the fd accept4 just returned.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                );
+                libc::close(fd);
+            }
+            refused += 1;
+        }
+        *reserve = std::fs::File::open("/dev/null").ok();
+    }
+    refused
 }
 
 /// Connects to `addr` within `timeout`. The connect runs on tokio's reactor
@@ -88,6 +145,56 @@ fn close_now<S: RelayStream>(stream: &S) {
     shutdown_fd(stream.fd(), Shutdown::Both);
 }
 
+/// Refuses an accepted client with a reset (SO_LINGER 0, then close on
+/// drop). Chosen over a FIN for admission refusals: the client learns at
+/// once (ECONNRESET on its first read or write), and ringlb keeps no socket
+/// in FIN_WAIT/TIME_WAIT for a flood of refused connections.
+fn reset_now<S: RelayStream>(stream: &S) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt with a valid linger struct on our own socket.
+    unsafe {
+        libc::setsockopt(
+            stream.fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Most backends looked at per connection (spill-over past full backends).
+const MAX_CANDIDATES: usize = 16;
+
+/// Releases a connection's admission counts when it ends.
+struct Admitted<'a> {
+    limits: &'a crate::admission::limits::ListenerLimits,
+    source: crate::admission::SourceKey,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.limits.release(self.source);
+    }
+}
+
+/// Gives back a backend connection slot when the connection ends.
+struct BackendSlot<'a> {
+    backend: &'a Backend,
+    counted: bool,
+}
+
+impl Drop for BackendSlot<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.backend.release_slot();
+        }
+    }
+}
+
 /// Serves one accepted client connection.
 async fn handle_connection<E: Engine>(ctx: Rc<WorkerCtx>, slot: usize, client: E::Stream, peer: SocketAddr) {
     let snapshot = ctx.snapshot();
@@ -97,7 +204,21 @@ async fn handle_connection<E: Engine>(ctx: Rc<WorkerCtx>, slot: usize, client: E
     };
     let stats = listener.stats.clone();
     let config = listener.config.clone();
+    let limits = listener.limits.clone();
     stats.accepted.inc();
+
+    let source = limits.source_key(peer.ip());
+    if let Err(reason) = limits.admit_connection(source, Instant::now()) {
+        stats.refuse(reason);
+        reset_now(&client);
+        return;
+    }
+    // Released when this function returns, however it returns.
+    let _admitted = Admitted {
+        limits: &limits,
+        source,
+    };
+
     let pool = &snapshot.pools[listener.pool];
     let Some(table) = &pool.table else {
         stats.refuse(RefuseReason::NoBackend);
@@ -105,29 +226,58 @@ async fn handle_connection<E: Engine>(ctx: Rc<WorkerCtx>, slot: usize, client: E
         return;
     };
 
+    // Walk the key's preference order: backends at their max_connections are
+    // skipped (spill-over) without using up a connect attempt.
     let hash = flow_hash(peer, config.hash_key);
-    let mut connected: Option<(Arc<Backend>, E::Stream)> = None;
-    for index in table.candidates(hash, config.connect_attempts as usize) {
+    let mut connected: Option<(Arc<Backend>, E::Stream, bool)> = None;
+    let (mut attempts, mut full, mut overloaded) = (0, 0, false);
+    for index in table.candidates(hash, MAX_CANDIDATES) {
         let backend = &pool.backends[index as usize];
+        let Some(counted) = backend.try_take_slot() else {
+            full += 1;
+            continue;
+        };
+        attempts += 1;
         let connect_started = Instant::now();
         match connect::<E>(backend.addr, config.connect_timeout).await {
             Ok(stream) => {
                 stats.connect_latency.observe(connect_started.elapsed());
                 backend.connect_succeeded();
-                connected = Some((backend.clone(), stream));
+                connected = Some((backend.clone(), stream, counted));
                 break;
             }
             Err(e) => {
+                if counted {
+                    backend.release_slot();
+                }
+                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                    // Our own descriptor shortage, not the backend's fault.
+                    overloaded = true;
+                    break;
+                }
                 let in_a_row = backend.connect_failed();
                 log::debug!("{peer} -> {}: connect failed ({in_a_row} in a row): {e}", backend.addr);
             }
         }
+        if attempts >= config.connect_attempts {
+            break;
+        }
     }
     drop(snapshot);
-    let Some((backend, server)) = connected else {
-        stats.refuse(RefuseReason::ConnectFailed);
+    let Some((backend, server, counted)) = connected else {
+        stats.refuse(if overloaded {
+            RefuseReason::Overloaded
+        } else if attempts == 0 && full > 0 {
+            RefuseReason::BackendFull
+        } else {
+            RefuseReason::ConnectFailed
+        });
         close_now(&client);
         return;
+    };
+    let _slot = BackendSlot {
+        backend: &backend,
+        counted,
     };
 
     stats.active.opened.inc();

@@ -136,6 +136,15 @@ fn on_datagram<E: Engine>(ctx: &Rc<WorkerCtx>, state: &Rc<UdpState>, slot: usize
     let stats = &state.stats;
     stats.datagrams_in.inc();
     stats.bytes_in.add(data.len() as u64);
+    let snapshot = ctx.snapshot();
+    let Some(listener) = snapshot.listener(slot) else {
+        return;
+    };
+    let source = listener.limits.source_key(client.ip());
+    if !listener.limits.admit_packet(source, now) {
+        stats.refuse(RefuseReason::RateLimited);
+        return;
+    }
     let mut flows = state.flows.borrow_mut();
     if let Some(flow) = flows.get(&client, now) {
         if usable(&flow.backend) {
@@ -145,10 +154,10 @@ fn on_datagram<E: Engine>(ctx: &Rc<WorkerCtx>, state: &Rc<UdpState>, slot: usize
         // Its backend is down, removed or past its drain: re-pick below.
         flows.remove(&client);
     }
-    let snapshot = ctx.snapshot();
-    let Some(listener) = snapshot.listener(slot) else {
+    if !listener.limits.admit_flow(source, now) {
+        stats.refuse(RefuseReason::RateLimited);
         return;
-    };
+    }
     let pool = &snapshot.pools[listener.pool];
     let Some(table) = &pool.table else {
         stats.refuse(RefuseReason::NoBackend);

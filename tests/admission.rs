@@ -1,0 +1,330 @@
+//! Admission control through the real binary: per-source token buckets,
+//! connection limits with spill-over, and overload shedding.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Lb {
+    lb: Ringlb,
+    sock: PathBuf,
+    listen: SocketAddr,
+    _dir: TempDir,
+}
+
+fn start(listener_extra: &str, backends: &[(SocketAddr, &str)], pool_extra: &str) -> Lb {
+    let dir = TempDir::new("adm");
+    let sock = dir.0.join("ctl.sock");
+    let listen = lb_addr();
+    let mut body = format!(
+        "[[listener]]\nname = \"web\"\nbind = \"{listen}\"\npool = \"web\"\nconnect_timeout = \"1s\"\n{listener_extra}\n\n[[pool]]\nname = \"web\"\n{pool_extra}\n"
+    );
+    for (b, extra) in backends {
+        body.push_str(&format!("[[pool.backend]]\naddr = \"{b}\"\n{extra}\n"));
+    }
+    let lb = Ringlb::start(&config_with_control("auto", &sock, &body), listen);
+    Lb {
+        lb,
+        sock,
+        listen,
+        _dir: dir,
+    }
+}
+
+/// Whether one connection from `from` is served (reads the backend's tag).
+fn served(lb: SocketAddr, from: IpAddr) -> bool {
+    read_tag(lb, Some(from)).is_ok()
+}
+
+fn refused_count(lb: &Lb, reason: &str) -> u64 {
+    ctl_json(&lb.sock, &["stats"]).1["listeners"][0]["refused"][reason]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn a_source_over_its_rate_is_refused_while_another_is_served() {
+    let b = Backend::start("a", Behaviour::TagEcho);
+    let lb = start(
+        "[listener.rate_limit]\nper_source_rate = 2\nper_source_burst = 10\n",
+        &[(b.addr, "")],
+        "",
+    );
+    let noisy: IpAddr = [127, 0, 5, 1].into();
+    let quiet: IpAddr = [127, 0, 5, 2].into();
+    let started = Instant::now();
+    let mut admitted = 0;
+    for i in 0..40 {
+        if served(lb.listen, noisy) {
+            admitted += 1;
+        }
+        if i % 8 == 0 {
+            assert!(
+                served(lb.listen, quiet),
+                "the quiet source is served while the noisy one is limited"
+            );
+        }
+    }
+    let allowed = 10.0 + 2.0 * started.elapsed().as_secs_f64();
+    assert!(
+        admitted >= 10 && admitted as f64 <= allowed + 1.0,
+        "admitted {admitted}, burst 10 + rate 2/s allows {allowed:.1}"
+    );
+    assert!(refused_count(&lb, "rate_limited") >= 40 - admitted as u64);
+    // Refused at once with a reset, not left hanging.
+    // (The reset can even beat the client's connect() returning.)
+    let t = Instant::now();
+    if let Ok(mut s) = connect_from(lb.listen, Some(noisy)) {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 8];
+        let r = s.read(&mut buf);
+        assert!(
+            matches!(r, Err(ref e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{r:?}"
+        );
+    }
+    assert!(t.elapsed() < Duration::from_millis(500));
+}
+
+#[test]
+fn the_limit_holds_across_workers() {
+    let b = Backend::start("a", Behaviour::TagEcho);
+    // 2 workers: connections of one source spread over both by SO_REUSEPORT.
+    let lb = start(
+        "[listener.rate_limit]\nper_source_rate = 10\nper_source_burst = 20\n",
+        &[(b.addr, "")],
+        "",
+    );
+    let src: IpAddr = [127, 0, 6, 1].into();
+    let started = Instant::now();
+    let mut admitted = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        if served(lb.listen, src) {
+            admitted += 1;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let allowed = 20.0 + 10.0 * secs;
+    println!("effective rate with 2 workers: {admitted} admitted in {secs:.2}s (burst 20 + 10/s allows {allowed:.0})");
+    assert!(
+        admitted as f64 <= allowed + 1.0,
+        "{admitted} admitted: the per-source limit was multiplied by the workers"
+    );
+    assert!(admitted as f64 >= allowed * 0.8, "{admitted} admitted: too strict");
+}
+
+#[test]
+fn per_backend_limit_spills_to_the_next_backend_and_listener_limit_refuses() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let b = Backend::start("b", Behaviour::TagEcho);
+    let lb = start(
+        "hash_key = \"src_ip\"\nmax_connections = 5",
+        &[(a.addr, "max_connections = 2"), (b.addr, "max_connections = 2")],
+        "",
+    );
+    let client: IpAddr = [127, 0, 7, 1].into();
+    // One client address: every connection prefers the same backend.
+    let mut held = Vec::new();
+    let mut tags = Vec::new();
+    for _ in 0..4 {
+        let mut s = connect_from(lb.listen, Some(client)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut tag = [0u8; 2];
+        s.read_exact(&mut tag).unwrap();
+        tags.push(tag[0] as char);
+        held.push(s);
+    }
+    assert_eq!(tags.iter().filter(|&&t| t == 'a').count(), 2, "{tags:?}");
+    assert_eq!(
+        tags.iter().filter(|&&t| t == 'b').count(),
+        2,
+        "{tags:?}: 2 on the preferred one, then spill-over"
+    );
+    // Both backends full: the 5th is refused at once.
+    let t = Instant::now();
+    assert!(read_tag(lb.listen, Some(client)).is_err());
+    assert!(t.elapsed() < Duration::from_millis(500));
+    assert_eq!(refused_count(&lb, "backend_full"), 1);
+    // Free one slot on each backend; the listener limit (5) now bites first.
+    held.truncate(3);
+    thread::sleep(Duration::from_millis(200));
+    let _fourth = read_tag(lb.listen, Some(client)).map(|_| ());
+    let mut extra = Vec::new();
+    for _ in 0..3 {
+        if let Ok(s) = connect_from(lb.listen, Some(client)) {
+            extra.push(s);
+        }
+    }
+    thread::sleep(Duration::from_millis(300));
+    assert!(refused_count(&lb, "listener_full") + refused_count(&lb, "backend_full") >= 2);
+    drop(held);
+}
+
+#[test]
+fn max_connections_per_source() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let lb = start("max_connections_per_source = 2", &[(a.addr, "")], "");
+    let one: IpAddr = [127, 0, 8, 1].into();
+    let two: IpAddr = [127, 0, 8, 2].into();
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = connect_from(lb.listen, Some(one)).unwrap();
+            let mut tag = [0u8; 2];
+            s.read_exact(&mut tag).unwrap();
+            s
+        })
+        .collect();
+    assert!(
+        !served(lb.listen, one),
+        "a third connection from the same source is refused"
+    );
+    assert!(served(lb.listen, two), "another source is not affected");
+    assert_eq!(refused_count(&lb, "source_limit"), 1);
+    drop(held);
+    thread::sleep(Duration::from_millis(200));
+    assert!(
+        served(lb.listen, one),
+        "the source is served again once its connections closed"
+    );
+}
+
+#[test]
+fn thousands_of_distinct_sources_stay_within_the_table_cap_and_limited_sources_stay_limited() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let lb = start(
+        "[listener.rate_limit]\nper_source_rate = 0.05\nper_source_burst = 3\nmax_sources = 1000\n",
+        &[(a.addr, "")],
+        "",
+    );
+    let attacker: IpAddr = [127, 9, 0, 1].into();
+    let mut admitted = 0;
+    for _ in 0..10 {
+        if served(lb.listen, attacker) {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 3, "burst of 3");
+    // 3,000 distinct sources, one connection each, from 127.10.x.y.
+    let mut flood_served = 0;
+    for i in 0..3000u32 {
+        let ip: IpAddr = [127, 10, (i / 250) as u8, (i % 250 + 1) as u8].into();
+        if served(lb.listen, ip) {
+            flood_served += 1;
+        }
+        if i % 500 == 0 {
+            assert!(
+                !served(lb.listen, attacker),
+                "the limited source stays limited during the flood ({i})"
+            );
+        }
+    }
+    let stats = ctl_json(&lb.sock, &["stats"]).1;
+    let sources = &stats["listeners"][0]["sources"];
+    println!("source table after 3,000 sources: {sources}; {flood_served} of the flood served");
+    assert!(sources["tracked"].as_u64().unwrap() <= 1000, "{sources}");
+    assert!(sources["capacity"].as_u64().unwrap() <= 1000);
+    assert!(!served(lb.listen, attacker), "still limited after the flood");
+    assert!(flood_served > 0);
+}
+
+#[test]
+fn emfile_keeps_established_connections_and_recovers() {
+    let stall = Backend::start("echo", Behaviour::Echo);
+    let dir = TempDir::new("emfile");
+    let sock = dir.0.join("ctl.sock");
+    let listen = lb_addr();
+    let body = format!(
+        "[[listener]]\nname = \"web\"\nbind = \"{listen}\"\npool = \"web\"\n\n[[pool]]\nname = \"web\"\n[[pool.backend]]\naddr = \"{}\"\n",
+        stall.addr
+    );
+    let cfg = dir.file("c.toml", &config_with_control("epoll", &sock, &body));
+    // A low hard limit ringlb cannot raise: 64 descriptors in all.
+    let mut cmd = std::process::Command::new(ringlb_bin());
+    cmd.args(["run", "-c", path_str(&cfg)]).env("RUST_LOG", "error");
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    let mut lb = Ringlb {
+        child,
+        dir: TempDir::new("emfile2"),
+        config: cfg.clone(),
+    };
+    lb.wait_listening(listen);
+    // Fill the descriptor table with established, echoing connections.
+    let mut established = Vec::new();
+    for _ in 0..60 {
+        let Ok(mut s) = connect_from(listen, None) else { break };
+        s.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+        if s.write_all(b"x").is_err() {
+            break;
+        }
+        let mut b = [0u8; 1];
+        match s.read(&mut b) {
+            Ok(1) => established.push(s),
+            _ => break,
+        }
+    }
+    assert!(
+        established.len() >= 10,
+        "only {} connections before EMFILE",
+        established.len()
+    );
+    // Past the limit: a new client is refused quickly, not left hanging.
+    let t = Instant::now();
+    let mut extra = connect_from(listen, None).unwrap();
+    extra.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let _ = extra.write_all(b"y");
+    let mut b = [0u8; 1];
+    let r = extra.read(&mut b);
+    assert!(!matches!(r, Ok(1)), "served past EMFILE?");
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "refusal took {:?}: {r:?}",
+        t.elapsed()
+    );
+    // Established connections still relay.
+    for s in established.iter_mut().take(5) {
+        s.write_all(b"z").unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"z");
+    }
+    let stats = ctl_json(&sock, &["stats"]).1;
+    assert!(
+        stats["listeners"][0]["refused"]["overloaded"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    // Pressure ends: accepting resumes by itself.
+    drop(established);
+    assert!(
+        wait_until(Duration::from_secs(3), || read_tag_echo(listen)),
+        "accepting resumed"
+    );
+    let _ = &mut lb;
+}
+
+fn read_tag_echo(listen: SocketAddr) -> bool {
+    let Ok(mut s) = connect_from(listen, None) else {
+        return false;
+    };
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok();
+    let mut b = [0u8; 1];
+    s.write_all(b"q").is_ok() && s.read_exact(&mut b).is_ok()
+}
