@@ -701,7 +701,7 @@ fn validate_rate_limit(
         r.per_source_burst,
     );
     let packets = match r.per_source_packet_rate {
-        Some(x) if x == 0.0 => None,
+        Some(0.0) => None,
         rate => bucket(
             "per_source_packet_rate",
             rate,
