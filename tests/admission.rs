@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 struct Lb {
-    lb: Ringlb,
+    _lb: Ringlb,
     sock: PathBuf,
     listen: SocketAddr,
     _dir: TempDir,
