@@ -31,7 +31,7 @@ fn start(listener_extra: &str, backends: &[(SocketAddr, &str)], pool_extra: &str
     }
     let lb = Ringlb::start(&config_with_control("auto", &sock, &body), listen);
     Lb {
-        lb,
+        _lb: lb,
         sock,
         listen,
         _dir: dir,
