@@ -92,6 +92,12 @@ enum CtlCommand {
     Reload,
     /// Counters: accepted, active, refused by reason, bytes, table generations.
     Stats,
+    /// Explain where a client goes: its region, the table used, the chosen backend, the next candidates.
+    Route {
+        listener: String,
+        /// `ip` or `ip:port`.
+        client: String,
+    },
 }
 
 impl CtlCommand {
@@ -112,6 +118,7 @@ impl CtlCommand {
             CtlCommand::Remove { pool, addr } => json!({"cmd": "remove", "pool": pool, "addr": addr}),
             CtlCommand::Reload => json!({"cmd": "reload"}),
             CtlCommand::Stats => json!({"cmd": "stats"}),
+            CtlCommand::Route { listener, client } => json!({"cmd": "route", "listener": listener, "client": client}),
         }
     }
 }

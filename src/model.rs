@@ -281,6 +281,7 @@ impl Model {
     /// damp flapping so rebuilds are at most one per check interval per
     /// backend; workers only ever load the finished table.
     pub fn rebuild(&mut self, i: usize, now: Instant) {
+        let geo_cfg = &self.config.geo;
         let pool = &mut self.pools[i];
         let cfg = &pool.config;
         let mut next_step: Option<Instant> = None;
@@ -331,13 +332,24 @@ impl Model {
         }
         pool.next_slow_start_step = next_step;
         let generation = pool.published.generation + 1;
-        let snapshot = PoolSnapshot::build(
+        let started = Instant::now();
+        let mut snapshot = PoolSnapshot::build(
             &cfg.name,
             generation,
             cfg.table_size,
             pool.backends.iter().map(|b| b.shared.clone()).collect(),
-            plan.weights,
+            plan.weights.clone(),
         );
+        if let Some(pool_geo) = &cfg.geo {
+            snapshot.geo = Some(build_geo_tables(
+                pool_geo,
+                geo_cfg,
+                &pool.backends,
+                &plan.weights,
+                cfg.table_size,
+            ));
+            snapshot.build_time = started.elapsed();
+        }
         if snapshot.table.is_none() && !pool.backends.is_empty() {
             log::warn!("pool \"{}\": no usable backend; new connections are refused", cfg.name);
         }
@@ -797,6 +809,76 @@ impl Model {
             }
         }
         jobs
+    }
+}
+
+/// Builds a geo pool's tables: one per distinct multiplier row (client
+/// regions without a row share the `default` row's table), each from the
+/// spill-over weights of `crate::geo::effective_weights`, then scaled by the
+/// health plan (slow start, panic) so geo and health compose.
+fn build_geo_tables(
+    pool_geo: &crate::config::PoolGeo,
+    geo_cfg: &crate::config::GeoConfig,
+    backends: &[BackendState],
+    plan: &[u32],
+    table_size: usize,
+) -> crate::snapshot::GeoTables {
+    use crate::geo::{effective_weights, GeoBackend, RegionId, RegionNames};
+    let inputs: Vec<GeoBackend> = backends
+        .iter()
+        .zip(plan)
+        .map(|(b, w)| GeoBackend {
+            region: b.config.region.unwrap_or(RegionNames::DEFAULT),
+            weight: b.config.weight,
+            usable: *w > 0,
+        })
+        .collect();
+    let ids: Vec<String> = backends.iter().map(|b| b.config.addr.to_string()).collect();
+    let mut rows: Vec<Option<&[(RegionId, u32)]>> = Vec::new();
+    let mut tables = Vec::new();
+    let mut weights = Vec::new();
+    let mut by_region = Vec::new();
+    for region in 0..geo_cfg.names.count() {
+        let row = pool_geo.row(RegionId(region as u16));
+        let index = match rows.iter().position(|r| *r == row) {
+            Some(i) => i,
+            None => {
+                let eff = match row {
+                    Some(m) => effective_weights(
+                        &inputs,
+                        |r| m.iter().find(|(id, _)| *id == r).map_or(0, |(_, x)| *x),
+                        pool_geo.spill_threshold,
+                    ),
+                    None => effective_weights(&inputs, |_| 1, pool_geo.spill_threshold),
+                };
+                let scaled: Vec<u32> = eff
+                    .iter()
+                    .zip(plan)
+                    .zip(backends)
+                    .map(|((e, p), b)| {
+                        let full = u64::from(b.config.weight) * u64::from(crate::health::state::WEIGHT_SCALE);
+                        if *p == 0 || full == 0 {
+                            0
+                        } else {
+                            ((u64::from(*e) * u64::from(*p) / full).max(u64::from(*e > 0))) as u32
+                        }
+                    })
+                    .collect();
+                let pairs: Vec<(&str, u32)> = ids.iter().map(|s| s.as_str()).zip(scaled.iter().copied()).collect();
+                tables.push(crate::maglev::MaglevTable::build(&pairs, table_size).ok());
+                weights.push(scaled);
+                rows.push(row);
+                rows.len() - 1
+            }
+        };
+        by_region.push(index as u16);
+    }
+    crate::snapshot::GeoTables {
+        map: geo_cfg.map.clone(),
+        names: geo_cfg.names.clone(),
+        tables,
+        by_region,
+        weights,
     }
 }
 

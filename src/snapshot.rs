@@ -125,8 +125,40 @@ pub struct PoolSnapshot {
     pub weights: Vec<u32>,
     /// The Maglev table; `None` when no backend is usable (fail fast).
     pub table: Option<MaglevTable>,
-    /// How long the table took to build.
+    /// How long the table(s) took to build.
     pub build_time: Duration,
+    /// Per-client-region tables of a geo pool.
+    pub geo: Option<GeoTables>,
+}
+
+/// The tables of a geo pool: one per distinct multiplier row.
+#[derive(Debug)]
+pub struct GeoTables {
+    /// Client address → region.
+    pub map: Arc<crate::geo::RegionMap>,
+    /// Region names (for `ctl route`).
+    pub names: Arc<crate::geo::RegionNames>,
+    /// The distinct tables (`None` = nothing usable for those regions).
+    pub tables: Vec<Option<MaglevTable>>,
+    /// Client region id → index into `tables`.
+    pub by_region: Vec<u16>,
+    /// Effective weights of each table, for `ctl route`.
+    pub weights: Vec<Vec<u32>>,
+}
+
+impl PoolSnapshot {
+    /// The table for a client at `ip`, and its region when the pool is a geo pool.
+    #[inline]
+    pub fn table_for(&self, ip: std::net::IpAddr) -> (Option<&MaglevTable>, Option<crate::geo::RegionId>) {
+        match &self.geo {
+            None => (self.table.as_ref(), None),
+            Some(g) => {
+                let region = g.map.lookup(ip);
+                let t = g.by_region.get(region.0 as usize).copied().unwrap_or(0);
+                (g.tables.get(t as usize).and_then(|t| t.as_ref()), Some(region))
+            }
+        }
+    }
 }
 
 impl PoolSnapshot {
@@ -155,6 +187,7 @@ impl PoolSnapshot {
             weights,
             table,
             build_time: start.elapsed(),
+            geo: None,
         }
     }
 }

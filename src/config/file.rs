@@ -3,6 +3,8 @@
 //! Nothing here is validated beyond TOML types; `validate` turns a
 //! [`ConfigFile`] into a typed [`super::Config`].
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 
 /// The whole file.
@@ -21,6 +23,18 @@ pub struct ConfigFile {
     /// `[[pool]]`
     #[serde(default)]
     pub pool: Vec<PoolFile>,
+    /// `[geo]`
+    pub geo: Option<GeoFile>,
+}
+
+/// `[geo]`: client regions by longest-prefix match.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeoFile {
+    /// A `CIDR,REGION` file (GeoIP CSV shape), relative to the config file.
+    pub prefixes_file: Option<String>,
+    /// Inline `"CIDR" = "REGION"` entries.
+    pub prefixes: Option<BTreeMap<String, String>>,
 }
 
 /// `[runtime]`: threads and io engine.
@@ -120,6 +134,11 @@ pub struct PoolFile {
     pub health_check: Option<HealthCheckFile>,
     /// `[pool.outlier]`: passive checks.
     pub outlier: Option<OutlierFile>,
+    /// `[pool.geo]`: per client region, a multiplier per backend region.
+    pub geo: Option<BTreeMap<String, BTreeMap<String, i64>>>,
+    /// Percent of a region's configured weight that must stay healthy
+    /// before its traffic spills to other regions.
+    pub spill_threshold: Option<f64>,
     /// `[[pool.backend]]`
     #[serde(default)]
     pub backend: Vec<BackendFile>,
@@ -179,4 +198,6 @@ pub struct BackendFile {
     pub check_addr: Option<String>,
     /// Most open connections to this backend; 0 = no limit.
     pub max_connections: Option<i64>,
+    /// Region the backend runs in (geo pools).
+    pub region: Option<String>,
 }

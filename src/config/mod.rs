@@ -13,6 +13,7 @@ pub use error::{ConfigError, ConfigErrors};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::maglev;
@@ -36,6 +37,56 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// Pools, in file order.
     pub pools: Vec<PoolConfig>,
+    /// Client regions.
+    pub geo: GeoConfig,
+}
+
+/// `[geo]`: region names and the client-address map.
+#[derive(Debug, Clone)]
+pub struct GeoConfig {
+    /// Every region name used anywhere ("default" is id 0).
+    pub names: Arc<crate::geo::RegionNames>,
+    /// Longest-prefix map of client addresses.
+    pub map: Arc<crate::geo::RegionMap>,
+    entries: Vec<(crate::geo::Cidr, crate::geo::RegionId)>,
+}
+
+impl PartialEq for GeoConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries && self.names.iter().eq(other.names.iter())
+    }
+}
+
+impl Default for GeoConfig {
+    fn default() -> Self {
+        let names = crate::geo::RegionNames::new();
+        GeoConfig {
+            map: Arc::new(crate::geo::RegionMap::new(Vec::new(), crate::geo::RegionNames::DEFAULT).expect("empty map")),
+            names: Arc::new(names),
+            entries: Vec::new(),
+        }
+    }
+}
+
+/// `[pool.geo]`: the multipliers of one pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolGeo {
+    /// Per client region: (backend region, multiplier). A client region with
+    /// no row uses the `default` row; with neither, plain weights.
+    pub rows: Vec<(crate::geo::RegionId, Vec<(crate::geo::RegionId, u32)>)>,
+    /// Spill threshold.
+    pub spill_threshold: crate::geo::SpillThreshold,
+}
+
+impl PoolGeo {
+    /// The row for `client`, falling back to `default`.
+    pub fn row(&self, client: crate::geo::RegionId) -> Option<&[(crate::geo::RegionId, u32)]> {
+        self.rows
+            .iter()
+            .find(|(r, _)| *r == client)
+            .or_else(|| self.rows.iter().find(|(r, _)| *r == crate::geo::RegionNames::DEFAULT))
+            .map(|(_, m)| m.as_slice())
+    }
 }
 
 /// Which io engine workers run on.
@@ -154,6 +205,8 @@ pub struct PoolConfig {
     pub health_check: HealthCheckConfig,
     /// Passive checks.
     pub outlier: OutlierConfig,
+    /// Region multipliers (None = not a geo pool).
+    pub geo: Option<PoolGeo>,
     /// Backends, in file order.
     pub backends: Vec<BackendConfig>,
 }
@@ -255,6 +308,8 @@ pub struct BackendConfig {
     pub check_addr: Option<SocketAddr>,
     /// Most open connections to it; 0 = no limit.
     pub max_connections: u64,
+    /// Region it runs in (geo pools).
+    pub region: Option<crate::geo::RegionId>,
 }
 
 impl Config {
@@ -306,6 +361,8 @@ fn line_col(text: &str, offset: usize) -> String {
 struct Checker<'a> {
     file: &'a Path,
     errors: Vec<ConfigError>,
+    /// Region names met so far ("default" is always there).
+    names: crate::geo::RegionNames,
 }
 
 impl Checker<'_> {
@@ -367,6 +424,16 @@ impl Checker<'_> {
         }
     }
 
+    fn region(&mut self, place: &str, name: &str) -> Option<crate::geo::RegionId> {
+        match self.names.intern(name) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                self.err(place, format!("region \"{name}\": {e}"));
+                None
+            }
+        }
+    }
+
     fn ranged(&mut self, place: &str, v: Option<i64>, min: i64, max: i64, default: i64) -> i64 {
         match v {
             None => default,
@@ -388,7 +455,9 @@ pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
     let mut c = Checker {
         file: path,
         errors: Vec::new(),
+        names: crate::geo::RegionNames::new(),
     };
+    let geo_entries = file.geo.as_ref().map(|g| load_geo(&mut c, path, g)).unwrap_or_default();
 
     let rt = &file.runtime;
     let workers = c.ranged("runtime.workers", rt.workers, 1, 1024, online_cpus() as i64) as usize;
@@ -471,6 +540,7 @@ pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
         listeners.push(lc);
     }
 
+    let geo = build_geo(&mut c, geo_entries);
     if c.errors.is_empty() {
         Ok(Config {
             source: Some(path.to_path_buf()),
@@ -478,6 +548,7 @@ pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
             control,
             listeners,
             pools,
+            geo,
         })
     } else {
         Err(ConfigErrors(c.errors))
@@ -641,6 +712,26 @@ fn validate_pool(c: &mut Checker<'_>, label: &str, p: &PoolFile) -> Option<PoolC
             format!("{table_size} is smaller than the {} backends", backends.len()),
         );
     }
+    let geo = p
+        .geo
+        .as_ref()
+        .map(|rows| validate_pool_geo(c, &place, rows, p.spill_threshold));
+    if geo.is_none() && p.spill_threshold.is_some() {
+        c.err(
+            &format!("{place}spill_threshold"),
+            "only applies to a pool with [pool.geo]",
+        );
+    }
+    if geo.is_some() {
+        for (i, b) in backends.iter().enumerate() {
+            if b.region.is_none() {
+                c.err(
+                    &format!("{place}backend {}: region", i + 1),
+                    "missing: every backend of a [pool.geo] pool needs a region",
+                );
+            }
+        }
+    }
     Some(PoolConfig {
         name: name?,
         table_size,
@@ -649,6 +740,7 @@ fn validate_pool(c: &mut Checker<'_>, label: &str, p: &PoolFile) -> Option<PoolC
         slow_start,
         health_check,
         outlier,
+        geo,
         backends,
     })
 }
@@ -662,11 +754,13 @@ fn validate_backend(c: &mut Checker<'_>, place: &str, b: &BackendFile) -> Option
         Some(_) => Some(c.addr(place, "check_addr", &b.check_addr)?),
     };
     let max_connections = c.ranged(&format!("{place}max_connections"), b.max_connections, 0, 100_000_000, 0) as u64;
+    let region = b.region.as_deref().and_then(|r| c.region(&format!("{place}region"), r));
     Some(BackendConfig {
         addr: addr?,
         weight,
         check_addr,
         max_connections,
+        region,
     })
 }
 
@@ -850,12 +944,104 @@ fn validate_outlier(c: &mut Checker<'_>, place: &str, o: &file::OutlierFile) -> 
     }
 }
 
+/// Loads `[geo]`: the prefixes file (relative to the config file) and the
+/// inline prefixes, interning their region names.
+fn load_geo(
+    c: &mut Checker<'_>,
+    config_path: &Path,
+    g: &file::GeoFile,
+) -> Vec<(crate::geo::Cidr, crate::geo::RegionId)> {
+    let mut raw: Vec<(crate::geo::Cidr, String)> = Vec::new();
+    if let Some(f) = &g.prefixes_file {
+        let path = config_path.parent().unwrap_or(Path::new(".")).join(f);
+        match std::fs::read_to_string(&path) {
+            Err(e) => c.err("geo.prefixes_file", format!("cannot read {}: {e}", path.display())),
+            Ok(text) => match crate::geo::parse_prefixes(&text, &path.display().to_string()) {
+                Ok(entries) => raw.extend(entries),
+                Err(errors) => {
+                    for e in errors {
+                        c.err("geo.prefixes_file", e.to_string());
+                    }
+                }
+            },
+        }
+    }
+    for (cidr, region) in g.prefixes.iter().flatten() {
+        match cidr.parse::<crate::geo::Cidr>() {
+            Ok(parsed) => raw.push((parsed, region.clone())),
+            Err(e) => c.err(&format!("geo.prefixes.\"{cidr}\""), e.to_string()),
+        }
+    }
+    raw.into_iter()
+        .filter_map(|(cidr, name)| Some((cidr, c.region(&format!("geo: {cidr}"), &name)?)))
+        .collect()
+}
+
+fn build_geo(c: &mut Checker<'_>, entries: Vec<(crate::geo::Cidr, crate::geo::RegionId)>) -> GeoConfig {
+    let names = std::mem::take(&mut c.names);
+    match crate::geo::RegionMap::new(entries.clone(), crate::geo::RegionNames::DEFAULT) {
+        Ok(map) => GeoConfig {
+            names: Arc::new(names),
+            map: Arc::new(map),
+            entries,
+        },
+        Err(e) => {
+            c.err("geo", e.to_string());
+            GeoConfig::default()
+        }
+    }
+}
+
+fn validate_pool_geo(
+    c: &mut Checker<'_>,
+    place: &str,
+    rows: &std::collections::BTreeMap<String, std::collections::BTreeMap<String, i64>>,
+    spill: Option<f64>,
+) -> PoolGeo {
+    let mut out = Vec::new();
+    for (client, mults) in rows {
+        let Some(client_id) = c.region(&format!("{place}geo.{client}"), client) else {
+            continue;
+        };
+        let mut row = Vec::new();
+        for (backend_region, m) in mults {
+            let Some(id) = c.region(&format!("{place}geo.{client}.{backend_region}"), backend_region) else {
+                continue;
+            };
+            let m = c.ranged(
+                &format!("{place}geo.{client}.{backend_region}"),
+                Some(*m),
+                0,
+                1_000_000,
+                0,
+            ) as u32;
+            row.push((id, m));
+        }
+        out.push((client_id, row));
+    }
+    let spill_threshold = match spill {
+        None => crate::geo::SpillThreshold::default(),
+        Some(pct) => crate::geo::SpillThreshold::new(pct / 100.0).unwrap_or_else(|_| {
+            c.err(
+                &format!("{place}spill_threshold"),
+                format!("{pct} is not a percentage in (0, 100]"),
+            );
+            crate::geo::SpillThreshold::default()
+        }),
+    };
+    PoolGeo {
+        rows: out,
+        spill_threshold,
+    }
+}
+
 /// Validates a backend given by a control command (`ctl add` / `ctl weight`),
 /// with the same rules as the file.
 pub fn validate_backend_request(addr: &str, weight: Option<i64>) -> Result<BackendConfig, ConfigErrors> {
     let mut c = Checker {
         file: Path::new("<control>"),
         errors: Vec::new(),
+        names: crate::geo::RegionNames::new(),
     };
     let b = validate_backend(
         &mut c,
@@ -865,6 +1051,7 @@ pub fn validate_backend_request(addr: &str, weight: Option<i64>) -> Result<Backe
             weight,
             check_addr: None,
             max_connections: None,
+            region: None,
         },
     );
     match b {

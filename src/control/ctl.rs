@@ -151,6 +151,41 @@ pub fn human(cmd: &str, r: &Value) -> String {
                 }
             }
         }
+        "route" => {
+            let _ = writeln!(out, "client {} on listener {}", s(r, "client"), s(r, "listener"));
+            if r["region"].is_string() {
+                let _ = writeln!(out, "region  {}", s(r, "region"));
+            }
+            let _ = writeln!(
+                out,
+                "table   {} (generation {})",
+                s(r, "table"),
+                s(r, "table_generation")
+            );
+            let _ = writeln!(out, "chosen  {}", s(r, "chosen"));
+            let next: Vec<String> = r["candidates"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .skip(1)
+                .map(|c| format!("{} (weight {})", s(c, "addr"), s(c, "effective_weight")))
+                .collect();
+            let _ = writeln!(
+                out,
+                "next    {}",
+                if next.is_empty() {
+                    "-".to_string()
+                } else {
+                    next.join(", ")
+                }
+            );
+            if r["port_used"] == false {
+                let _ = writeln!(
+                    out,
+                    "note    hash_key is src_ip_port and no port was given: port 0 was hashed"
+                );
+            }
+        }
         "drain" | "disable" | "remove" => {
             let _ = writeln!(out, "ok: {} connection(s) remaining", s(r, "remaining"));
         }

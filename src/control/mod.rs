@@ -178,6 +178,10 @@ pub fn handle(server: &Arc<Server>, req: Request) -> Value {
             Err(e) => error(e),
         },
         Request::Stats {} => ok(stats(server)),
+        Request::Route { listener, client } => match route(server, &listener, &client) {
+            Ok(v) => ok(v),
+            Err(e) => error(e),
+        },
         Request::Drain { pool, addr } => change(&|m| m.drain(&pool, &addr, AdminState::Draining, now)),
         Request::Disable { pool, addr } => change(&|m| m.drain(&pool, &addr, AdminState::Disabled, now)),
         Request::Enable { pool, addr } => change(&|m| m.enable(&pool, &addr, now)),
@@ -254,6 +258,65 @@ fn backends(server: &Server, only: Option<&str>) -> Result<Value, String> {
         })
         .collect();
     Ok(json!({ "pools": pools }))
+}
+
+/// Explains the routing decision for `client` on `listener`, from the same
+/// snapshot and the same code path workers use.
+fn route(server: &Server, listener: &str, client: &str) -> Result<Value, String> {
+    let addr: std::net::SocketAddr = match client.parse::<std::net::SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => {
+            let ip: std::net::IpAddr = client
+                .parse()
+                .map_err(|_| format!("\"{client}\" is not an ip or ip:port"))?;
+            std::net::SocketAddr::new(ip, 0)
+        }
+    };
+    let snapshot = server.shared.snapshot.load_full();
+    let view = snapshot
+        .listeners
+        .iter()
+        .flatten()
+        .find(|l| l.config.name == listener)
+        .ok_or_else(|| format!("no listener named \"{listener}\""))?;
+    let pool = &snapshot.pools[view.pool];
+    let (table, region) = pool.table_for(addr.ip());
+    let hash = crate::flow_key::flow_hash(addr, view.config.hash_key);
+    let (region_name, table_name) = match (&pool.geo, region) {
+        (Some(g), Some(r)) => {
+            let name = g.names.name(r).unwrap_or("?").to_string();
+            (
+                Some(name.clone()),
+                format!("pool \"{}\", client region \"{name}\"", pool.name),
+            )
+        }
+        _ => (None, format!("pool \"{}\"", pool.name)),
+    };
+    let weights: Vec<u32> = match (&pool.geo, region) {
+        (Some(g), Some(r)) => g.weights[g.by_region[r.0 as usize] as usize].clone(),
+        _ => pool.weights.clone(),
+    };
+    let candidates: Vec<Value> = table
+        .map(|t| {
+            t.candidates(hash, 5)
+                .map(|i| {
+                    let b = &pool.backends[i as usize];
+                    json!({"addr": b.addr.to_string(), "effective_weight": weights[i as usize]})
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(json!({
+        "listener": listener,
+        "client": addr.to_string(),
+        "hash_key": format!("{:?}", view.config.hash_key),
+        "port_used": addr.port() != 0 || view.config.hash_key == crate::config::HashKey::SrcIp,
+        "region": region_name,
+        "table": table_name,
+        "table_generation": pool.generation,
+        "chosen": candidates.first().map(|c| c["addr"].clone()),
+        "candidates": candidates,
+    }))
 }
 
 fn stats(server: &Server) -> Value {

@@ -74,6 +74,13 @@ pub enum Request {
     Reload {},
     /// Counters.
     Stats {},
+    /// Explain where a client would go: region, table, chosen backend, next candidates.
+    Route {
+        /// Listener name.
+        listener: String,
+        /// Client address: `ip` or `ip:port`.
+        client: String,
+    },
 }
 
 /// Parses one request line; the error is what the client is told.

@@ -220,7 +220,7 @@ async fn handle_connection<E: Engine>(ctx: Rc<WorkerCtx>, slot: usize, client: E
     };
 
     let pool = &snapshot.pools[listener.pool];
-    let Some(table) = &pool.table else {
+    let Some(table) = pool.table_for(peer.ip()).0 else {
         stats.refuse(RefuseReason::NoBackend);
         close_now(&client);
         return;

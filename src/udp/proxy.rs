@@ -159,7 +159,7 @@ fn on_datagram<E: Engine>(ctx: &Rc<WorkerCtx>, state: &Rc<UdpState>, slot: usize
         return;
     }
     let pool = &snapshot.pools[listener.pool];
-    let Some(table) = &pool.table else {
+    let Some(table) = pool.table_for(client.ip()).0 else {
         stats.refuse(RefuseReason::NoBackend);
         return;
     };
