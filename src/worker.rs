@@ -92,6 +92,8 @@ pub struct WorkerCtx {
     pub shared: Arc<Shared>,
     /// Relay buffers.
     pub bufs: BufPool,
+    /// Pipes of the splice relay.
+    pub pipes: crate::proxy::splice::PipePool,
     /// Woken on [`WorkerCmd::CheckClose`]; only this worker's tasks wait on it.
     pub close: Notify,
     /// A spare descriptor freed on EMFILE so pending clients can be accepted
@@ -180,6 +182,7 @@ fn run<E: Engine>(id: usize, shared: Arc<Shared>, mut commands: mpsc::Receiver<W
             id,
             shared,
             bufs: BufPool::default(),
+            pipes: Default::default(),
             close: Notify::new(),
             reserve_fd: RefCell::new(std::fs::File::open("/dev/null").ok()),
             cached: RefCell::new(None),

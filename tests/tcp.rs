@@ -10,9 +10,12 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn start_lb(engine: &str, extra_listener: &str, backends: &[(SocketAddr, u32)]) -> (Ringlb, SocketAddr) {
+/// `variant` is an engine, optionally with a relay mode: `uring`, `epoll+splice`, ...
+fn start_lb(variant: &str, extra_listener: &str, backends: &[(SocketAddr, u32)]) -> (Ringlb, SocketAddr) {
+    let (engine, relay) = variant.split_once('+').unwrap_or((variant, "copy"));
     let listen = lb_addr();
-    let lb = Ringlb::start(&tcp_config(engine, listen, extra_listener, backends, ""), listen);
+    let extra = format!("relay = \"{relay}\"\n{extra_listener}");
+    let lb = Ringlb::start(&tcp_config(engine, listen, &extra, backends, ""), listen);
     (lb, listen)
 }
 
@@ -209,18 +212,18 @@ fn idle_timeout_closes_client_with_eof(engine: &str) {
     );
 }
 
-macro_rules! on_both_engines {
-    ($($name:ident),* $(,)?) => {
-        mod uring {
-            $( #[test] fn $name() { super::$name("uring"); } )*
-        }
-        mod epoll {
-            $( #[test] fn $name() { super::$name("epoll"); } )*
+macro_rules! on_variants {
+    ($($module:ident = $variant:literal),* ; $names:tt) => {
+        $( on_variants!(@one $module $variant $names); )*
+    };
+    (@one $module:ident $variant:literal [$($name:ident),* $(,)?]) => {
+        mod $module {
+            $( #[test] fn $name() { super::$name($variant); } )*
         }
     };
 }
 
-on_both_engines!(
+on_variants!(uring = "uring", epoll = "epoll"; [
     transfer_64mib_intact_both_directions,
     five_hundred_concurrent_connections_all_served,
     weighted_spread_within_ten_percent,
@@ -230,4 +233,13 @@ on_both_engines!(
     half_close_client_first,
     half_close_backend_first,
     idle_timeout_closes_client_with_eof,
-);
+]);
+
+// The splice relay and auto (copy, then splice on bulk) on both engines.
+on_variants!(uring_splice = "uring+splice", epoll_splice = "epoll+splice", uring_auto = "uring+auto", epoll_auto = "epoll+auto"; [
+    transfer_64mib_intact_both_directions,
+    five_hundred_concurrent_connections_all_served,
+    half_close_client_first,
+    half_close_backend_first,
+    idle_timeout_closes_client_with_eof,
+]);

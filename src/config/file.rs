@@ -93,6 +93,8 @@ pub struct ListenerFile {
     pub max_connections_per_source: Option<i64>,
     /// `[listener.rate_limit]`
     pub rate_limit: Option<RateLimitFile>,
+    /// `copy`, `splice` or `auto`.
+    pub relay: Option<String>,
 }
 
 /// `[listener.rate_limit]`: per-source token buckets.

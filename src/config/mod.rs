@@ -171,6 +171,19 @@ pub struct ListenerConfig {
     pub max_connections_per_source: u64,
     /// Per-source token buckets.
     pub rate_limit: Option<RateLimitConfig>,
+    /// How TCP bytes are moved.
+    pub relay: RelayMode,
+}
+
+/// How a TCP listener moves bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayMode {
+    /// Through user-space buffers (io_uring reads and writes on that engine).
+    Copy,
+    /// socket → pipe → socket with splice(2), readiness first.
+    Splice,
+    /// Copy, switching a direction to splice once it moves bulk data.
+    Auto,
 }
 
 /// `[listener.rate_limit]`
@@ -629,7 +642,23 @@ fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Opti
         .rate_limit
         .as_ref()
         .and_then(|r| validate_rate_limit(c, &format!("{place}rate_limit."), r, protocol));
+    let relay = match l.relay.as_deref() {
+        None | Some("copy") => RelayMode::Copy,
+        Some("splice") => RelayMode::Splice,
+        Some("auto") => RelayMode::Auto,
+        Some(other) => {
+            c.err(
+                &format!("{place}relay"),
+                format!("\"{other}\": expected copy, splice or auto"),
+            );
+            RelayMode::Copy
+        }
+    };
+    if l.relay.is_some() && protocol == Protocol::Udp {
+        c.err(&format!("{place}relay"), "only applies to protocol = \"tcp\"");
+    }
     Some(ListenerConfig {
+        relay,
         max_flows,
         max_connections,
         max_connections_per_source,

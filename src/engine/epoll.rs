@@ -88,4 +88,8 @@ impl Engine for Epoll {
     fn from_tokio(stream: tokio::net::TcpStream) -> io::Result<Self::Stream> {
         Ok(stream)
     }
+
+    fn into_tokio(stream: Self::Stream) -> io::Result<tokio::net::TcpStream> {
+        Ok(stream)
+    }
 }

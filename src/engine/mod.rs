@@ -83,4 +83,8 @@ pub trait Engine: 'static {
     /// Converts a stream connected by tokio (whose connect can be cancelled on
     /// timeout) into this engine's stream.
     fn from_tokio(stream: tokio::net::TcpStream) -> io::Result<Self::Stream>;
+
+    /// Converts an accepted stream into a tokio stream (for the splice relay,
+    /// which works on readiness).
+    fn into_tokio(stream: Self::Stream) -> io::Result<tokio::net::TcpStream>;
 }

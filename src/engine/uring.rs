@@ -67,6 +67,21 @@ impl Engine for Uring {
         Ok((stream, peer))
     }
 
+    fn into_tokio(stream: Self::Stream) -> io::Result<tokio::net::TcpStream> {
+        // tokio-uring can't give its fd away; a dup keeps the socket open
+        // after the io_uring stream (which has no op in flight) is dropped.
+        // SAFETY: dup of an fd we own; the new fd is owned by the std stream.
+        let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        drop(stream);
+        // SAFETY: fd is a fresh, owned socket descriptor.
+        let std = unsafe { <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        std.set_nonblocking(true)?;
+        tokio::net::TcpStream::from_std(std)
+    }
+
     fn from_tokio(stream: tokio::net::TcpStream) -> io::Result<Self::Stream> {
         let std = stream.into_std()?;
         std.set_nonblocking(false)?;

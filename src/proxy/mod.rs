@@ -2,4 +2,5 @@
 
 pub mod buffers;
 pub mod relay;
+pub mod splice;
 pub mod tcp;

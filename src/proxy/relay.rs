@@ -1,4 +1,6 @@
-//! The copy relay: both directions of a connection, half-close, idle timeout.
+//! The relay: both directions of a connection, half-close, idle timeout.
+//! How bytes move in one direction is a [`Pump`]: copying through pooled
+//! buffers (here) or splicing through a pipe (`super::splice`).
 
 use std::cell::Cell;
 use std::net::Shutdown;
@@ -27,6 +29,24 @@ pub struct DirectionCounters<'a> {
     pub listener: &'a Counter,
     /// The backend's counter for this direction.
     pub backend: &'a Counter,
+}
+
+/// Moves one direction of a connection.
+#[allow(async_fn_in_trait)]
+pub trait Pump<S> {
+    /// Moves `src` → `dst` until EOF (then passes the half-close on with
+    /// `shutdown(Write)` toward `dst`) or an error (then shuts both down so
+    /// the other direction ends too). Returns the bytes moved.
+    async fn pump(&self, src: &S, dst: &S, last_activity: &Cell<Instant>, counters: DirectionCounters<'_>) -> u64;
+}
+
+/// The copy pump over a worker's buffer pool.
+pub struct CopyPump<'a>(pub &'a BufPool);
+
+impl<S: RelayStream> Pump<S> for CopyPump<'_> {
+    async fn pump(&self, src: &S, dst: &S, last_activity: &Cell<Instant>, counters: DirectionCounters<'_>) -> u64 {
+        pump(src, dst, self.0, last_activity, counters).await
+    }
 }
 
 /// Copies `src` → `dst` until EOF or error. On EOF it passes the half-close
@@ -86,10 +106,10 @@ async fn pump<S: RelayStream>(
 /// On a timeout or close both sockets are shut down first and the pending
 /// reads are then awaited: a completion engine's ops can't be cancelled, and
 /// shutting the socket down is what completes them.
-pub async fn relay<S: RelayStream>(
+pub async fn relay<S: RelayStream, P: Pump<S>>(
     client: &S,
     backend: &S,
-    pool: &BufPool,
+    pumper: &P,
     idle_timeout: Duration,
     up: DirectionCounters<'_>,
     down: DirectionCounters<'_>,
@@ -98,8 +118,8 @@ pub async fn relay<S: RelayStream>(
     let last_activity = Cell::new(Instant::now());
     let mut both = pin!(async {
         tokio::join!(
-            pump(client, backend, pool, &last_activity, up),
-            pump(backend, client, pool, &last_activity, down)
+            pumper.pump(client, backend, &last_activity, up),
+            pumper.pump(backend, client, &last_activity, down)
         )
     });
     let idle = async {

@@ -12,7 +12,9 @@ use crate::snapshot::Backend;
 use crate::stats::RefuseReason;
 use crate::worker::{StopSignal, WorkerCtx};
 
-use super::relay::{relay, DirectionCounters, RelayEnd};
+use super::relay::{relay, CopyPump, DirectionCounters, RelayEnd};
+use super::splice::SplicePump;
+use crate::config::RelayMode;
 
 /// Pause after an accept error caused by resource exhaustion (EMFILE and
 /// friends) so the loop doesn't spin while the pressure lasts.
@@ -128,7 +130,7 @@ fn shed_pending(ctx: &WorkerCtx, listener_fd: std::os::fd::RawFd) -> u64 {
 /// Connects to `addr` within `timeout`. The connect runs on tokio's reactor
 /// on both engines because it can be cancelled there: a timed-out connect
 /// closes its socket at once.
-async fn connect<E: Engine>(addr: SocketAddr, timeout: Duration) -> io::Result<E::Stream> {
+async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<tokio::net::TcpStream> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -138,7 +140,7 @@ async fn connect<E: Engine>(addr: SocketAddr, timeout: Duration) -> io::Result<E
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     stream.set_nodelay(true)?;
-    E::from_tokio(stream)
+    Ok(stream)
 }
 
 fn close_now<S: RelayStream>(stream: &S) {
@@ -229,7 +231,7 @@ async fn handle_connection<E: Engine>(ctx: Rc<WorkerCtx>, slot: usize, client: E
     // Walk the key's preference order: backends at their max_connections are
     // skipped (spill-over) without using up a connect attempt.
     let hash = flow_hash(peer, config.hash_key);
-    let mut connected: Option<(Arc<Backend>, E::Stream, bool)> = None;
+    let mut connected: Option<(Arc<Backend>, tokio::net::TcpStream, bool)> = None;
     let (mut attempts, mut full, mut overloaded) = (0, 0, false);
     for index in table.candidates(hash, MAX_CANDIDATES) {
         let backend = &pool.backends[index as usize];
@@ -239,7 +241,7 @@ async fn handle_connection<E: Engine>(ctx: Rc<WorkerCtx>, slot: usize, client: E
         };
         attempts += 1;
         let connect_started = Instant::now();
-        match connect::<E>(backend.addr, config.connect_timeout).await {
+        match connect(backend.addr, config.connect_timeout).await {
             Ok(stream) => {
                 stats.connect_latency.observe(connect_started.elapsed());
                 backend.connect_succeeded();
@@ -283,24 +285,52 @@ async fn handle_connection<E: Engine>(ctx: Rc<WorkerCtx>, slot: usize, client: E
     stats.active.opened.inc();
     backend.stats.conns.opened.inc();
     let started = Instant::now();
-    let (end, up, down) = relay(
-        &client,
-        &server,
-        &ctx.bufs,
-        config.idle_timeout,
-        DirectionCounters {
-            listener: &stats.bytes_in,
-            backend: &backend.stats.bytes_in,
+    let up = DirectionCounters {
+        listener: &stats.bytes_in,
+        backend: &backend.stats.bytes_in,
+    };
+    let down = DirectionCounters {
+        listener: &stats.bytes_out,
+        backend: &backend.stats.bytes_out,
+    };
+    let close = ctx.close_requested(&backend, &stats);
+    let (end, up, down) = match config.relay {
+        RelayMode::Copy => match E::from_tokio(server) {
+            Ok(server) => {
+                let r = relay(
+                    &client,
+                    &server,
+                    &CopyPump(&ctx.bufs),
+                    config.idle_timeout,
+                    up,
+                    down,
+                    close,
+                )
+                .await;
+                close_now(&client);
+                close_now(&server);
+                r
+            }
+            Err(_) => {
+                close_now(&client);
+                (RelayEnd::Finished, 0, 0)
+            }
         },
-        DirectionCounters {
-            listener: &stats.bytes_out,
-            backend: &backend.stats.bytes_out,
+        mode => match E::into_tokio(client) {
+            Ok(client) => {
+                let pump = SplicePump {
+                    bufs: &ctx.bufs,
+                    pipes: &ctx.pipes,
+                    auto: mode == RelayMode::Auto,
+                };
+                let r = relay(&client, &server, &pump, config.idle_timeout, up, down, close).await;
+                close_now(&client);
+                close_now(&server);
+                r
+            }
+            Err(_) => (RelayEnd::Finished, 0, 0),
         },
-        ctx.close_requested(&backend, &stats),
-    )
-    .await;
-    close_now(&client);
-    close_now(&server);
+    };
     backend.stats.conns.closed.inc();
     stats.active.closed.inc();
     if ctx.shared.access_log.load(std::sync::atomic::Ordering::Relaxed) {

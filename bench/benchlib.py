@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Helpers for bench/run.sh: parse wrk / iperf3 output, build the markdown report.
+
+  benchlib.py wrk FILE            -> "key value" lines: rps requests p50_ms p99_ms errors
+  benchlib.py iperf FILE          -> "key value" lines: gbps bytes retrans  (or "error MSG")
+  benchlib.py report TSV META OUT -> markdown tables on stdout and in OUT
+
+TSV rows: round, load, system, metric, value (tab separated).
+META: "key<TAB>value" lines printed as the report header.
+"""
+import json
+import re
+import statistics
+import sys
+
+UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def to_ms(text):
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise ValueError(f"bad wrk duration {text!r}")
+    return float(m.group(1)) * UNIT_MS[m.group(2)]
+
+
+def parse_wrk(path):
+    out = open(path).read()
+    res = {"errors": 0}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m:
+        print("error no Requests/sec in wrk output")
+        return
+    res["rps"] = float(m.group(1))
+    m = re.search(r"(\d+) requests in", out)
+    res["requests"] = int(m.group(1)) if m else 0
+    dist = re.search(r"Latency Distribution\s*\n((?:\s+\d+%\s+\S+\s*\n)+)", out)
+    if dist:
+        for pct, val in re.findall(r"(\d+)%\s+(\S+)", dist.group(1)):
+            if pct in ("50", "99"):
+                res[f"p{pct}_ms"] = to_ms(val)
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        res["errors"] += sum(int(x) for x in m.groups())
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        res["errors"] += int(m.group(1))
+    for k, v in res.items():
+        print(k, v)
+
+
+def parse_iperf(path):
+    try:
+        j = json.load(open(path))
+    except (ValueError, OSError) as e:
+        print("error", f"unreadable iperf3 json: {e}".replace("\n", " "))
+        return
+    if "error" in j:
+        print("error", j["error"].replace("\n", " "))
+        return
+    end = j.get("end", {})
+    recv = end.get("sum_received", {})
+    sent = end.get("sum_sent", {})
+    if not recv:
+        print("error no sum_received in iperf3 json")
+        return
+    print("gbps", recv["bits_per_second"] / 1e9)
+    print("bytes", recv["bytes"])
+    print("retrans", sent.get("retransmits", 0))
+
+
+LOADS = [
+    # key, title, main metric, main label, higher is better, extra columns
+    ("ka", "HTTP keep-alive: `wrk -t2 -c64 --latency`", "rps", "req/s", True,
+     [("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("cpu_per_mreq", "CPU-s / 1M req")]),
+    ("close", "HTTP `Connection: close` (one TCP connection per request): `wrk -t2 -c64 -H 'Connection: close'`",
+     "rps", "conn/s", True,
+     [("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("cpu_per_kconn", "CPU-s / 1k conn")]),
+    ("iperf1", "iperf3, 1 TCP stream, client -> server", "gbps", "Gbit/s", True,
+     [("cpu_per_gib", "CPU-s / GiB")]),
+    ("iperf1R", "iperf3, 1 TCP stream, server -> client (`-R`)", "gbps", "Gbit/s", True,
+     [("cpu_per_gib", "CPU-s / GiB")]),
+    ("iperf8", "iperf3, 8 TCP streams (`-P 8`), client -> server", "gbps", "Gbit/s", True,
+     [("cpu_per_gib", "CPU-s / GiB")]),
+    ("iperf8R", "iperf3, 8 TCP streams (`-P 8 -R`), server -> client", "gbps", "Gbit/s", True,
+     [("cpu_per_gib", "CPU-s / GiB")]),
+]
+SYSTEMS = ["direct", "ringlb", "haproxy", "nginx"]
+NAMES = {"direct": "direct (no balancer)", "ringlb": "ringlb (uring)",
+         "haproxy": "HAProxy (tcp mode)", "nginx": "nginx stream"}
+
+
+def fmt(v, metric=""):
+    if v is None:
+        return "–"
+    if metric in ("rps",):
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def ratio(a, b):
+    if a is None or b in (None, 0):
+        return "–"
+    return f"{a / b:.2f}"
+
+
+def report(tsv, meta, out):
+    data = {}  # (load, system, metric) -> [values by round order]
+    rounds = {}
+    for line in open(tsv):
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) != 5:
+            continue
+        rnd, load, system, metric, value = parts
+        try:
+            v = float(value)
+        except ValueError:
+            continue
+        data.setdefault((load, system, metric), []).append(v)
+        rounds.setdefault((load, system, metric), []).append(rnd)
+
+    def med(load, system, metric):
+        vals = data.get((load, system, metric))
+        return statistics.median(vals) if vals else None
+
+    lines = ["# ringlb whole-system benchmark", ""]
+    for l in open(meta):
+        k, _, v = l.rstrip("\n").partition("\t")
+        lines.append(f"- {k}: {v}")
+    lines.append("")
+    lines.append("Medians over the rounds; `vs X` = median of the system / median of X "
+                 "(for throughput, above 1 is better). CPU = utime+stime of all the "
+                 "balancer's processes during the load. Per-round values in the last column.")
+    lines.append("")
+
+    # summary
+    lines.append("## Summary (medians)")
+    lines.append("")
+    present = [s for s in SYSTEMS if any(k[1] == s for k in data)]
+    lines.append("| load | " + " | ".join(NAMES[s] for s in present) + " | ringlb / HAProxy |")
+    lines.append("| --- | " + " | ".join("---:" for _ in present) + " | ---: |")
+    for key, title, main, label, _hib, _extra in LOADS:
+        if not any(k[0] == key for k in data):
+            continue
+        short = {"ka": "keep-alive req/s", "close": "Connection: close conn/s",
+                 "iperf1": "iperf3 1 stream Gbit/s", "iperf1R": "iperf3 1 stream -R Gbit/s",
+                 "iperf8": "iperf3 8 streams Gbit/s", "iperf8R": "iperf3 8 streams -R Gbit/s"}[key]
+        cells = [fmt(med(key, s, main), main) for s in present]
+        lines.append(f"| {short} | " + " | ".join(cells) + f" | {ratio(med(key, 'ringlb', main), med(key, 'haproxy', main))} |")
+    lines.append("")
+
+    for key, title, main, label, _hib, extra in LOADS:
+        if not any(k[0] == key for k in data):
+            continue
+        lines.append(f"## {title}")
+        lines.append("")
+        hdr = f"| system | {label} | vs HAProxy | vs direct | " + " | ".join(e[1] for e in extra) + \
+              " | CPU vs HAProxy | errors | per round |"
+        lines.append(hdr)
+        lines.append("|" + " --- |" * (hdr.count("|") - 1))
+        cpu_metric = extra[-1][0]
+        for s in present:
+            m = med(key, s, main)
+            if m is None:
+                continue
+            cells = [NAMES[s], fmt(m, main), ratio(m, med(key, "haproxy", main)),
+                     ratio(m, med(key, "direct", main))]
+            cells += [fmt(med(key, s, e[0])) for e in extra]
+            cells.append(ratio(med(key, s, cpu_metric), med(key, "haproxy", cpu_metric)) if s != "direct" else "–")
+            errs = data.get((key, s, "errors"))
+            cells.append(f"{sum(errs):.0f}" if errs else "0")
+            per = data.get((key, s, main), [])
+            cells.append(", ".join(fmt(v, main) for v in per))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+
+    if any(k[0] == "mem" for k in data):
+        n = med("mem", "ringlb", "n") or med("mem", "haproxy", "n") or 0
+        lines.append(f"## Memory: idle, and with {n:,.0f} idle proxied connections (`bench/idle_conns.py`)")
+        lines.append("")
+        lines.append("RSS = sum of VmRSS of all the balancer's processes. `fresh idle` is right after "
+                     "start; `holding` while the idle connections are open; `backend legs` = "
+                     "ESTABLISHED sockets the balancer opened to the backends; `after loads` = idle RSS "
+                     "after all the load rounds (buffer pools kept).")
+        lines.append("")
+        lines.append("| system | fresh idle MiB | holding MiB | increase MiB | KiB / conn | "
+                     "increase for 10k conns MiB | opened / failed | backend legs | closed early | "
+                     "verify 200s | after loads MiB |")
+        lines.append("|" + " --- |" * 11)
+        for s in present:
+            if s == "direct" or med("mem", s, "n") is None:
+                continue
+            g = lambda m: med("mem", s, m)
+            pc = g("per_conn_kib")
+            lines.append("| " + " | ".join([
+                NAMES[s], fmt(g("idle_rss_mib")), fmt(g("hold_rss_mib")), fmt(g("inc_mib")),
+                fmt(pc), fmt(pc * 10000 / 1024 if pc is not None else None),
+                f"{g('opened'):.0f} / {g('failed'):.0f}", fmt(g("backend_legs")),
+                fmt(g("closed")), fmt(g("verify_ok")), fmt(g("after_rss_mib")),
+            ]) + " |")
+        lines.append("")
+
+    text = "\n".join(lines)
+    with open(out, "w") as f:
+        f.write(text)
+    print(text)
+
+
+def main():
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    cmd = sys.argv[1]
+    if cmd == "wrk":
+        parse_wrk(sys.argv[2])
+    elif cmd == "iperf":
+        parse_iperf(sys.argv[2])
+    elif cmd == "report":
+        report(sys.argv[2], sys.argv[3], sys.argv[4])
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
