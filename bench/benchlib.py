@@ -198,8 +198,8 @@ def report(tsv, meta, out):
             lines.append("| " + " | ".join([
                 NAMES[s], fmt(g("idle_rss_mib")), fmt(g("hold_rss_mib")), fmt(g("inc_mib")),
                 fmt(pc), fmt(pc * 10000 / 1024 if pc is not None else None),
-                f"{g('opened'):.0f} / {g('failed'):.0f}", fmt(g("backend_legs")),
-                fmt(g("closed")), fmt(g("verify_ok")), fmt(g("after_rss_mib")),
+                f"{g('opened'):.0f} / {g('failed'):.0f}", f"{g('backend_legs'):.0f}",
+                f"{g('closed'):.0f}", f"{g('verify_ok'):.0f} / 20", fmt(g("after_rss_mib")),
             ]) + " |")
         lines.append("")
 

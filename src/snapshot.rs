@@ -179,7 +179,16 @@ impl PoolSnapshot {
             .zip(&weights)
             .map(|(b, w)| (b.addr.to_string(), *w))
             .collect();
-        let table = MaglevTable::build(&ids, table_size).ok();
+        let table = match MaglevTable::build(&ids, table_size) {
+            Ok(t) => Some(t),
+            // No weight at all is the normal "nothing usable" case (fail fast);
+            // anything else is a bug upstream of the table, so say it.
+            Err(crate::maglev::MaglevError::NoWeight) => None,
+            Err(e) => {
+                log::error!("pool \"{name}\": cannot build its table: {e}");
+                None
+            }
+        };
         PoolSnapshot {
             name: name.to_string(),
             generation,

@@ -21,6 +21,26 @@ fn check_accepts_a_good_config_with_a_summary() {
 }
 
 #[test]
+fn the_example_config_is_valid() {
+    let out = ringlb_cmd(&[
+        "check",
+        "-c",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/ringlb.toml"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("ok: 3 listener(s), 3 pool(s), 6 backend(s)"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn check_rejects_a_bad_config_and_names_the_key() {
     let dir = TempDir::new("check");
     let bad = dir.file(

@@ -35,11 +35,19 @@ struct Setup {
 }
 
 fn setup(backends: &[SocketAddr]) -> Setup {
+    setup_with_shutdown_timeout(backends, "2s")
+}
+
+fn setup_with_shutdown_timeout(backends: &[SocketAddr], shutdown_timeout: &str) -> Setup {
     let dir = TempDir::new("ctl");
     let sock = dir.0.join("ctl.sock");
     let listen = lb_addr();
     let body = listener_block("web", listen, "web") + &pool_block("web", backends, "");
-    let lb = Ringlb::start(&config_with_control("auto", &sock, &body), listen);
+    let config = config_with_control("auto", &sock, &body).replace(
+        "shutdown_timeout = \"2s\"",
+        &format!("shutdown_timeout = \"{shutdown_timeout}\""),
+    );
+    let lb = Ringlb::start(&config, listen);
     Setup {
         lb,
         sock,
@@ -423,7 +431,8 @@ fn assert_valid_exposition(body: &str) {
 #[test]
 fn sigterm_lets_open_connections_finish_then_exits_zero() {
     let a = Backend::start("a", Behaviour::TagEcho);
-    let mut s = setup(&[a.addr]);
+    // A long shutdown timeout, so a slow machine can't reach it mid-test.
+    let mut s = setup_with_shutdown_timeout(&[a.addr], "30s");
     let mut open = connect_from(s.listen, None).unwrap();
     open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut tag = [0u8; 2];

@@ -99,6 +99,9 @@ fn draining_half_of_eu_moves_its_share_to_us_and_losing_all_of_eu_moves_everythi
     let mut bs = bs.into_iter();
     drop((bs.next(), bs.next()));
     let us_backends: Vec<Backend> = bs.collect();
+    assert!(wait_until(Duration::from_secs(2), || eu_addrs
+        .iter()
+        .all(|a| !is_listening(*a))));
     let m = region_share(&lb, 1, 300);
     assert_eq!(m.get("us").copied().unwrap_or(0), 300, "{m:?}");
     // Recovery: new eu connections come back to eu.
@@ -145,6 +148,7 @@ fn ctl_route_explains_a_decision() {
     assert!(v["candidates"].as_array().unwrap().len() >= 3);
     // The explanation matches what a real connection from there does.
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_reuse_address(true).unwrap();
     sock.bind(&"127.1.2.3:40000".parse::<SocketAddr>().unwrap().into())
         .unwrap();
     sock.connect(&lb.listen.into()).unwrap();

@@ -182,6 +182,7 @@ pub struct Backend {
     pub tag: String,
     pub accepted: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
+    listen_fd: i32,
 }
 
 impl Backend {
@@ -192,6 +193,7 @@ impl Backend {
     pub fn start_on(addr: SocketAddr, tag: &str, behaviour: Behaviour) -> Backend {
         let listener = listen(addr);
         let addr = listener.local_addr().unwrap();
+        let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
         let accepted = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (acc, st, t) = (accepted.clone(), stop.clone(), tag.to_string());
@@ -211,6 +213,7 @@ impl Backend {
             tag: tag.to_string(),
             accepted,
             stop,
+            listen_fd,
         }
     }
 
@@ -221,9 +224,14 @@ impl Backend {
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        // Wake the blocking accept so the thread sees the flag and closes the port.
+        // Like a process dying: the port stops taking connections at once
+        // (shutdown of the listening socket), which also wakes the blocking
+        // accept so the thread sees the flag and closes it. Connections
+        // already accepted keep their threads until they end.
         self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        unsafe {
+            libc::shutdown(self.listen_fd, libc::SHUT_RDWR);
+        }
     }
 }
 
