@@ -12,6 +12,7 @@
 # 127.0.0.1 only, every load is bounded in time, every process started here is
 # stopped on exit or Ctrl-C; files live in a temp dir (KEEP_TMP=1 keeps it).
 # Ports: PORT_BASE (19400) + 1, 2 (backends), 21 (ringlb), 41 (nginx).
+# NGINX_RESPONSES= (empty) drops nginx's "proxy_responses 1" (a side experiment).
 set -euo pipefail
 
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,9 +26,10 @@ WINDOW=8
 SIZE=64
 WARMUP=${WARMUP:-0.5}
 PORT_BASE=${PORT_BASE:-19400}
+NGINX_RESPONSES=${NGINX_RESPONSES-1}   # nginx proxy_responses; NGINX_RESPONSES= (empty) omits it
 RINGLB=${RINGLB:-$REPO/target/release/ringlb}
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --rounds) ROUNDS=$2; shift 2 ;;
@@ -146,7 +148,7 @@ stream {
     server {
         listen 127.0.0.1:${PORT[nginx]} udp reuseport;
         proxy_pass u;
-        proxy_responses 1;
+$( [ -n "$NGINX_RESPONSES" ] && echo "        proxy_responses $NGINX_RESPONSES;" )
         proxy_timeout 60s;
     }
 }
@@ -176,7 +178,7 @@ print(l["datagrams_in"], l["datagrams_out"], l["datagrams_dropped"], sum(l["refu
 
 echo "# udp.sh: rounds=$ROUNDS duration=${DUR}s workers=$WORKERS flows=$FLOWS window=$WINDOW size=${SIZE}B" \
      "nproc=$(nproc) kernel=$(uname -r)"
-echo "# ringlb $("$RINGLB" --version 2>/dev/null | head -1), $(nginx -v 2>&1)"
+echo "# ringlb $("$RINGLB" --version 2>/dev/null | head -1), $(nginx -v 2>&1), nginx proxy_responses ${NGINX_RESPONSES:-(not set)}"
 RAW="$TMP/raw.tsv"
 printf 'round\tsystem\tpps\treplies\tlost\tlate\terrors\tp50_us\tp99_us\tcpu_s\tload_cpu_s\tnote\n' > "$RAW"
 

@@ -152,24 +152,36 @@ impl Model {
             generation: 0,
         };
         for p in &config.pools {
-            let backends = p
-                .backends
-                .iter()
-                .map(|b| model.new_backend(p, b.clone(), None, now))
-                .collect();
-            model.pools.push(PoolState {
-                config: p.clone(),
-                backends,
-                published: Arc::new(PoolSnapshot::build(&p.name, 0, p.table_size, Vec::new(), Vec::new())),
-                panic: false,
-                next_slow_start_step: None,
-                retired: false,
-            });
+            let pool = model.new_pool(p, now);
+            model.pools.push(pool);
         }
         for i in 0..model.pools.len() {
             model.rebuild(i, now);
         }
         model
+    }
+
+    /// A pool's state before its first rebuild (an empty table).
+    fn new_pool(&mut self, config: &PoolConfig, now: Instant) -> PoolState {
+        let backends = config
+            .backends
+            .iter()
+            .map(|b| self.new_backend(config, b.clone(), None, now))
+            .collect();
+        PoolState {
+            config: config.clone(),
+            backends,
+            published: Arc::new(PoolSnapshot::build(
+                &config.name,
+                0,
+                config.table_size,
+                Vec::new(),
+                Vec::new(),
+            )),
+            panic: false,
+            next_slow_start_step: None,
+            retired: false,
+        }
     }
 
     fn new_backend(
@@ -628,19 +640,8 @@ impl Model {
         for pc in &new.pools {
             match self.pool_index(&pc.name) {
                 None => {
-                    let backends = pc
-                        .backends
-                        .iter()
-                        .map(|b| self.new_backend(pc, b.clone(), None, now))
-                        .collect();
-                    self.pools.push(PoolState {
-                        config: pc.clone(),
-                        backends,
-                        published: Arc::new(PoolSnapshot::build(&pc.name, 0, pc.table_size, Vec::new(), Vec::new())),
-                        panic: false,
-                        next_slow_start_step: None,
-                        retired: false,
-                    });
+                    let pool = self.new_pool(pc, now);
+                    self.pools.push(pool);
                     changes.push(format!("pool \"{}\" added", pc.name));
                 }
                 Some(i) => {

@@ -8,8 +8,6 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -288,24 +286,7 @@ fn reload_under_load_drops_nothing() {
     let b = Backend::start("b", Behaviour::TagEcho);
     let s = setup(&[a.addr]);
     let base = std::fs::read_to_string(&s.lb.config).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let attempted = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let listen = s.listen;
-    let load: Vec<_> = (0..4)
-        .map(|_| {
-            let (stop, attempted, failed) = (stop.clone(), attempted.clone(), failed.clone());
-            thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    attempted.fetch_add(1, Ordering::SeqCst);
-                    if read_tag(listen, None).is_err() {
-                        failed.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-            })
-        })
-        .collect();
-    let started = Instant::now();
+    let load = Load::start(s.listen, 4);
     for i in 0..10 {
         thread::sleep(Duration::from_millis(150));
         let cfg = if i % 2 == 0 {
@@ -320,12 +301,7 @@ fn reload_under_load_drops_nothing() {
         assert_eq!(code, 0, "reload {i}: {v}");
     }
     thread::sleep(Duration::from_millis(200));
-    stop.store(true, Ordering::SeqCst);
-    for t in load {
-        t.join().unwrap();
-    }
-    let secs = started.elapsed().as_secs_f64();
-    let (n, f) = (attempted.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    let (n, f, secs) = load.finish();
     println!(
         "reload under load: {n} connections attempted in {secs:.1}s ({:.0}/s), {f} failed, 10 reloads",
         n as f64 / secs

@@ -5,23 +5,16 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
 
-struct Lb {
-    _lb: Ringlb,
-    sock: PathBuf,
-    listen: SocketAddr,
-    _dir: TempDir,
-}
+type Lb = Controlled;
 
 const REGIONS_CSV: &str = "# test regions\nnetwork,region\n127.1.0.0/16,eu\n127.2.0.0/16,us\n127.1.5.0/24,us  # nested: longest prefix wins\n::1/128,us\n";
 
 fn start(backends: &[(SocketAddr, &str)], pool_extra: &str, listen: SocketAddr) -> Lb {
     let dir = TempDir::new("geo");
-    let sock = dir.0.join("ctl.sock");
     dir.file("regions.csv", REGIONS_CSV);
     let mut body = format!(
         "[geo]\nprefixes_file = \"{}\"\n\n[[listener]]\nname = \"web\"\nbind = \"{listen}\"\npool = \"web\"\nhash_key = \"src_ip_port\"\nconnect_timeout = \"500ms\"\nconnect_attempts = 4\n\n[[pool]]\nname = \"web\"\n{pool_extra}\n[pool.geo]\neu = {{ eu = 1000, us = 1 }}\nus = {{ us = 1000, eu = 1 }}\ndefault = {{ eu = 1, us = 1 }}\n",
@@ -30,13 +23,7 @@ fn start(backends: &[(SocketAddr, &str)], pool_extra: &str, listen: SocketAddr) 
     for (b, region) in backends {
         body.push_str(&format!("[[pool.backend]]\naddr = \"{b}\"\nregion = \"{region}\"\n"));
     }
-    let lb = Ringlb::start(&config_with_control("auto", &sock, &body), listen);
-    Lb {
-        _lb: lb,
-        sock,
-        listen,
-        _dir: dir,
-    }
+    start_controlled("auto", &body, listen)
 }
 
 fn four_backends() -> Vec<Backend> {

@@ -5,36 +5,20 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
 
-struct Lb {
-    _lb: Ringlb,
-    sock: PathBuf,
-    listen: SocketAddr,
-    _dir: TempDir,
-}
+type Lb = Controlled;
 
 fn start(backends: &[SocketAddr], pool_extra: &str) -> Lb {
-    let dir = TempDir::new("health");
-    let sock = dir.0.join("ctl.sock");
     let listen = lb_addr();
     let mut body = format!("[[listener]]\nname = \"web\"\nbind = \"{listen}\"\npool = \"web\"\nconnect_timeout = \"500ms\"\nconnect_attempts = 4\n\n[[pool]]\nname = \"web\"\n{pool_extra}\n");
     for b in backends {
         body.push_str(&format!("[[pool.backend]]\naddr = \"{b}\"\n"));
     }
-    let lb = Ringlb::start(&config_with_control("auto", &sock, &body), listen);
-    Lb {
-        _lb: lb,
-        sock,
-        listen,
-        _dir: dir,
-    }
+    start_controlled("auto", &body, listen)
 }
 
 fn state(lb: &Lb, addr: SocketAddr) -> String {
@@ -70,23 +54,7 @@ fn killed_backend_is_detected_within_fall_times_interval_with_no_client_errors_a
         &[a.addr, b.addr, c.addr],
         &format!("{ACTIVE_TCP}[pool.outlier]\nejection_time = \"200ms\"\n"),
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let attempted = Arc::new(AtomicUsize::new(0));
-    let listen = lb.listen;
-    let load: Vec<_> = (0..3)
-        .map(|_| {
-            let (stop, failed, attempted) = (stop.clone(), failed.clone(), attempted.clone());
-            thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    attempted.fetch_add(1, Ordering::SeqCst);
-                    if read_tag(listen, None).is_err() {
-                        failed.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-            })
-        })
-        .collect();
+    let load = Load::start(lb.listen, 3);
     thread::sleep(Duration::from_millis(500));
     drop(b); // b dies: its port now refuses
     let killed = Instant::now();
@@ -105,16 +73,9 @@ fn killed_backend_is_detected_within_fall_times_interval_with_no_client_errors_a
     assert!(wait_until(Duration::from_secs(3), || state(&lb, b_addr) == "active"));
     println!("recovery time: {:?} (rise 2 x interval 200ms)", back.elapsed());
     thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::SeqCst);
-    for t in load {
-        t.join().unwrap();
-    }
-    println!(
-        "{} connections during kill and recovery, {} failed",
-        attempted.load(Ordering::SeqCst),
-        failed.load(Ordering::SeqCst)
-    );
-    assert_eq!(failed.load(Ordering::SeqCst), 0, "client-visible errors");
+    let (attempted, failed, _) = load.finish();
+    println!("{attempted} connections during kill and recovery, {failed} failed");
+    assert_eq!(failed, 0, "client-visible errors");
     let m = spread(lb.listen, 300);
     assert!(m.get("b").copied().unwrap_or(0) > 50, "b's share after recovery: {m:?}");
     drop(b);

@@ -402,3 +402,76 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub fn config_with_control(engine: &str, sock: &Path, body: &str) -> String {
     format!("[runtime]\nworkers = 2\nio_engine = \"{engine}\"\nshutdown_timeout = \"2s\"\n\n[control]\nsocket = \"{}\"\n\n{body}", sock.display())
 }
+
+/// Short connections (connect, read the backend's tag, close) from
+/// `threads` threads until stopped; counts attempts and client-visible failures.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    attempted: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    threads: Vec<thread::JoinHandle<()>>,
+    started: Instant,
+}
+
+impl Load {
+    pub fn start(target: SocketAddr, threads: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let attempted = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let threads = (0..threads)
+            .map(|_| {
+                let (stop, attempted, failed) = (stop.clone(), attempted.clone(), failed.clone());
+                thread::spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        attempted.fetch_add(1, Ordering::SeqCst);
+                        if read_tag(target, None).is_err() {
+                            failed.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            attempted,
+            failed,
+            threads,
+            started: Instant::now(),
+        }
+    }
+
+    /// Stops the load: (attempted, failed, seconds it ran).
+    pub fn finish(self) -> (usize, usize, f64) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        (
+            self.attempted.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+            self.started.elapsed().as_secs_f64(),
+        )
+    }
+}
+
+/// A running ringlb with a control socket.
+pub struct Controlled {
+    pub lb: Ringlb,
+    pub sock: PathBuf,
+    pub listen: SocketAddr,
+    _dir: TempDir,
+}
+
+/// Starts ringlb on `engine` with `body` (listeners, pools) and a control
+/// socket; waits until `listen` is listening.
+pub fn start_controlled(engine: &str, body: &str, listen: SocketAddr) -> Controlled {
+    let dir = TempDir::new("ctl");
+    let sock = dir.0.join("ctl.sock");
+    let lb = Ringlb::start(&config_with_control(engine, &sock, body), listen);
+    Controlled {
+        lb,
+        sock,
+        listen,
+        _dir: dir,
+    }
+}
