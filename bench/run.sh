@@ -69,7 +69,8 @@ cleanup() {
         sleep 0.1
     done
     for p in "${STARTED[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    # wait for our own pids only (a bare `wait` would also wait for the soak's tee)
+    for p in "${STARTED[@]}"; do wait "$p" 2>/dev/null || true; done
     if [ "${KEEP_TMP:-0}" = 1 ] || [ $rc != 0 ]; then
         echo "temp dir kept: $TMP" >&2
     else
@@ -482,8 +483,10 @@ FAILURES=()
 mkdir -p "$BENCH/results"
 
 if [ "$SOAK" -gt 0 ]; then
-    soak 2>&1 | tee "$BENCH/results/soak.txt"
-    exit "${PIPESTATUS[0]}"
+    # not in a pipeline: soak must run in this shell so cleanup sees its pids
+    exec > >(tee "$BENCH/results/soak.txt") 2>&1
+    soak
+    exit 0
 fi
 
 SYSTEMS=(direct ringlb haproxy nginx)

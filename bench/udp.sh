@@ -166,6 +166,7 @@ cpu_pids() {
         direct) echo "$ECHO1" ;;   # the one echo backend it hits (informational)
     esac
 }
+udp_rcvbuf_errors() { awk '/^Udp:/ { if (h) { print $6; exit } h = 1 }' /proc/net/snmp; }
 ringlb_counters() {  # datagrams_in datagrams_out datagrams_dropped refused(sum)
     "$RINGLB" ctl -s "$TMP/ctl.sock" --json stats 2>/dev/null | python3 -c '
 import json, sys
@@ -180,7 +181,7 @@ echo "# udp.sh: rounds=$ROUNDS duration=${DUR}s workers=$WORKERS flows=$FLOWS wi
      "nproc=$(nproc) kernel=$(uname -r)"
 echo "# ringlb $("$RINGLB" --version 2>/dev/null | head -1), $(nginx -v 2>&1), nginx proxy_responses ${NGINX_RESPONSES:-(not set)}"
 RAW="$TMP/raw.tsv"
-printf 'round\tsystem\tpps\treplies\tlost\tlate\terrors\tp50_us\tp99_us\tcpu_s\tload_cpu_s\tnote\n' > "$RAW"
+printf 'round\tsystem\tpps\treplies\tlost\tlate\terrors\tp50_us\tp99_us\tcpu_s\tload_cpu_s\trcvbuf_drops\tnote\n' > "$RAW"
 
 SYSTEMS=(ringlb nginx direct)
 for ((r = 1; r <= ROUNDS; r++)); do
@@ -190,9 +191,11 @@ for ((r = 1; r <= ROUNDS; r++)); do
         note=""
         before=""
         [ "$sys" = ringlb ] && before=$(ringlb_counters)
+        rcv0=$(udp_rcvbuf_errors)
         out=$(timeout $((DUR + 30)) "$TMP/udp_load" 127.0.0.1 "${PORT[$sys]}" --flows "$FLOWS" --window "$WINDOW" \
                 --duration "$DUR" --size "$SIZE" --warmup "$WARMUP" --pids "$(cpu_pids "$sys")") \
             || { echo "udp_load against $sys failed (rc $?)" >&2; out=""; }
+        rcvdrops=$(( $(udp_rcvbuf_errors) - rcv0 ))
         if [ "$sys" = ringlb ]; then
             kill -0 "$RINGLB_PID" 2>/dev/null || die "ringlb exited during the run: $(tail -5 "$TMP/ringlb.log")"
             after=$(ringlb_counters)
@@ -208,10 +211,10 @@ print(f"ringlb in={d[0]} out={d[1]} dropped={d[2]} refused={d[3]}")' "$before" "
         fi
         [ -n "$out" ] || continue
         get() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<< "$out"; }
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$sys" "$(get pps)" "$(get replies)" \
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$sys" "$(get pps)" "$(get replies)" \
             "$(get lost)" "$(get late)" "$(get errors)" "$(get p50_us)" "$(get p99_us)" "$(get target_cpu_s)" \
-            "$(get load_cpu_s)" "$note" >> "$RAW"
-        printf 'round %d  %-7s %s  %s\n' "$r" "$sys" "$out" "$note"
+            "$(get load_cpu_s)" "$rcvdrops" "$note" >> "$RAW"
+        printf 'round %d  %-7s %s kernel_udp_rcvbuf_drops=%s  %s\n' "$r" "$sys" "$out" "$rcvdrops" "$note"
     done
 done
 
@@ -230,9 +233,10 @@ p50 = {s: med(s, lambda r: float(r["p50_us"])) for s in by}
 p99 = {s: med(s, lambda r: float(r["p99_us"])) for s in by}
 lost = {s: sum(int(r["lost"]) + int(r["errors"]) for r in by[s]) for s in by}
 late = {s: sum(int(r["late"]) for r in by[s]) for s in by}
+rcv = {s: sum(int(r["rcvbuf_drops"]) for r in by[s]) for s in by}
 lcpu = {s: med(s, lambda r: 100 * float(r["load_cpu_s"]) / (int(r["replies"]) / float(r["pps"]) if float(r["pps"]) else 1)) for s in by}
 print()
-print("| system | median pps | vs nginx | vs direct | CPU µs/packet | p50 RTT µs | p99 RTT µs | timed out / late (all rounds) | load gen CPU % | pps per round |")
+print("| system | median pps | vs nginx | vs direct | CPU µs/packet | p50 RTT µs | p99 RTT µs | timed out / late / kernel rcvbuf drops (all rounds) | load gen CPU % | pps per round |")
 print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
 for s in ["ringlb", "nginx", "direct"]:
     if s not in by:
@@ -241,7 +245,7 @@ for s in ["ringlb", "nginx", "direct"]:
     vd = pps[s] / pps["direct"] if pps.get("direct") else float("nan")
     c = f"{cpu[s]:.2f}" if s != "direct" else f"({cpu[s]:.2f} echo)"
     per = ", ".join(f"{float(r['pps'])/1000:.1f}k" for r in by[s])
-    print(f"| {s} | {pps[s]:,.0f} | {vn:.2f} | {vd:.2f} | {c} | {p50[s]:.0f} | {p99[s]:.0f} | {lost[s]} / {late[s]} | {lcpu[s]:.0f} | {per} |")
+    print(f"| {s} | {pps[s]:,.0f} | {vn:.2f} | {vd:.2f} | {c} | {p50[s]:.0f} | {p99[s]:.0f} | {lost[s]} / {late[s]} / {rcv[s]} | {lcpu[s]:.0f} | {per} |")
 # per-round ratio ringlb/nginx (the pair that ran closest in time)
 rr = []
 for r in sorted({x["round"] for x in rows}):
@@ -252,7 +256,8 @@ for r in sorted({x["round"] for x in rows}):
 print()
 print("CPU µs/packet: balancer utime+stime (all threads; nginx master+workers) / replies, measured window only;")
 print("direct: the echo backend's own CPU. timed out: no reply within 200 ms (re-sent); late: a reply that")
-print("came after its timeout (so timed out - late = never answered). Each round runs the systems in a rotated order.")
+print("came after its timeout (so timed out - late = never answered); kernel rcvbuf drops: Udp RcvbufErrors from")
+print("/proc/net/snmp over the run (whole machine). Each round runs the systems in a rotated order.")
 if rr:
     print()
     print("ringlb/nginx pps per round: " + ", ".join(f"{x:.2f}" for x in rr) + f" (median {statistics.median(rr):.2f})")
