@@ -80,9 +80,8 @@ impl Engine for Epoll {
     }
 
     async fn accept(listener: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)> {
-        let (stream, peer) = listener.accept().await?;
-        stream.set_nodelay(true)?;
-        Ok((stream, peer))
+        // Accepted sockets inherit TCP_NODELAY from the listening socket.
+        listener.accept().await
     }
 
     fn from_tokio(stream: tokio::net::TcpStream) -> io::Result<Self::Stream> {

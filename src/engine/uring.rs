@@ -62,9 +62,8 @@ impl Engine for Uring {
     }
 
     async fn accept(listener: &Self::Listener) -> io::Result<(Self::Stream, SocketAddr)> {
-        let (stream, peer) = listener.accept().await?;
-        stream.set_nodelay(true)?;
-        Ok((stream, peer))
+        // Accepted sockets inherit TCP_NODELAY from the listening socket.
+        listener.accept().await
     }
 
     fn into_tokio(stream: Self::Stream) -> io::Result<tokio::net::TcpStream> {

@@ -297,7 +297,9 @@ async fn handle_connection<E: Engine>(ctx: Rc<WorkerCtx>, slot: usize, client: E
     let (end, up, down) = match config.relay {
         RelayMode::Copy => match E::from_tokio(server) {
             Ok(server) => {
-                let r = relay(
+                // The relay leaves no op in flight, so dropping both streams
+                // closes them; no extra shutdown(2) calls.
+                relay(
                     &client,
                     &server,
                     &CopyPump(&ctx.bufs),
@@ -306,10 +308,7 @@ async fn handle_connection<E: Engine>(ctx: Rc<WorkerCtx>, slot: usize, client: E
                     down,
                     close,
                 )
-                .await;
-                close_now(&client);
-                close_now(&server);
-                r
+                .await
             }
             Err(_) => {
                 close_now(&client);
@@ -323,10 +322,7 @@ async fn handle_connection<E: Engine>(ctx: Rc<WorkerCtx>, slot: usize, client: E
                     pipes: &ctx.pipes,
                     auto: mode == RelayMode::Auto,
                 };
-                let r = relay(&client, &server, &pump, config.idle_timeout, up, down, close).await;
-                close_now(&client);
-                close_now(&server);
-                r
+                relay(&client, &server, &pump, config.idle_timeout, up, down, close).await
             }
             Err(_) => (RelayEnd::Finished, 0, 0),
         },
