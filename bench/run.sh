@@ -3,6 +3,7 @@
 # direct path (client -> backend, no balancer) as the ceiling.
 #
 #   bench/run.sh [--rounds N] [--duration S] [--workers W] [--quick] [--soak MINUTES]
+#                [--relay copy|splice|auto] [--engine uring|epoll] [--loads "ka close iperf1 ..."] [--no-mem]
 #
 # Run bench/setup.sh once first. Everything binds and targets 127.0.0.1 only,
 # every load is bounded in time, every process started here is stopped on exit
@@ -16,6 +17,10 @@ REPO=$(dirname "$BENCH")
 
 ROUNDS=3
 DUR=10
+RELAY=copy          # ringlb's relay mode (copy | splice | auto)
+ENGINE=uring        # ringlb's io engine (uring | epoll)
+LOADS=(ka close iperf1 iperf1R iperf8 iperf8R)
+NO_MEM=0
 WORKERS=2
 QUICK=0
 SOAK=0
@@ -29,6 +34,10 @@ while [ $# -gt 0 ]; do
         --duration) DUR=$2; shift 2 ;;
         --workers) WORKERS=$2; shift 2 ;;
         --quick) QUICK=1; shift ;;
+        --relay) RELAY=$2; shift 2 ;;
+        --engine) ENGINE=$2; shift 2 ;;
+        --loads) read -r -a LOADS <<< "$2"; shift 2 ;;
+        --no-mem) NO_MEM=1; shift ;;
         --soak) SOAK=$2; shift 2 ;;
         -h|--help) usage 0 ;;
         *) echo "unknown argument: $1" >&2; usage 2 ;;
@@ -160,7 +169,7 @@ start_ringlb() {
     cat > "$d/ringlb.toml" <<EOF
 [runtime]
 workers = $WORKERS
-io_engine = "uring"
+io_engine = "$ENGINE"
 shutdown_timeout = "1s"
 
 [[listener]]
@@ -171,6 +180,7 @@ pool = "http"
 hash_key = "src_ip_port"
 connect_timeout = "2s"
 idle_timeout = "300s"
+relay = "$RELAY"
 
 [[listener]]
 name = "iperf"
@@ -180,6 +190,7 @@ pool = "iperf"
 hash_key = "src_ip_port"
 connect_timeout = "2s"
 idle_timeout = "300s"
+relay = "$RELAY"
 
 [[pool]]
 name = "http"
@@ -410,7 +421,7 @@ host_meta() {
         printf 'machine\t%s vCPU, %s, kernel %s, %s MiB RAM; loopback only; load generator, backends and balancer share the CPUs\n' \
             "$(nproc)" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')" "$(uname -r)" \
             "$(awk '/MemTotal/ {printf "%d", $2/1024}' /proc/meminfo)"
-        printf 'ringlb\t%s (commit %s%s), io_engine uring, %s workers\n' "$(target_ver)" \
+        printf "ringlb\t%s (commit %s%s), io_engine $ENGINE, relay $RELAY, %s workers\n" "$(target_ver)" \
             "$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')" \
             "$(GIT_OPTIONAL_LOCKS=0 git -C "$REPO" status --porcelain -uno 2>/dev/null | grep -q . && echo ', working tree modified' || true)" "$WORKERS"
         printf 'peers\t%s (nbthread %s), nginx %s stream (worker_processes %s)\n' \
@@ -490,14 +501,15 @@ if [ "$SOAK" -gt 0 ]; then
 fi
 
 SYSTEMS=(direct ringlb haproxy nginx)
-LOADS=(ka close iperf1 iperf1R iperf8 iperf8R)
 log "temp dir $TMP; $ROUNDS rounds x ${#LOADS[@]} loads x ${#SYSTEMS[@]} systems x ${DUR}s"
 start_backends
 start_balancers ringlb haproxy nginx
 host_meta
 
 # memory first, on freshly started balancers
-for s in ringlb haproxy nginx; do mem_test "$s"; sleep 1; done
+if [ "$NO_MEM" = 0 ]; then
+    for s in ringlb haproxy nginx; do mem_test "$s"; sleep 1; done
+fi
 alive_check "${SYSTEMS[@]}"
 
 for r in $(seq "$ROUNDS"); do

@@ -114,10 +114,11 @@ fn ipv6_clients_are_mapped_too() {
     let bs = four_backends();
     let listen: SocketAddr = format!("[::1]:{}", free_port()).parse().unwrap();
     let lb = start(&pairs(&bs), "", listen);
-    for _ in 0..100 {
-        let tag = read_tag(listen, None).unwrap();
-        assert!(tag.starts_with("us"), "::1 is in us: got {tag}");
-    }
+    // us clients: us = 1000, eu = 1, so ~0.1% may land in eu by design.
+    let us = (0..200)
+        .filter(|_| read_tag(listen, None).unwrap().starts_with("us"))
+        .count();
+    assert!(us >= 196, "::1 is in us: {us}/200 went to us");
     let (code, v) = ctl_json(&lb.sock, &["route", "web", "[::1]:5555"]);
     assert_eq!(code, 0, "{v}");
     assert_eq!(v["region"], "us");
