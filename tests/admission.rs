@@ -266,11 +266,15 @@ fn emfile_keeps_established_connections_and_recovers() {
         config: cfg.clone(),
     };
     lb.wait_listening(listen);
+    assert!(
+        wait_until(Duration::from_secs(10), || read_tag_echo(listen)),
+        "ringlb serves before the test"
+    );
     // Fill the descriptor table with established, echoing connections.
     let mut established = Vec::new();
     for _ in 0..60 {
         let Ok(mut s) = connect_from(listen, None) else { break };
-        s.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(3000))).unwrap();
         if s.write_all(b"x").is_err() {
             break;
         }
