@@ -17,7 +17,7 @@ REPO=$(dirname "$BENCH")
 
 ROUNDS=3
 DUR=10
-RELAY=copy          # ringlb's relay mode (copy | splice | auto)
+RELAY=auto          # ringlb's relay mode (copy | splice | auto); auto is its default
 ENGINE=uring        # ringlb's io engine (uring | epoll)
 LOADS=(ka close iperf1 iperf1R iperf8 iperf8R)
 NO_MEM=0

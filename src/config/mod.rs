@@ -643,9 +643,9 @@ fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Opti
         .as_ref()
         .and_then(|r| validate_rate_limit(c, &format!("{place}rate_limit."), r, protocol));
     let relay = match l.relay.as_deref() {
-        None | Some("copy") => RelayMode::Copy,
+        Some("copy") => RelayMode::Copy,
         Some("splice") => RelayMode::Splice,
-        Some("auto") => RelayMode::Auto,
+        None | Some("auto") => RelayMode::Auto,
         Some(other) => {
             c.err(
                 &format!("{place}relay"),

@@ -42,6 +42,9 @@ fn good_config_with_defaults() {
     assert_eq!(l.idle_timeout, Duration::from_secs(300));
     assert_eq!(l.backlog, 4096);
     assert_eq!(l.connect_attempts, 3);
+    assert_eq!(l.relay, RelayMode::Auto);
+    assert_eq!(l.max_connections, 0);
+    assert!(l.rate_limit.is_none());
     let p = &c.pools[0];
     assert_eq!(p.table_size, 65537);
     assert_eq!(p.backends[0].weight, 1);
