@@ -1,3 +1,4 @@
 //! UDP balancing: per-flow backend choice with a bounded flow table.
 pub mod flow_table;
 pub mod proxy;
+pub mod recv_batch;

@@ -29,7 +29,9 @@ use crate::flow_key::flow_hash;
 use crate::snapshot::Backend;
 use crate::stats::{ListenerStats, RefuseReason};
 use crate::udp::flow_table::FlowTable;
+use crate::udp::recv_batch::RecvBatch;
 use crate::worker::{StopSignal, WorkerCtx};
+use std::os::fd::AsRawFd;
 
 /// One client flow.
 struct Flow {
@@ -91,23 +93,26 @@ pub async fn udp_loop<E: Engine>(ctx: Rc<WorkerCtx>, spec: UdpListenerSpec) {
         stats,
     });
     E::spawn(expire_loop(state.clone(), stop.clone()));
+    let mut batch = RecvBatch::default();
     'serve: loop {
         tokio::select! {
             () = stop.wait() => break,
             ready = state.listener.readable() => if ready.is_err() { break },
         }
-        // Drain what is queued before waiting again: one wake-up per burst.
+        // Drain what is queued before waiting again: one wake-up per burst,
+        // up to BATCH datagrams per syscall.
         loop {
-            let mut buf = ctx.bufs.take(true);
-            let res = state.listener.try_recv_buf_from(&mut buf);
-            match res {
-                Ok((_, client)) => on_datagram::<E>(&ctx, &state, slot, client, &buf),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    ctx.bufs.give(buf);
-                    break;
+            let fd = state.listener.as_raw_fd();
+            match state.listener.try_io(tokio::io::Interest::READABLE, || batch.recv(fd)) {
+                Ok(n) => {
+                    for i in 0..n {
+                        if let Some((client, data)) = batch.get(i) {
+                            on_datagram::<E>(&ctx, &state, slot, client, data);
+                        }
+                    }
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    ctx.bufs.give(buf);
                     log::debug!("worker {}: udp listener \"{name}\": {e}", ctx.id);
                     if matches!(e.raw_os_error(), Some(libc::ENOMEM | libc::ENOBUFS)) {
                         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -118,7 +123,6 @@ pub async fn udp_loop<E: Engine>(ctx: Rc<WorkerCtx>, spec: UdpListenerSpec) {
                     break;
                 }
             }
-            ctx.bufs.give(buf);
         }
     }
     // The listener socket can no longer send replies: end every flow.
