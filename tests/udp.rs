@@ -28,6 +28,9 @@ impl UdpBackend {
 
     fn start_on(addr: SocketAddr, tag: &str) -> UdpBackend {
         let socket = UdpSocket::bind(addr).unwrap();
+        // Bursts through ringlb arrive faster than one thread answers them;
+        // a roomy receive queue keeps this test backend from dropping them.
+        let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(8 << 20);
         let addr = socket.local_addr().unwrap();
         socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -73,7 +76,7 @@ struct Lb {
 fn start(engine: &str, workers: usize, backends: &[(SocketAddr, u32)], listener_extra: &str, pool_extra: &str) -> Lb {
     let dir = TempDir::new("udp");
     let sock = dir.0.join("ctl.sock");
-    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
     let mut cfg = format!(
         "[runtime]\nworkers = {workers}\nio_engine = \"{engine}\"\nshutdown_timeout = \"1s\"\n[control]\nsocket = \"{}\"\n\n[[listener]]\nname = \"u\"\nbind = \"{listen}\"\nprotocol = \"udp\"\npool = \"p\"\n{listener_extra}\n\n[[pool]]\nname = \"p\"\n{pool_extra}\n",
         sock.display()
@@ -191,7 +194,10 @@ fn fd_count(pid: u32) -> usize {
 
 fn idle_flows_expire_and_close_their_sockets(engine: &str) {
     let b = UdpBackend::start("a");
-    let lb = start(engine, 2, &[(b.addr, 1)], "idle_timeout = \"500ms\"", "");
+    // Long enough that all 50 flows are open at once even on a slow machine.
+    let lb = start(engine, 2, &[(b.addr, 1)], "idle_timeout = \"2s\"", "");
+    // Let the control connection of start()'s readiness check close first.
+    thread::sleep(Duration::from_millis(300));
     let baseline = fd_count(lb.lb.pid());
     let clients: Vec<UdpSocket> = (0..50).map(|_| client()).collect();
     for (i, c) in clients.iter().enumerate() {
@@ -200,7 +206,7 @@ fn idle_flows_expire_and_close_their_sockets(engine: &str) {
     let open = fd_count(lb.lb.pid());
     assert!(open >= baseline + 50, "one socket per flow: {baseline} -> {open}");
     assert!(
-        wait_until(Duration::from_secs(3), || fd_count(lb.lb.pid()) <= baseline),
+        wait_until(Duration::from_secs(6), || fd_count(lb.lb.pid()) <= baseline),
         "fds back to baseline {baseline}"
     );
     let stats = ctl_json(&lb.sock, &["stats"]).1;
@@ -291,8 +297,15 @@ fn malformed_and_empty_datagrams_disturb_nothing(engine: &str) {
         noisy.send_to(&junk, lb.listen).unwrap();
         noisy.send_to(&[], lb.listen).unwrap();
     }
+    // Let the single-threaded test backend work through the 400 datagrams.
+    thread::sleep(Duration::from_millis(300));
     for i in 0..20 {
-        assert!(ask(&good, lb.listen, &format!("after {i}")).is_some());
+        if ask(&good, lb.listen, &format!("after {i}")).is_none() {
+            panic!(
+                "no reply to \"after {i}\": {}",
+                ctl_json(&lb.sock, &["stats"]).1["listeners"][0]
+            );
+        }
     }
     assert_eq!(ctl_json(&lb.sock, &["status"]).0, 0, "still running");
 }

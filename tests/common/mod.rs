@@ -22,6 +22,12 @@ pub fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// A UDP port that no socket is bound to right now.
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap().port()
+}
+
 /// A temp directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
