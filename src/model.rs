@@ -603,9 +603,7 @@ impl Model {
         }
         let before = pool.backends.len();
         pool.backends.retain(|b| {
-            let gone = b.remove_when_drained
-                && (b.shared.stats.conns.current() == 0
-                    || b.shared.closing.load(Ordering::SeqCst) && b.shared.stats.conns.current() == 0);
+            let gone = b.remove_when_drained && b.shared.stats.conns.current() == 0;
             if gone {
                 log::info!("pool \"{name}\": backend {} removed (drained)", b.config.addr);
             }

@@ -12,9 +12,6 @@ thread_local! {
     static WORKER_SLOT: Cell<usize> = const { Cell::new(usize::MAX) };
 }
 
-/// Most threads that may count (workers plus the control thread's slot).
-pub const MAX_SLOTS: usize = 1025;
-
 /// Marks the current thread as worker `id` (called once when a worker starts).
 pub fn set_worker_slot(id: usize) {
     WORKER_SLOT.with(|s| s.set(id));
