@@ -52,9 +52,11 @@ fn a_source_over_its_rate_is_refused_while_another_is_served() {
             admitted += 1;
         }
         if i % 8 == 0 {
+            let r = read_tag(lb.listen, Some(quiet));
             assert!(
-                served(lb.listen, quiet),
-                "the quiet source is served while the noisy one is limited"
+                r.is_ok(),
+                "the quiet source is served while the noisy one is limited: round {i}: {r:?}: {}",
+                ctl_json(&lb.sock, &["stats"]).1
             );
         }
     }
@@ -291,11 +293,13 @@ fn emfile_keeps_established_connections_and_recovers() {
     );
     // Past the limit: a new client is refused quickly, not left hanging.
     let t = Instant::now();
-    let mut extra = connect_from(listen, None).unwrap();
-    extra.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let _ = extra.write_all(b"y");
-    let mut b = [0u8; 1];
-    let r = extra.read(&mut b);
+    // The reset can beat the client's connect() returning.
+    let r = connect_from(listen, None).and_then(|mut extra| {
+        extra.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let _ = extra.write_all(b"y");
+        let mut b = [0u8; 1];
+        extra.read(&mut b)
+    });
     assert!(!matches!(r, Ok(1)), "served past EMFILE?");
     assert!(
         t.elapsed() < Duration::from_secs(1),

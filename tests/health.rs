@@ -184,7 +184,7 @@ fn passive_ejection_respects_max_ejection_percent_and_expires() {
 #[test]
 fn refusing_backend_is_ejected_passively_while_clients_are_served() {
     let good = Backend::start("good", Behaviour::TagEcho);
-    let refusing = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (_refusing_guard, refusing) = refusing_addr();
     let lb = start(
         &[good.addr, refusing],
         "[pool.outlier]\nconsecutive_failures = 3\nejection_time = \"30s\"\n",
@@ -202,7 +202,7 @@ fn refusing_backend_is_ejected_passively_while_clients_are_served() {
 
 #[test]
 fn no_usable_backend_fails_fast_and_is_counted() {
-    let refusing = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (_refusing_guard, refusing) = refusing_addr();
     let lb = start(&[refusing], ACTIVE_TCP);
     assert!(wait_until(Duration::from_secs(3), || state(&lb, refusing) == "down"));
     // One backend down of one: panic mode keeps it in the table. Disable it to

@@ -134,7 +134,7 @@ fn src_ip_hash_is_sticky(engine: &str) {
 
 fn refusing_backend_is_skipped(engine: &str) {
     let good = Backend::start("good", Behaviour::TagEcho);
-    let refusing: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (_refusing_guard, refusing) = refusing_addr();
     let (_lb, listen) = start_lb(engine, "", &[(good.addr, 1), (refusing, 3)]);
     for i in 0..200 {
         assert_eq!(
@@ -145,7 +145,7 @@ fn refusing_backend_is_skipped(engine: &str) {
 }
 
 fn no_backend_fails_fast(engine: &str) {
-    let refusing: SocketAddr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (_refusing_guard, refusing) = refusing_addr();
     let (_lb, listen) = start_lb(engine, "connect_attempts = 2", &[(refusing, 1)]);
     let started = Instant::now();
     let err = read_tag(listen, None).unwrap_err();

@@ -272,6 +272,63 @@ fn backend_going_down_moves_its_flows_on_the_next_datagram(engine: &str) {
     let _keep = b;
 }
 
+/// A UDP address that answers every datagram with ICMP port unreachable for
+/// as long as the returned socket lives: the port is held by a socket
+/// connected elsewhere, so nothing receives there.
+fn unreachable_udp_addr() -> (UdpSocket, SocketAddr) {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.connect("127.0.0.1:9").unwrap();
+    let addr = s.local_addr().unwrap();
+    (s, addr)
+}
+
+fn icmp_unreachable_ejects_the_backend_and_its_flows_move(engine: &str) {
+    let good = UdpBackend::start("good");
+    let (_guard, dead) = unreachable_udp_addr();
+    let lb = start(
+        engine,
+        2,
+        &[(good.addr, 1), (dead, 1)],
+        "",
+        "panic_threshold = 0\n[pool.outlier]\nconsecutive_failures = 3\nejection_time = \"30s\"\n",
+    );
+    let clients: Vec<UdpSocket> = (0..16).map(|_| client()).collect();
+    // Each flow on the dead backend learns of the ICMP error on its next send.
+    for round in 0..5 {
+        for c in &clients {
+            c.send_to(format!("r{round}").as_bytes(), lb.listen).unwrap();
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        wait_until(Duration::from_secs(3), || backend_info(&lb.sock, "p", dead)["state"]
+            == "ejected"),
+        "{}",
+        backend_info(&lb.sock, "p", dead)
+    );
+    // Drain the replies to the rounds: the flows on the dead backend missed
+    // some (until it was ejected and they moved).
+    let mut unanswered = 0;
+    for c in &clients {
+        c.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 64];
+        let mut replies = 0;
+        while c.recv(&mut buf).is_ok() {
+            replies += 1;
+        }
+        if replies < 5 {
+            unanswered += 1;
+        }
+        c.set_nonblocking(false).unwrap();
+    }
+    assert!(unanswered >= 1, "no flow landed on the dead backend");
+    // Every client, including those whose flow was on the dead backend, is
+    // now answered by the live one.
+    for c in &clients {
+        assert_eq!(ask(c, lb.listen, "after").as_deref(), Some("good"));
+    }
+}
+
 fn large_datagrams_pass_intact(engine: &str) {
     let b = UdpBackend::start("a");
     let lb = start(engine, 2, &[(b.addr, 1)], "", "");
@@ -366,6 +423,7 @@ on_both_engines!(
     idle_flows_expire_and_close_their_sockets,
     full_flow_table_drops_new_flows_only,
     backend_going_down_moves_its_flows_on_the_next_datagram,
+    icmp_unreachable_ejects_the_backend_and_its_flows_move,
     large_datagrams_pass_intact,
     malformed_and_empty_datagrams_disturb_nothing,
     per_source_packet_rate_drops_only_the_noisy_source,

@@ -16,16 +16,52 @@ pub fn ringlb_bin() -> &'static str {
     env!("CARGO_BIN_EXE_ringlb")
 }
 
-/// A port that nothing listens on right now (so it refuses connections).
+/// A port for a ringlb listener: free for TCP and UDP on 127.0.0.1 and ::1
+/// right now, and outside the kernel's ephemeral range, so no client socket
+/// of a test running alongside can be handed it between this call and
+/// ringlb's bind. Successive calls in one test binary never repeat.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let (low, span) = listen_port_range();
+    // Test binaries run one after another in CI; a pid-derived start keeps two
+    // that run at once (a developer's loop) apart as well.
+    let base = std::process::id() as usize * 7919;
+    loop {
+        let port = (low as usize + (base + NEXT.fetch_add(1, Ordering::Relaxed)) % span as usize) as u16;
+        let free = TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            && !matches!(TcpListener::bind(("::1", port)), Err(e) if e.kind() == std::io::ErrorKind::AddrInUse);
+        if free {
+            return port;
+        }
+    }
 }
 
 /// A UDP port that no socket is bound to right now.
 pub fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap().port()
+    free_port()
+}
+
+/// Ports below (or, failing room there, above) the ephemeral range:
+/// `(first, count)`.
+fn listen_port_range() -> (u16, u16) {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut it = text.split_whitespace().filter_map(|w| w.parse::<u16>().ok());
+    let (eph_low, eph_high) = (it.next().unwrap_or(32768), it.next().unwrap_or(60999));
+    if eph_low >= 15_000 {
+        (10_000, eph_low - 10_000)
+    } else {
+        (eph_high + 1, u16::MAX - eph_high)
+    }
+}
+
+/// A TCP address that refuses connections for as long as the returned socket
+/// lives: the port is bound (so nobody else can take it) but not listening.
+pub fn refusing_addr() -> (socket2::Socket, SocketAddr) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    let addr = sock.local_addr().unwrap().as_socket().unwrap();
+    (sock, addr)
 }
 
 /// A temp directory removed on drop.
