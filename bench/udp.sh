@@ -3,11 +3,11 @@
 # path (client -> one echo backend, no balancer), alternating within each round.
 #
 #   bench/udp.sh [--rounds N] [--duration S] [--workers W]
-#                [--flows F] [--window K] [--size B]
+#                [--flows F] [--window K] [--size B] [--engine uring|epoll]
 #
 # Defaults: 3 rounds, 5 s per run, 2 workers, 64 flows x 8 in flight, 64-byte
-# payloads. Compiles bench/udp_echo.c and bench/udp_load.c (gcc -O2), starts
-# two echo backends, ringlb (one udp listener, io_engine "uring") and nginx
+# payloads, ringlb on io_uring. Compiles bench/udp_echo.c and bench/udp_load.c
+# (gcc -O2), starts two echo backends, ringlb (one udp listener) and nginx
 # (its own config and pid, not the system nginx). Everything binds and targets
 # 127.0.0.1 only, every load is bounded in time, every process started here is
 # stopped on exit or Ctrl-C; files live in a temp dir (KEEP_TMP=1 keeps it).
@@ -24,6 +24,7 @@ WORKERS=2
 FLOWS=64
 WINDOW=8
 SIZE=64
+ENGINE=uring
 WARMUP=${WARMUP:-0.5}
 PORT_BASE=${PORT_BASE:-19400}
 NGINX_RESPONSES=${NGINX_RESPONSES-1}   # nginx proxy_responses; NGINX_RESPONSES= (empty) omits it
@@ -38,10 +39,12 @@ while [ $# -gt 0 ]; do
         --flows) FLOWS=$2; shift 2 ;;
         --window) WINDOW=$2; shift 2 ;;
         --size) SIZE=$2; shift 2 ;;
+        --engine) ENGINE=$2; shift 2 ;;
         -h|--help) usage 0 ;;
         *) echo "unknown argument: $1" >&2; usage 2 ;;
     esac
 done
+case "$ENGINE" in uring|epoll) ;; *) echo "--engine must be uring or epoll" >&2; exit 2 ;; esac
 for v in ROUNDS DUR WORKERS FLOWS WINDOW SIZE PORT_BASE; do
     [[ ${!v} =~ ^[0-9]+$ ]] && [ "${!v}" -ge 1 ] || { echo "$v must be a whole number >= 1" >&2; exit 2; }
 done
@@ -103,7 +106,7 @@ wait_udp "$BE1" "udp_echo"; wait_udp "$BE2" "udp_echo"
 cat > "$TMP/ringlb.toml" <<EOF
 [runtime]
 workers = $WORKERS
-io_engine = "uring"
+io_engine = "$ENGINE"
 shutdown_timeout = "1s"
 
 [control]
@@ -177,7 +180,7 @@ print(l["datagrams_in"], l["datagrams_out"], l["datagrams_dropped"], sum(l["refu
 ' 2>/dev/null || echo "? ? ? ?"
 }
 
-echo "# udp.sh: rounds=$ROUNDS duration=${DUR}s workers=$WORKERS flows=$FLOWS window=$WINDOW size=${SIZE}B" \
+echo "# udp.sh: rounds=$ROUNDS duration=${DUR}s workers=$WORKERS engine=$ENGINE flows=$FLOWS window=$WINDOW size=${SIZE}B" \
      "nproc=$(nproc) kernel=$(uname -r)"
 echo "# ringlb $("$RINGLB" --version 2>/dev/null | head -1), $(nginx -v 2>&1), nginx proxy_responses ${NGINX_RESPONSES:-(not set)}"
 RAW="$TMP/raw.tsv"

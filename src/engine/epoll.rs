@@ -57,6 +57,7 @@ impl Engine for Epoll {
     type Stream = tokio::net::TcpStream;
     type Listener = tokio::net::TcpListener;
     const NAME: &'static str = "epoll";
+    const IO_URING: bool = false;
 
     fn block_on<F: Future + 'static>(fut: F) -> F::Output {
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -65,6 +65,10 @@ pub trait Engine: 'static {
     /// Name shown in logs and `ctl status`.
     const NAME: &'static str;
 
+    /// Whether this engine runs on io_uring, so the UDP path may batch its
+    /// per-flow sends and receives on a private ring too.
+    const IO_URING: bool;
+
     /// Runs `fut` to completion on a new runtime on this thread.
     fn block_on<F: Future + 'static>(fut: F) -> F::Output;
 

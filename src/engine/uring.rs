@@ -42,6 +42,7 @@ impl Engine for Uring {
     type Stream = tokio_uring::net::TcpStream;
     type Listener = tokio_uring::net::TcpListener;
     const NAME: &'static str = "io_uring";
+    const IO_URING: bool = true;
 
     fn block_on<F: Future + 'static>(fut: F) -> F::Output {
         tokio_uring::builder().entries(RING_ENTRIES).start(fut)

@@ -1,4 +1,7 @@
 //! UDP balancing: per-flow backend choice with a bounded flow table.
+pub mod flow_poller;
 pub mod flow_table;
 pub mod proxy;
 pub mod recv_batch;
+pub mod send_batch;
+pub mod uring_batch;
