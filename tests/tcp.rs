@@ -213,6 +213,29 @@ fn idle_timeout_closes_client_with_eof(engine: &str) {
     );
 }
 
+/// A backend that answers and closes at once (the reply and its FIN arrive
+/// together): every client gets the whole reply and then EOF promptly, not
+/// after the idle timeout.
+fn reply_then_close_reaches_the_client_with_eof(engine: &str) {
+    let answer = Backend::start("answer", Behaviour::Reply("+OK done\r\n"));
+    let (_lb, listen) = start_lb(engine, "idle_timeout = \"30s\"", &[(answer.addr, 1)]);
+    for i in 0..50 {
+        let mut s = connect_from(listen, None).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.write_all(b"GET\r\n").unwrap();
+        let started = Instant::now();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)
+            .unwrap_or_else(|e| panic!("connection {i}: no EOF after {:?}: {e}", started.elapsed()));
+        assert_eq!(got, b"+OK done\r\n", "connection {i}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "connection {i}: EOF after {:?}",
+            started.elapsed()
+        );
+    }
+}
+
 macro_rules! on_variants {
     ($($module:ident = $variant:literal),* ; $names:tt) => {
         $( on_variants!(@one $module $variant $names); )*
@@ -234,6 +257,7 @@ on_variants!(uring = "uring", epoll = "epoll"; [
     half_close_client_first,
     half_close_backend_first,
     idle_timeout_closes_client_with_eof,
+    reply_then_close_reaches_the_client_with_eof,
 ]);
 
 // The splice relay and auto (copy, then splice on bulk) on both engines.
@@ -243,4 +267,5 @@ on_variants!(uring_splice = "uring+splice", epoll_splice = "epoll+splice", uring
     half_close_client_first,
     half_close_backend_first,
     idle_timeout_closes_client_with_eof,
+    reply_then_close_reaches_the_client_with_eof,
 ]);

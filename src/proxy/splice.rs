@@ -78,6 +78,20 @@ impl PipePool {
     }
 }
 
+/// One non-blocking read into `buf`'s spare capacity (`buf` is empty).
+fn read_into(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<usize> {
+    debug_assert!(buf.is_empty());
+    // SAFETY: reads at most `capacity` bytes into the vector's own allocation,
+    // and the length is set to exactly what the kernel wrote.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.capacity(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel initialised the first `n` bytes.
+    unsafe { buf.set_len(n as usize) };
+    Ok(n as usize)
+}
+
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: splice between two fds we own; no user memory is touched.
     let n = unsafe {
@@ -117,13 +131,28 @@ impl SplicePump<'_> {
     async fn copy_once(&self, src: &TcpStream, dst: &TcpStream) -> io::Result<Step> {
         src.readable().await?;
         let mut buf = self.bufs.take(true);
-        let res = src.try_read_buf(&mut buf);
+        let mut drained = 0;
+        let res = src.try_io(Interest::READABLE, || {
+            let n = read_into(src.as_raw_fd(), &mut buf)?;
+            if n > 0 && n < buf.capacity() {
+                // A short read emptied the socket's receive queue: report the
+                // socket as drained, so the next wait sleeps until new data
+                // instead of paying a read that only finds EAGAIN (one
+                // syscall per message and direction). Data or a FIN that
+                // arrives later raises a new edge; a FIN already seen by the
+                // reactor stays set (tokio never clears closed states).
+                drained = n;
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
         let n = match res {
             Ok(0) => {
                 self.bufs.give(buf);
                 return Ok(Step::Eof);
             }
             Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && drained > 0 => drained,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.bufs.give(buf);
                 return Ok(Step::Moved(0));

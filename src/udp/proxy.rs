@@ -39,7 +39,7 @@ use crate::snapshot::Backend;
 use crate::stats::{ListenerStats, RefuseReason};
 use crate::udp::flow_poller::FlowPoller;
 use crate::udp::flow_table::FlowTable;
-use crate::udp::recv_batch::RecvBatch;
+use crate::udp::recv_batch::{RecvBatch, BATCH};
 use crate::udp::send_batch::SendBatch;
 use crate::udp::uring_batch::{Done, UringBatch};
 use crate::worker::{StopSignal, WorkerCtx};
@@ -148,16 +148,25 @@ pub async fn udp_loop<E: Engine>(ctx: Rc<WorkerCtx>, spec: UdpListenerSpec) {
         // up to BATCH datagrams per syscall.
         loop {
             let fd = state.listener.as_raw_fd();
-            match state.listener.try_io(tokio::io::Interest::READABLE, || batch.recv(fd)) {
-                Ok(n) => {
-                    for i in 0..n {
-                        if let Some((client, data)) = batch.get(i) {
-                            on_datagram(&ctx, &state, slot, client, data, &mut forwarder);
-                        }
-                    }
-                    forwarder.finish(&mut state.flows.borrow_mut(), &state.stats);
+            let mut last_burst = 0;
+            let got = state.listener.try_io(tokio::io::Interest::READABLE, || {
+                let n = batch.recv(fd)?;
+                if n < BATCH {
+                    // Fewer than asked: the queue is empty now. Report the
+                    // socket as drained so the next wait sleeps until a new
+                    // datagram (which raises a new edge) instead of paying
+                    // a recvmmsg that only finds EAGAIN.
+                    last_burst = n;
+                    return Err(std::io::ErrorKind::WouldBlock.into());
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Ok(n)
+            });
+            match got {
+                Ok(n) => relay_burst(&ctx, &state, slot, &batch, n, &mut forwarder),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    relay_burst(&ctx, &state, slot, &batch, last_burst, &mut forwarder);
+                    break;
+                }
                 Err(e) => {
                     log::debug!("worker {}: udp listener \"{name}\": {e}", ctx.id);
                     if matches!(e.raw_os_error(), Some(libc::ENOMEM | libc::ENOBUFS)) {
@@ -174,6 +183,23 @@ pub async fn udp_loop<E: Engine>(ctx: Rc<WorkerCtx>, spec: UdpListenerSpec) {
     // The listener socket can no longer send replies: end every flow.
     state.flows.borrow_mut().retain(|_, _| false);
     log::debug!("worker {}: udp listener \"{name}\" stopped", ctx.id);
+}
+
+/// Forwards the first `n` datagrams of a received burst.
+fn relay_burst(
+    ctx: &Rc<WorkerCtx>,
+    state: &Rc<UdpState>,
+    slot: usize,
+    batch: &RecvBatch,
+    n: usize,
+    forwarder: &mut Forwarder,
+) {
+    for i in 0..n {
+        if let Some((client, data)) = batch.get(i) {
+            on_datagram(ctx, state, slot, client, data, forwarder);
+        }
+    }
+    forwarder.finish(&mut state.flows.borrow_mut(), &state.stats);
 }
 
 fn usable(backend: &Backend) -> bool {

@@ -9,12 +9,15 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
-/// Datagrams read per call.
-pub const BATCH: usize = 16;
+/// Datagrams read per call. 64 measured about 5% less CPU per packet than
+/// 16 under a 512-in-flight load (bursts were filling 16 slots). The
+/// buffers are 4 MiB of address space per listener and worker; only the
+/// pages that datagrams actually reach become resident.
+pub const BATCH: usize = 64;
 /// Each buffer holds the largest UDP payload (65,507 bytes) whole.
 const BUF: usize = 65_536;
 
-/// Buffers and headers for one recvmmsg call (1 MiB of buffers).
+/// Buffers and headers for one recvmmsg call.
 pub struct RecvBatch {
     bufs: Vec<Vec<u8>>,
     addrs: Vec<libc::sockaddr_storage>,

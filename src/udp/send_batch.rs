@@ -10,8 +10,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
-/// Replies sent per call.
-pub const BATCH: usize = 16;
+/// Replies sent per call (the same as the receive side's burst, see
+/// `recv_batch::BATCH`; resident memory grows only with the replies' sizes).
+pub const BATCH: usize = 64;
 /// Each buffer holds the largest UDP payload (65,507 bytes) whole.
 const BUF: usize = 65_536;
 
@@ -27,7 +28,7 @@ pub struct Flushed {
     pub dropped: usize,
 }
 
-/// Up to [`BATCH`] queued replies and the headers to send them (1 MiB of buffers).
+/// Up to [`BATCH`] queued replies and the headers to send them.
 pub struct SendBatch {
     bufs: Vec<Vec<u8>>,
     lens: Vec<usize>,
