@@ -1,6 +1,8 @@
 //! UDP balancing: per-flow backend choice with a bounded flow table.
+pub mod flow;
 pub mod flow_poller;
 pub mod flow_table;
+pub mod forwarder;
 pub mod proxy;
 pub mod recv_batch;
 pub mod send_batch;

@@ -21,7 +21,7 @@
 //! clients in bursts (sendmmsg). A million flows cost a million sockets and
 //! table entries, not a million tasks. On the io_uring engine the forwards
 //! of a burst, each on its own flow's socket, go to the kernel together on a
-//! private ring ([`UringBatch`]): one syscall per burst instead of one per
+//! private ring ([`Forwarder`]): one syscall per burst instead of one per
 //! datagram, measured at about 9% less CPU per packet (bench/README.md).
 
 use std::cell::RefCell;
@@ -35,33 +35,18 @@ use tokio::io::unix::AsyncFd;
 
 use crate::engine::Engine;
 use crate::flow_key::flow_hash;
-use crate::snapshot::Backend;
 use crate::stats::{ListenerStats, RefuseReason};
+use crate::udp::flow::{connect_udp, usable, Flow};
 use crate::udp::flow_poller::FlowPoller;
 use crate::udp::flow_table::FlowTable;
+use crate::udp::forwarder::Forwarder;
 use crate::udp::recv_batch::{RecvBatch, BATCH};
 use crate::udp::send_batch::SendBatch;
-use crate::udp::uring_batch::{Done, UringBatch};
 use crate::worker::{StopSignal, WorkerCtx};
 
 /// Replies read per wake-up of the reply task before it lets the other tasks
 /// of the worker (the listener's reads above all) run.
 const REPLY_BUDGET: usize = 256;
-
-/// One client flow. Dropping it closes its socket (which leaves the epoll
-/// set by itself) and counts the flow as closed.
-struct Flow {
-    backend: Arc<Backend>,
-    socket: UdpSocket,
-    stats: Arc<ListenerStats>,
-}
-
-impl Drop for Flow {
-    fn drop(&mut self) {
-        self.stats.active.closed.inc();
-        self.backend.stats.conns.closed.inc();
-    }
-}
 
 /// A UDP listener's state on one worker.
 struct UdpState {
@@ -202,10 +187,6 @@ fn relay_burst(
     forwarder.finish(&mut state.flows.borrow_mut(), &state.stats);
 }
 
-fn usable(backend: &Backend) -> bool {
-    !backend.is_closing() && !backend.is_down()
-}
-
 /// Handles one client datagram: find or open its flow, forward it.
 fn on_datagram(
     ctx: &Rc<WorkerCtx>,
@@ -231,7 +212,10 @@ fn on_datagram(
     let mut flows = state.flows.borrow_mut();
     if let Some(flow) = flows.get(&client, now) {
         if usable(&flow.backend) {
-            forwarder.forward(flow, client, stats, data);
+            // SAFETY: `data` is in the receive batch, which relay_burst does
+            // not reuse before its `finish`; no flow closes before that either
+            // (the re-pick below finishes first).
+            unsafe { forwarder.forward(flow, client, stats, data) };
             return;
         }
         // Its backend is down, removed or past its drain: re-pick below.
@@ -288,121 +272,8 @@ fn on_datagram(
         by_fd.resize(slot + 1, None);
     }
     by_fd[slot] = Some(client);
-    forwarder.forward(flow, client, stats, data);
-}
-
-fn connect_udp(backend: SocketAddr) -> std::io::Result<UdpSocket> {
-    let local: SocketAddr = if backend.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let socket = UdpSocket::bind(local)?;
-    socket.connect(backend)?;
-    socket.set_nonblocking(true)?;
-    Ok(socket)
-}
-
-/// Sends client datagrams to their flows' backends without waiting: a full
-/// socket buffer drops the datagram (UDP semantics) rather than stalling
-/// every other flow of this worker. On io_uring the sends of one burst are
-/// queued on a private ring and go out in one syscall at
-/// [`Forwarder::finish`]; elsewhere each is a plain non-blocking send(2).
-struct Forwarder {
-    ring: Option<UringBatch>,
-    /// Client of each queued send, by tag.
-    clients: Vec<SocketAddr>,
-    done: Vec<Done>,
-}
-
-impl Forwarder {
-    fn new(io_uring: bool, ctx: &WorkerCtx, listener: &str) -> Forwarder {
-        let ring = if io_uring {
-            UringBatch::new()
-                .map_err(|e| {
-                    log::warn!(
-                        "worker {}: udp listener \"{listener}\": no io_uring for batched sends ({e}): one send per datagram",
-                        ctx.id
-                    )
-                })
-                .ok()
-        } else {
-            None
-        };
-        Forwarder {
-            ring,
-            clients: Vec::with_capacity(crate::udp::uring_batch::CAPACITY),
-            done: Vec::with_capacity(crate::udp::uring_batch::CAPACITY),
-        }
-    }
-
-    /// Forwards `data` on `flow`'s socket, now or at the next [`Forwarder::finish`].
-    /// `data` must stay untouched until then.
-    fn forward(&mut self, flow: &Flow, client: SocketAddr, stats: &ListenerStats, data: &[u8]) {
-        let Some(ring) = self.ring.as_mut() else {
-            match flow.socket.send(data) {
-                Ok(n) => flow.backend.stats.bytes_in.add(n as u64),
-                Err(e) => on_forward_error(&flow.backend, stats, e.raw_os_error().unwrap_or(0)),
-            }
-            return;
-        };
-        if ring.is_full() {
-            // Callers finish every burst, and a burst is smaller than the ring.
-            stats.datagrams_dropped.inc();
-            return;
-        }
-        // SAFETY: the caller keeps `data` (the receive batch) untouched and the
-        // flow's socket open until `finish`, which runs before the next
-        // receive and before any flow of this listener is closed.
-        unsafe {
-            ring.push_send(
-                flow.socket.as_raw_fd(),
-                data.as_ptr(),
-                data.len(),
-                self.clients.len() as u32,
-            )
-        };
-        self.clients.push(client);
-        // Counted when queued: a send that fails is counted as dropped too.
-        flow.backend.stats.bytes_in.add(data.len() as u64);
-    }
-
-    /// Runs the queued sends and accounts for the ones that failed.
-    fn finish(&mut self, flows: &mut FlowTable<SocketAddr, Flow>, stats: &ListenerStats) {
-        let Some(ring) = self.ring.as_mut() else {
-            return;
-        };
-        if ring.is_empty() {
-            return;
-        }
-        self.done.clear();
-        if let Err(e) = ring.complete(&mut self.done) {
-            log::warn!("udp: batched sends failed ({e}): one send per datagram from now on");
-            stats
-                .datagrams_dropped
-                .add((self.clients.len() - self.done.len()) as u64);
-            self.ring = None;
-        }
-        for d in &self.done {
-            if d.result < 0 {
-                let client = self.clients[d.tag as usize];
-                match flows.get(&client, Instant::now()) {
-                    Some(flow) => on_forward_error(&flow.backend, stats, -d.result),
-                    None => stats.datagrams_dropped.inc(),
-                }
-            }
-        }
-        self.clients.clear();
-    }
-}
-
-/// A forward that failed: the datagram is lost; ICMP port unreachable from
-/// an earlier datagram is a passive health failure of the backend.
-fn on_forward_error(backend: &Backend, stats: &ListenerStats, errno: i32) {
-    stats.datagrams_dropped.inc();
-    if errno == libc::ECONNREFUSED {
-        backend.connect_failed();
-    }
+    // SAFETY: as above: the batch and this new flow outlive the burst's `finish`.
+    unsafe { forwarder.forward(flow, client, stats, data) };
 }
 
 /// Relays every flow's replies to its client until the listener stops: wait
