@@ -3,6 +3,7 @@ pub mod flow;
 pub mod flow_poller;
 pub mod flow_table;
 pub mod forwarder;
+pub mod mmsg;
 pub mod proxy;
 pub mod recv_batch;
 pub mod send_batch;

@@ -40,7 +40,8 @@ use crate::udp::flow::{connect_udp, usable, Flow};
 use crate::udp::flow_poller::FlowPoller;
 use crate::udp::flow_table::FlowTable;
 use crate::udp::forwarder::Forwarder;
-use crate::udp::recv_batch::{RecvBatch, BATCH};
+use crate::udp::mmsg::BATCH;
+use crate::udp::recv_batch::RecvBatch;
 use crate::udp::send_batch::SendBatch;
 use crate::worker::{StopSignal, WorkerCtx};
 

@@ -10,11 +10,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
-/// Replies sent per call (the same as the receive side's burst, see
-/// `recv_batch::BATCH`; resident memory grows only with the replies' sizes).
-pub const BATCH: usize = 64;
-/// Each buffer holds the largest UDP payload (65,507 bytes) whole.
-const BUF: usize = 65_536;
+use super::mmsg::MmsgSlots;
+use super::mmsg::BATCH;
 
 /// What one [`SendBatch::flush`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -30,34 +27,21 @@ pub struct Flushed {
 
 /// Up to [`BATCH`] queued replies and the headers to send them.
 pub struct SendBatch {
-    bufs: Vec<Vec<u8>>,
-    lens: Vec<usize>,
-    addrs: Vec<libc::sockaddr_storage>,
-    addr_lens: Vec<libc::socklen_t>,
-    iovs: Vec<libc::iovec>,
-    hdrs: Vec<libc::mmsghdr>,
+    slots: MmsgSlots,
+    lens: [usize; BATCH],
+    addr_lens: [libc::socklen_t; BATCH],
     queued: usize,
 }
 
 impl Default for SendBatch {
     fn default() -> Self {
         SendBatch {
-            bufs: (0..BATCH).map(|_| vec![0u8; BUF]).collect(),
-            lens: vec![0; BATCH],
-            addrs: zeroed_vec(),
-            addr_lens: vec![0; BATCH],
-            iovs: zeroed_vec(),
-            hdrs: zeroed_vec(),
+            slots: MmsgSlots::default(),
+            lens: [0; BATCH],
+            addr_lens: [0; BATCH],
             queued: 0,
         }
     }
-}
-
-/// `BATCH` all-zero C structs.
-fn zeroed_vec<T>() -> Vec<T> {
-    // SAFETY: only used for sockaddr_storage, iovec and mmsghdr: plain C
-    // structs for which all-zero bytes are valid values.
-    (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect()
 }
 
 impl SendBatch {
@@ -79,7 +63,7 @@ impl SendBatch {
     /// The buffer the next reply is read into; [`SendBatch::push`] queues it.
     /// Panics when the batch is full.
     pub fn next_buf(&mut self) -> &mut [u8] {
-        &mut self.bufs[self.queued]
+        &mut self.slots.bufs[self.queued]
     }
 
     /// Queues the first `len` bytes of [`SendBatch::next_buf`] for `to`.
@@ -87,9 +71,9 @@ impl SendBatch {
         let i = self.queued;
         let addr = socket2::SockAddr::from(to);
         // SAFETY: a SockAddr's storage is a sockaddr_storage of `len()` valid bytes.
-        self.addrs[i] = unsafe { std::ptr::read(addr.as_ptr().cast::<libc::sockaddr_storage>()) };
+        self.slots.addrs[i] = unsafe { std::ptr::read(addr.as_ptr().cast::<libc::sockaddr_storage>()) };
         self.addr_lens[i] = addr.len();
-        self.lens[i] = len.min(BUF);
+        self.lens[i] = len.min(self.slots.bufs[i].len());
         self.queued += 1;
     }
 
@@ -97,19 +81,7 @@ impl SendBatch {
     pub fn flush(&mut self, fd: RawFd) -> Flushed {
         let mut done = Flushed::default();
         for i in 0..self.queued {
-            self.iovs[i] = libc::iovec {
-                iov_base: self.bufs[i].as_mut_ptr().cast(),
-                iov_len: self.lens[i],
-            };
-            let hdr = &mut self.hdrs[i];
-            hdr.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
-            hdr.msg_hdr.msg_namelen = self.addr_lens[i];
-            hdr.msg_hdr.msg_iov = &mut self.iovs[i];
-            hdr.msg_hdr.msg_iovlen = 1;
-            hdr.msg_hdr.msg_control = std::ptr::null_mut();
-            hdr.msg_hdr.msg_controllen = 0;
-            hdr.msg_hdr.msg_flags = 0;
-            hdr.msg_len = 0;
+            self.slots.aim(i, self.lens[i], self.addr_lens[i]);
         }
         let mut at = 0;
         while at < self.queued {
@@ -118,7 +90,7 @@ impl SendBatch {
             let n = unsafe {
                 libc::sendmmsg(
                     fd,
-                    self.hdrs[at..].as_mut_ptr(),
+                    self.slots.hdrs[at..].as_mut_ptr(),
                     (self.queued - at) as libc::c_uint,
                     libc::MSG_DONTWAIT,
                 )
