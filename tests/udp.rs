@@ -76,7 +76,7 @@ struct Lb {
 fn start(engine: &str, workers: usize, backends: &[(SocketAddr, u32)], listener_extra: &str, pool_extra: &str) -> Lb {
     let dir = TempDir::new("udp");
     let sock = dir.0.join("ctl.sock");
-    let listen = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut cfg = format!(
         "[runtime]\nworkers = {workers}\nio_engine = \"{engine}\"\nshutdown_timeout = \"1s\"\n[control]\nsocket = \"{}\"\n\n[[listener]]\nname = \"u\"\nbind = \"{listen}\"\nprotocol = \"udp\"\npool = \"p\"\n{listener_extra}\n\n[[pool]]\nname = \"p\"\n{pool_extra}\n",
         sock.display()

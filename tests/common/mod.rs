@@ -37,11 +37,6 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// A UDP port that no socket is bound to right now.
-pub fn free_udp_port() -> u16 {
-    free_port()
-}
-
 /// Ports below (or, failing room there, above) the ephemeral range:
 /// `(first, count)`.
 fn listen_port_range() -> (u16, u16) {
