@@ -4,6 +4,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod engine;
+pub mod fd_reserve;
 pub mod flow_key;
 pub mod geo;
 pub mod health;

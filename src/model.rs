@@ -43,8 +43,8 @@ pub struct BackendState {
     pub next_check: Instant,
     /// An active check is running.
     pub check_in_flight: bool,
-    /// Last active check: ok, latency, detail.
-    pub last_check: Option<(bool, Duration, String)>,
+    /// Last active check: passed (None: could not run in ringlb), latency, detail.
+    pub last_check: Option<(Option<bool>, Duration, String)>,
     /// Why it last changed state, for `ctl backends`.
     pub reason: String,
     /// Identifies this incarnation (a removed and re-added address is a new one),
@@ -482,7 +482,7 @@ impl Model {
         &mut self,
         pool: usize,
         epoch: u64,
-        ok: bool,
+        passed: Option<bool>,
         latency: Duration,
         detail: String,
         now: Instant,
@@ -496,8 +496,20 @@ impl Model {
         be.check_in_flight = false;
         let interval = p.config.health_check.interval;
         be.next_check = now + interval + jitter(p.config.health_check.jitter, now.elapsed().as_nanos() as u64 ^ epoch);
+        let Some(ok) = passed else {
+            // Says nothing about the backend: its state stays as it was.
+            if !matches!(be.last_check, Some((None, ..))) {
+                log::warn!(
+                    "pool \"{}\": check of {} {detail}; its state is kept until checks can run",
+                    p.config.name,
+                    be.config.addr
+                );
+            }
+            be.last_check = Some((None, latency, detail));
+            return false;
+        };
         let transition = be.active.record(ok);
-        be.last_check = Some((ok, latency, detail.clone()));
+        be.last_check = Some((Some(ok), latency, detail.clone()));
         let Some(t) = transition else { return false };
         let name = p.config.name.clone();
         match t {
@@ -911,4 +923,41 @@ fn jitter(max: Duration, seed: u64) -> Duration {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
     Duration::from_nanos(z % max.as_nanos().max(1) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model_with_checked_backend(now: Instant) -> Model {
+        let text = "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:1\"\npool = \"p\"\n\n[[pool]]\nname = \"p\"\n\
+                    [pool.health_check]\nkind = \"tcp\"\ninterval = \"1s\"\njitter = \"0s\"\nfall = 2\nrise = 2\n\
+                    [[pool.backend]]\naddr = \"127.0.0.1:2\"\n";
+        let config = Config::parse(text, std::path::Path::new("t.toml")).unwrap();
+        Model::new(config, 1, now)
+    }
+
+    #[test]
+    fn checks_that_could_not_run_leave_the_backend_as_it_was() {
+        let t0 = Instant::now();
+        let mut m = model_with_checked_backend(t0);
+        let ms = Duration::from_millis(1);
+        for i in 0..10 {
+            let now = t0 + Duration::from_secs(i + 1);
+            let jobs = m.due_checks(now);
+            assert_eq!(jobs.len(), 1, "a check is due every interval, not-run or not");
+            let changed = m.record_check(0, jobs[0].epoch, None, ms, "not run: EMFILE".into(), now);
+            assert!(!changed);
+        }
+        let b = &m.pools[0].backends[0];
+        assert_eq!(b.state_label(t0), "active");
+        assert!(matches!(&b.last_check, Some((None, _, d)) if d.starts_with("not run")));
+        // Real failures still count: two take it out.
+        for i in 10..12 {
+            let now = t0 + Duration::from_secs(i + 1);
+            let epoch = m.due_checks(now)[0].epoch;
+            m.record_check(0, epoch, Some(false), ms, "connection refused".into(), now);
+        }
+        assert_eq!(m.pools[0].backends[0].state_label(t0), "down");
+    }
 }

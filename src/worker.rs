@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, Notify};
 
 use crate::engine::{Engine, IoEngine};
+use crate::fd_reserve::FdReserve;
 use crate::proxy::buffers::BufPool;
 use crate::snapshot::Snapshot;
 
@@ -98,7 +99,7 @@ pub struct WorkerCtx {
     pub close: Notify,
     /// A spare descriptor freed on EMFILE so pending clients can be accepted
     /// and refused at once instead of waiting in the backlog.
-    pub reserve_fd: RefCell<Option<std::fs::File>>,
+    pub fd_reserve: FdReserve,
     #[allow(clippy::redundant_allocation)]
     cached: RefCell<Option<Rc<Arc<Snapshot>>>>,
 }
@@ -184,7 +185,7 @@ fn run<E: Engine>(id: usize, shared: Arc<Shared>, mut commands: mpsc::Receiver<W
             bufs: BufPool::default(),
             pipes: Default::default(),
             close: Notify::new(),
-            reserve_fd: RefCell::new(std::fs::File::open("/dev/null").ok()),
+            fd_reserve: FdReserve::new(1),
             cached: RefCell::new(None),
         });
         while let Some(cmd) = commands.recv().await {

@@ -237,15 +237,26 @@ fn thousands_of_distinct_sources_stay_within_the_table_cap_and_limited_sources_s
 
 #[test]
 fn emfile_keeps_established_connections_and_recovers() {
+    emfile_keeps_established_connections_and_recovers_on("epoll");
+}
+
+#[test]
+fn emfile_keeps_established_connections_and_recovers_io_uring() {
+    emfile_keeps_established_connections_and_recovers_on("uring");
+}
+
+fn emfile_keeps_established_connections_and_recovers_on(engine: &str) {
     let stall = Backend::start("echo", Behaviour::Echo);
     let dir = TempDir::new("emfile");
     let sock = dir.0.join("ctl.sock");
     let listen = lb_addr();
     let body = format!(
-        "[[listener]]\nname = \"web\"\nbind = \"{listen}\"\npool = \"web\"\n\n[[pool]]\nname = \"web\"\n[[pool.backend]]\naddr = \"{}\"\n",
+        "[[listener]]\nname = \"web\"\nbind = \"{listen}\"\npool = \"web\"\n\n[[pool]]\nname = \"web\"\n\
+         [pool.health_check]\nkind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"1s\"\nfall = 2\n\
+         [[pool.backend]]\naddr = \"{}\"\n",
         stall.addr
     );
-    let cfg = dir.file("c.toml", &config_with_control("epoll", &sock, &body));
+    let cfg = dir.file("c.toml", &config_with_control(engine, &sock, &body));
     // A low hard limit ringlb cannot raise: 64 descriptors in all.
     let mut cmd = std::process::Command::new(ringlb_bin());
     cmd.args(["run", "-c", path_str(&cfg)]).env("RUST_LOG", "error");
@@ -291,6 +302,44 @@ fn emfile_keeps_established_connections_and_recovers() {
         "only {} connections before EMFILE",
         established.len()
     );
+    // Each relayed connection holds two descriptors, so one may be left
+    // over; idle control-socket clients take what remains, so from here on
+    // ringlb has none to spare (as it does on a busy day).
+    let pid = lb.child.id();
+    // Descriptors below the limit: one inherited above it (cargo's jobserver
+    // pipe, say) does not take a slot.
+    let open_fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|&fd| fd < 64)
+                .count()
+        })
+    };
+    // A health check holds a descriptor for a moment every 100 ms: the
+    // fewest seen over 100 ms is what is really in use.
+    let settled_fds = || {
+        (0..5)
+            .map(|_| {
+                std::thread::sleep(Duration::from_millis(20));
+                open_fds()
+            })
+            .min()
+            .unwrap()
+    };
+    // Threads racing for a freed descriptor can leave one free again later
+    // (a spare not yet taken back): this takes it.
+    let mut idle_control_clients = Vec::new();
+    let mut take_free_fds = || {
+        for _ in settled_fds()..64 {
+            idle_control_clients.push(std::os::unix::net::UnixStream::connect(&sock).unwrap());
+        }
+    };
+    take_free_fds();
+    assert!(
+        wait_until(Duration::from_secs(3), || settled_fds() == 64),
+        "ringlb has {} of 64 descriptors open",
+        settled_fds()
+    );
     // Past the limit: a new client is refused quickly, not left hanging.
     let t = Instant::now();
     // The reset can beat the client's connect() returning.
@@ -313,13 +362,45 @@ fn emfile_keeps_established_connections_and_recovers() {
         s.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"z");
     }
-    let stats = ctl_json(&sock, &["stats"]).1;
+    // The control socket still answers: it keeps descriptors in reserve.
+    let (code, stats) = ctl_json(&sock, &["stats"]);
+    assert_eq!(code, 0, "ctl stats at EMFILE: {stats}");
     assert!(
         stats["listeners"][0]["refused"]["overloaded"].as_u64().unwrap() >= 1,
         "{stats}"
     );
+    // Checks keep running at EMFILE; one that cannot get a socket says
+    // nothing about the backend, which stays in service (fall = 2 at 100 ms
+    // would have taken it out within 200 ms of failures).
+    let backend = || ctl_json(&sock, &["backends"]).1["pools"][0]["backends"][0].clone();
+    let not_run = |b: &serde_json::Value| {
+        b["last_check"]["ok"].is_null()
+            && b["last_check"]["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("not run"))
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            take_free_fds();
+            not_run(&backend())
+        }),
+        "checks meet EMFILE: {}",
+        backend()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let b = backend();
+    assert_eq!(b["state"], "active", "{b}");
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            take_free_fds();
+            ctl_text(&sock, &["backends"]).1.contains("last check not run: ")
+        }),
+        "{}",
+        ctl_text(&sock, &["backends"]).1
+    );
     // Pressure ends: accepting resumes by itself.
     drop(established);
+    drop(idle_control_clients);
     assert!(
         wait_until(Duration::from_secs(3), || read_tag_echo(listen)),
         "accepting resumed"

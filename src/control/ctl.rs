@@ -135,9 +135,14 @@ pub fn human(cmd: &str, r: &Value) -> String {
                     "BACKEND", "WEIGHT", "STATE", "ACTIVE", "TOTAL", "BYTES_IN", "BYTES_OUT", "FAILURES"
                 );
                 for b in p["backends"].as_array().into_iter().flatten() {
+                    // A check ringlb could not run leaves the state as it was; say so.
+                    let not_run = match (&b["last_check"]["ok"], b["last_check"]["detail"].as_str()) {
+                        (Value::Null, Some(detail)) => format!("; last check {detail}"),
+                        _ => String::new(),
+                    };
                     let _ = writeln!(
                         out,
-                        "  {:<24} {:>6} {:<9} {:>7} {:>8} {:>12} {:>12} {:>8}  {}",
+                        "  {:<24} {:>6} {:<9} {:>7} {:>8} {:>12} {:>12} {:>8}  {}{not_run}",
                         s(b, "addr"),
                         s(b, "weight"),
                         s(b, "state"),

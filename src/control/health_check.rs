@@ -7,25 +7,64 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::CheckKind;
 
-/// Runs one check within `timeout`; returns ok, latency, and a detail for logs.
-pub async fn run_check(target: SocketAddr, kind: &CheckKind, timeout: Duration) -> (bool, Duration, String) {
+/// What one check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckVerdict {
+    /// The backend answered as expected.
+    Passed,
+    /// The backend refused, reset, timed out or answered wrong.
+    Failed,
+    /// The check could not run for a reason inside ringlb (out of
+    /// descriptors, memory or local ports): it says nothing about the
+    /// backend, so it must not count against it. Otherwise a saturated
+    /// balancer would mark every backend down and turn overload into an
+    /// outage.
+    NotRun,
+}
+
+impl CheckVerdict {
+    /// `Some(passed)`, or None when the check did not run.
+    pub fn passed(self) -> Option<bool> {
+        match self {
+            CheckVerdict::Passed => Some(true),
+            CheckVerdict::Failed => Some(false),
+            CheckVerdict::NotRun => None,
+        }
+    }
+}
+
+/// Runs one check within `timeout`; returns the verdict, latency, and a detail for logs.
+pub async fn run_check(target: SocketAddr, kind: &CheckKind, timeout: Duration) -> (CheckVerdict, Duration, String) {
     let started = Instant::now();
     let result = tokio::time::timeout(timeout, check(target, kind)).await;
     let latency = started.elapsed();
     match result {
-        Ok(Ok(())) => (true, latency, "ok".into()),
-        Ok(Err(detail)) => (false, latency, detail),
-        Err(_) => (false, latency, format!("timed out after {timeout:?}")),
+        Ok(Ok(())) => (CheckVerdict::Passed, latency, "ok".into()),
+        Ok(Err(Failure::Backend(detail))) => (CheckVerdict::Failed, latency, detail),
+        Ok(Err(Failure::Local(detail))) => (CheckVerdict::NotRun, latency, detail),
+        Err(_) => (CheckVerdict::Failed, latency, format!("timed out after {timeout:?}")),
     }
 }
 
-async fn check(target: SocketAddr, kind: &CheckKind) -> Result<(), String> {
+/// Why a check did not pass: the backend's doing, or ringlb's own.
+enum Failure {
+    Backend(String),
+    Local(String),
+}
+
+impl From<String> for Failure {
+    fn from(detail: String) -> Failure {
+        Failure::Backend(detail)
+    }
+}
+
+async fn check(target: SocketAddr, kind: &CheckKind) -> Result<(), Failure> {
     if let CheckKind::UdpSendExpect { send, expect } = kind {
         return check_udp(target, send, expect).await;
     }
     // The stream is dropped (closed) on every path, including the timeout
     // above, because this runs on tokio's reactor where drop cancels.
-    let mut stream = tokio::net::TcpStream::connect(target).await.map_err(|e| describe(&e))?;
+    let mut stream = tokio::net::TcpStream::connect(target).await.map_err(|e| classify(&e))?;
     let CheckKind::SendExpect { send, expect } = kind else {
         return Ok(());
     };
@@ -43,22 +82,32 @@ async fn check(target: SocketAddr, kind: &CheckKind) -> Result<(), String> {
             .await
             .map_err(|e| format!("read failed: {}", describe(&e)))?;
         if n == 0 {
-            return Err(format!(
+            return Err(Failure::Backend(format!(
                 "closed after {filled} byte(s) of reply, expected {:?}",
                 String::from_utf8_lossy(expect)
-            ));
+            )));
         }
         if got[filled..filled + n] != expect[filled..filled + n] {
             filled += n;
-            return Err(format!(
+            return Err(Failure::Backend(format!(
                 "reply {:?} does not start with {:?}",
                 String::from_utf8_lossy(&got[..filled]),
                 String::from_utf8_lossy(expect)
-            ));
+            )));
         }
         filled += n;
     }
     Ok(())
+}
+
+/// A socket or connect error: ringlb's own shortage, or the backend's answer.
+fn classify(e: &std::io::Error) -> Failure {
+    match e.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL) => {
+            Failure::Local(format!("not run: {e} (in ringlb, not the backend)"))
+        }
+        _ => Failure::Backend(describe(e)),
+    }
 }
 
 fn describe(e: &std::io::Error) -> String {
@@ -72,14 +121,14 @@ fn describe(e: &std::io::Error) -> String {
 /// Sends one probe datagram and expects a reply that starts with `expect`.
 /// ICMP port unreachable shows up as "connection refused" on the connected
 /// socket.
-async fn check_udp(target: SocketAddr, send: &[u8], expect: &[u8]) -> Result<(), String> {
+async fn check_udp(target: SocketAddr, send: &[u8], expect: &[u8]) -> Result<(), Failure> {
     let local: SocketAddr = if target.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let socket = tokio::net::UdpSocket::bind(local).await.map_err(|e| describe(&e))?;
-    socket.connect(target).await.map_err(|e| describe(&e))?;
+    let socket = tokio::net::UdpSocket::bind(local).await.map_err(|e| classify(&e))?;
+    socket.connect(target).await.map_err(|e| classify(&e))?;
     socket
         .send(send)
         .await
@@ -89,10 +138,60 @@ async fn check_udp(target: SocketAddr, send: &[u8], expect: &[u8]) -> Result<(),
     if buf[..n].starts_with(expect) {
         Ok(())
     } else {
-        Err(format!(
+        Err(Failure::Backend(format!(
             "reply {:?} does not start with {:?}",
             String::from_utf8_lossy(&buf[..n.min(64)]),
             String::from_utf8_lossy(expect)
-        ))
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shortages_in_ringlb_are_not_the_backends_fault() {
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EADDRNOTAVAIL,
+        ] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert!(
+                matches!(classify(&e), Failure::Local(d) if d.starts_with("not run")),
+                "{e}"
+            );
+        }
+        for errno in [
+            libc::ECONNREFUSED,
+            libc::ECONNRESET,
+            libc::EHOSTUNREACH,
+            libc::ENETUNREACH,
+        ] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert!(matches!(classify(&e), Failure::Backend(_)), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_check_fails_and_an_answered_one_passes() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let timeout = Duration::from_secs(2);
+        let verdict = run_check(listener.local_addr().unwrap(), &CheckKind::Tcp, timeout)
+            .await
+            .0;
+        assert_eq!(verdict, CheckVerdict::Passed);
+        // Bound and never listening, held for the test: connect is refused.
+        let refusing = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        refusing
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        let addr = refusing.local_addr().unwrap().as_socket().unwrap();
+        let (verdict, _, detail) = run_check(addr, &CheckKind::Tcp, timeout).await;
+        assert_eq!(verdict, CheckVerdict::Failed, "{detail}");
+        assert_eq!(detail, "connection refused");
     }
 }

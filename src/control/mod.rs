@@ -148,9 +148,9 @@ async fn health_scheduler(server: Arc<Server>) {
                 let Ok(_permit) = slots.acquire_owned().await else {
                     return;
                 };
-                let (ok, latency, detail) = health_check::run_check(job.target, &job.kind, job.timeout).await;
+                let (verdict, latency, detail) = health_check::run_check(job.target, &job.kind, job.timeout).await;
                 let mut model = server.model.lock();
-                if model.record_check(job.pool, job.epoch, ok, latency, detail, Instant::now()) {
+                if model.record_check(job.pool, job.epoch, verdict.passed(), latency, detail, Instant::now()) {
                     server.publish(&mut model);
                 }
             });

@@ -6,6 +6,7 @@
 //! own task, so a slow one never holds up another, and the data plane never
 //! runs here at all.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 
 use super::protocol::{error, parse_request};
+use crate::fd_reserve::FdReserve;
 use crate::server::Server;
 
 /// Longest request line accepted.
@@ -24,6 +26,9 @@ pub const MAX_LINE: usize = 64 * 1024;
 pub const MAX_CLIENTS: usize = 32;
 /// A client that sends no complete line for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Descriptors kept back so control clients are served when the data plane
+/// has used all the others.
+const RESERVED_FDS: usize = 2;
 
 /// Creates the control socket with mode 0600. A stale socket file from a
 /// crashed run is replaced; a live one (another ringlb answering) is an error.
@@ -70,17 +75,17 @@ pub async fn serve(listener: std::os::unix::net::UnixListener, server: Arc<Serve
         }
     };
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let reserve = Arc::new(FdReserve::new(RESERVED_FDS));
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
+        let mut stream = reserve.accept(listener.as_raw_fd(), || listener.accept()).await.0;
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 let server = server.clone();
+                let reserve = reserve.clone();
                 tokio::spawn(async move {
                     serve_client(stream, &server).await;
                     drop(permit);
+                    reserve.refill();
                 });
             }
             Err(_) => {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::engine::{shutdown_fd, Engine, RelayStream};
+use crate::fd_reserve::client_waiting;
 use crate::flow_key::flow_hash;
 use crate::snapshot::Backend;
 use crate::stats::RefuseReason;
@@ -45,7 +46,13 @@ pub async fn accept_loop<E: Engine>(
     let mut last_warn: Option<Instant> = None;
     loop {
         match E::accept(&listener).await {
-            Ok((stream, peer)) => E::spawn(handle_connection::<E>(ctx.clone(), slot, stream, peer)),
+            Ok((stream, peer)) => {
+                if ctx.fd_reserve.is_short() {
+                    // Its last refill met EMFILE; descriptors are free again.
+                    ctx.fd_reserve.refill();
+                }
+                E::spawn(handle_connection::<E>(ctx.clone(), slot, stream, peer))
+            }
             Err(_) if stop.is_stopped() => break,
             Err(e) => {
                 if let Some(l) = ctx.snapshot().listener(slot) {
@@ -80,19 +87,13 @@ pub async fn accept_loop<E: Engine>(
 /// Established connections are untouched. Returns how many were refused.
 fn shed_pending(ctx: &WorkerCtx, listener_fd: std::os::fd::RawFd) -> u64 {
     const BATCH: u64 = 256;
-    let mut reserve = ctx.reserve_fd.borrow_mut();
+    let reserve = &ctx.fd_reserve;
     let mut refused = 0;
-    if reserve.take().is_some() {
-        while refused < BATCH {
-            let mut pfd = libc::pollfd {
-                fd: listener_fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: poll on one valid pollfd with a zero timeout never blocks.
-            if unsafe { libc::poll(&mut pfd, 1, 0) } != 1 {
-                break;
-            }
+    reserve.refill();
+    // EMFILE comes before the kernel looks for a waiting client: with none
+    // waiting, a spare given up here would only go to someone else.
+    if client_waiting(listener_fd) && reserve.release_one() {
+        while refused < BATCH && client_waiting(listener_fd) {
             // SAFETY: accept4 on our listening socket; the new fd is closed below.
             let fd = unsafe {
                 libc::accept4(
@@ -122,7 +123,7 @@ fn shed_pending(ctx: &WorkerCtx, listener_fd: std::os::fd::RawFd) -> u64 {
             }
             refused += 1;
         }
-        *reserve = std::fs::File::open("/dev/null").ok();
+        reserve.refill();
     }
     refused
 }
