@@ -47,9 +47,11 @@ fn a_source_over_its_rate_is_refused_while_another_is_served() {
     let quiet: IpAddr = [127, 0, 5, 2].into();
     let started = Instant::now();
     let mut admitted = 0;
+    let mut errors = std::collections::BTreeMap::new();
     for i in 0..40 {
-        if served(lb.listen, noisy) {
-            admitted += 1;
+        match read_tag(lb.listen, Some(noisy)) {
+            Ok(_) => admitted += 1,
+            Err(e) => *errors.entry(format!("{:?}: {e}", e.kind())).or_insert(0) += 1,
         }
         if i % 8 == 0 {
             let r = read_tag(lb.listen, Some(quiet));
@@ -65,8 +67,12 @@ fn a_source_over_its_rate_is_refused_while_another_is_served() {
         admitted >= 10 && admitted as f64 <= allowed + 1.0,
         "admitted {admitted}, burst 10 + rate 2/s allows {allowed:.1}"
     );
-    // Every noisy connection that was not served was refused by ringlb (almost
-    // all as rate_limited; the reasons are printed if not).
+    // Every noisy connection ringlb accepted and did not serve, it refused
+    // (almost all as rate_limited; the reasons are printed if not). Counted
+    // from ringlb's side: once in a CI run one of the 40 failed at the client
+    // without ever reaching ringlb's accept (`accepted` was one short), which
+    // is the kernel's doing, not the limiter's; the client's errors are
+    // printed should that happen again.
     let stats = ctl_json(&lb.sock, &["stats"]).1;
     let refused: u64 = stats["listeners"][0]["refused"]
         .as_object()
@@ -74,9 +80,11 @@ fn a_source_over_its_rate_is_refused_while_another_is_served() {
         .values()
         .map(|v| v.as_u64().unwrap())
         .sum();
+    let quiet_served = 5;
+    let noisy_accepted = stats["listeners"][0]["accepted"].as_u64().unwrap() - quiet_served;
     assert!(
-        refused >= 40 - admitted as u64,
-        "{admitted} admitted, {refused} refused: {stats}"
+        noisy_accepted >= 38 && refused >= noisy_accepted - admitted as u64,
+        "{admitted} admitted, {refused} refused of {noisy_accepted} accepted; the client saw {errors:?}; {stats}"
     );
     assert!(refused_count(&lb, "rate_limited") >= 20, "{stats}");
     // Refused at once with a reset, not left hanging.

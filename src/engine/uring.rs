@@ -70,8 +70,9 @@ impl Engine for Uring {
     fn into_tokio(stream: Self::Stream) -> io::Result<tokio::net::TcpStream> {
         // tokio-uring can't give its fd away; a dup keeps the socket open
         // after the io_uring stream (which has no op in flight) is dropped.
-        // SAFETY: dup of an fd we own; the new fd is owned by the std stream.
-        let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+        // SAFETY: dup (close-on-exec, like every descriptor ringlb opens) of
+        // an fd we own; the new fd is owned by the std stream.
+        let fd = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
