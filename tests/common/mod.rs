@@ -219,6 +219,10 @@ pub struct Backend {
     pub tag: String,
     pub accepted: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
+    /// Connections its accept thread took after it was told to die.
+    lost: Arc<AtomicUsize>,
+    /// Its accept thread has exited.
+    exited: Arc<AtomicBool>,
     listen_fd: i32,
 }
 
@@ -233,10 +237,16 @@ impl Backend {
         let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
         let accepted = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let lost = Arc::new(AtomicUsize::new(0));
+        let exited = Arc::new(AtomicBool::new(false));
         let (acc, st, t) = (accepted.clone(), stop.clone(), tag.to_string());
+        let (lo, ex) = (lost.clone(), exited.clone());
         thread::spawn(move || {
             for s in listener.incoming() {
                 if st.load(Ordering::SeqCst) {
+                    if s.is_ok() {
+                        lo.fetch_add(1, Ordering::SeqCst);
+                    }
                     break;
                 }
                 let Ok(s) = s else { continue };
@@ -244,18 +254,65 @@ impl Backend {
                 let t = t.clone();
                 thread::spawn(move || serve(s, &t, behaviour));
             }
+            ex.store(true, Ordering::SeqCst);
         });
         Backend {
             addr,
             tag: tag.to_string(),
             accepted,
             stop,
+            lost,
+            exited,
             listen_fd,
         }
     }
 
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Dies like a process, and returns the connections that died with it:
+    /// completed handshakes still in its accept queue (reset, as the kernel
+    /// resets them when a process dies) and any its accept thread took after
+    /// the death. No balancer can save those: their connect had already
+    /// succeeded, and the backend drops them before sending a byte.
+    pub fn kill(self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut reset = 0;
+        // SAFETY: fcntl/accept4/setsockopt/close on the listening socket this
+        // Backend owns and on the descriptors accept4 returns.
+        unsafe {
+            let flags = libc::fcntl(self.listen_fd, libc::F_GETFL);
+            libc::fcntl(self.listen_fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+            loop {
+                let fd = libc::accept4(
+                    self.listen_fd,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                );
+                if fd < 0 {
+                    break;
+                }
+                let linger = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                );
+                libc::close(fd);
+                reset += 1;
+            }
+        }
+        let (lost, exited) = (self.lost.clone(), self.exited.clone());
+        drop(self);
+        wait_until(Duration::from_secs(2), || exited.load(Ordering::SeqCst));
+        reset + lost.load(Ordering::SeqCst)
     }
 }
 
