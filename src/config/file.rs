@@ -95,6 +95,8 @@ pub struct ListenerFile {
     pub rate_limit: Option<RateLimitFile>,
     /// `copy`, `splice` or `auto`.
     pub relay: Option<String>,
+    /// `off`, `v1` or `v2`: PROXY protocol header to the backend.
+    pub proxy_protocol: Option<String>,
 }
 
 /// `[listener.rate_limit]`: per-source token buckets.
@@ -172,6 +174,9 @@ pub struct HealthCheckFile {
     pub initial_state: Option<String>,
     /// Checks running at once for this pool.
     pub max_concurrent: Option<i64>,
+    /// `off`, `v1` or `v2`: open each check with a PROXY protocol header
+    /// for a connection of ringlb's own (for backends that require one).
+    pub send_proxy: Option<String>,
 }
 
 /// `[pool.outlier]`

@@ -173,6 +173,20 @@ pub struct ListenerConfig {
     pub rate_limit: Option<RateLimitConfig>,
     /// How TCP bytes are moved.
     pub relay: RelayMode,
+    /// PROXY protocol header sent to the backend first.
+    pub proxy_protocol: ProxyProtocol,
+}
+
+/// Whether, and in which version, a TCP listener tells its backends the
+/// client's address with a PROXY protocol header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    /// No header: backends see ringlb's address.
+    Off,
+    /// The text header (`PROXY TCP4 ...\r\n`).
+    V1,
+    /// The binary header.
+    V2,
 }
 
 /// How a TCP listener moves bytes.
@@ -657,8 +671,24 @@ fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Opti
     if l.relay.is_some() && protocol == Protocol::Udp {
         c.err(&format!("{place}relay"), "only applies to protocol = \"tcp\"");
     }
+    let proxy_protocol = match l.proxy_protocol.as_deref() {
+        None | Some("off") => ProxyProtocol::Off,
+        Some("v1") => ProxyProtocol::V1,
+        Some("v2") => ProxyProtocol::V2,
+        Some(other) => {
+            c.err(
+                &format!("{place}proxy_protocol"),
+                format!("\"{other}\": expected off, v1 or v2"),
+            );
+            ProxyProtocol::Off
+        }
+    };
+    if proxy_protocol != ProxyProtocol::Off && protocol == Protocol::Udp {
+        c.err(&format!("{place}proxy_protocol"), "only applies to protocol = \"tcp\"");
+    }
     Some(ListenerConfig {
         relay,
+        proxy_protocol,
         max_flows,
         max_connections,
         max_connections_per_source,
@@ -901,6 +931,38 @@ fn validate_health_check(c: &mut Checker<'_>, place: &str, h: &file::HealthCheck
             "send/expect only apply to kind = \"send_expect\" or \"udp_send_expect\"",
         );
     }
+    // A backend that requires a PROXY header (HAProxy's check-send-proxy):
+    // the check opens with the "connection of our own" header.
+    let send_proxy = match h.send_proxy.as_deref() {
+        None | Some("off") => ProxyProtocol::Off,
+        Some("v1") => ProxyProtocol::V1,
+        Some("v2") => ProxyProtocol::V2,
+        Some(other) => {
+            c.err(
+                &format!("{place}send_proxy"),
+                format!("\"{other}\": expected off, v1 or v2"),
+            );
+            ProxyProtocol::Off
+        }
+    };
+    let kind = match (crate::proxy::proxy_protocol::local_header(send_proxy), kind) {
+        (None, kind) => kind,
+        (Some(header), CheckKind::Tcp) => CheckKind::SendExpect {
+            send: header.bytes().to_vec(),
+            expect: Vec::new(),
+        },
+        (Some(header), CheckKind::SendExpect { send, expect }) => CheckKind::SendExpect {
+            send: [header.bytes(), &send].concat(),
+            expect,
+        },
+        (Some(_), kind) => {
+            c.err(
+                &format!("{place}send_proxy"),
+                "only applies to kind = \"tcp\" or \"send_expect\"",
+            );
+            kind
+        }
+    };
     let interval = c.duration(place, "interval", &h.interval, d.interval);
     if interval < Duration::from_millis(10) {
         c.err(&format!("{place}interval"), "must be at least 10ms");

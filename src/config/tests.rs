@@ -142,3 +142,49 @@ fn control_backend_request_uses_same_rules() {
         .to_string();
     assert!(e.contains("weight: -1 is out of range"), "{e}");
 }
+
+#[test]
+fn proxy_protocol_on_listeners_and_checks() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.listeners[0].proxy_protocol, ProxyProtocol::Off, "off unless asked");
+    let on = GOOD.replace(
+        "hash_key = \"src_ip\"",
+        "hash_key = \"src_ip\"\nproxy_protocol = \"v2\"",
+    );
+    assert_eq!(parse(&on).unwrap().listeners[0].proxy_protocol, ProxyProtocol::V2);
+
+    let e = errors(&GOOD.replace("hash_key = \"src_ip\"", "proxy_protocol = \"v3\"")).join("\n");
+    assert!(e.contains("proxy_protocol: \"v3\": expected off, v1 or v2"), "{e}");
+    let udp = GOOD.replace("hash_key = \"src_ip\"", "protocol = \"udp\"\nproxy_protocol = \"v1\"");
+    let e = errors(&udp).join("\n");
+    assert!(e.contains("proxy_protocol: only applies to protocol = \"tcp\""), "{e}");
+
+    // Checks of PROXY-only backends open with the "our own connection" header.
+    let check = |extra: &str| {
+        let text = GOOD.replace(
+            "name = \"web\"\n[[pool.backend]]",
+            &format!("name = \"web\"\n[pool.health_check]\n{extra}\n[[pool.backend]]"),
+        );
+        parse(&text).map(|c| c.pools[0].health_check.kind.clone())
+    };
+    assert_eq!(
+        check("send_proxy = \"v1\"").unwrap(),
+        CheckKind::SendExpect {
+            send: b"PROXY UNKNOWN\r\n".to_vec(),
+            expect: Vec::new()
+        }
+    );
+    let CheckKind::SendExpect { send, expect } =
+        check("kind = \"send_expect\"\nsend = \"PING\\r\\n\"\nexpect = \"+PONG\"\nsend_proxy = \"v2\"").unwrap()
+    else {
+        panic!("send_expect expected");
+    };
+    assert_eq!(&send[..12], b"\r\n\r\n\0\r\nQUIT\n");
+    assert_eq!(&send[16..], b"PING\r\n");
+    assert_eq!(expect, b"+PONG");
+    let e = check("kind = \"none\"\nsend_proxy = \"v1\"").unwrap_err().0[0].to_string();
+    assert!(
+        e.contains("send_proxy: only applies to kind = \"tcp\" or \"send_expect\""),
+        "{e}"
+    );
+}

@@ -13,9 +13,10 @@ use crate::snapshot::Backend;
 use crate::stats::RefuseReason;
 use crate::worker::{StopSignal, WorkerCtx};
 
+use super::proxy_protocol;
 use super::relay::{relay, CopyPump, DirectionCounters, RelayEnd};
 use super::splice::SplicePump;
-use crate::config::RelayMode;
+use crate::config::{ProxyProtocol, RelayMode};
 
 /// Pause after an accept error caused by resource exhaustion (EMFILE and
 /// friends) so the loop doesn't spin while the pressure lasts.
@@ -128,20 +129,44 @@ fn shed_pending(ctx: &WorkerCtx, listener_fd: std::os::fd::RawFd) -> u64 {
     refused
 }
 
-/// Connects to `addr` within `timeout`. The connect runs on tokio's reactor
-/// on both engines because it can be cancelled there: a timed-out connect
+/// Connects to `addr` and sends `first` (a PROXY protocol header, or
+/// nothing), all within `timeout`. The connect runs on tokio's reactor on
+/// both engines because it can be cancelled there: a timed-out connect
 /// closes its socket at once.
-async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<tokio::net::TcpStream> {
+async fn connect(addr: SocketAddr, timeout: Duration, first: &[u8]) -> io::Result<tokio::net::TcpStream> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
-    let stream = tokio::time::timeout(timeout, socket.connect(addr))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-    stream.set_nodelay(true)?;
+    let stream = tokio::time::timeout(timeout, async {
+        let mut stream = socket.connect(addr).await?;
+        stream.set_nodelay(true)?;
+        if !first.is_empty() {
+            // A new socket's send buffer is empty: this completes at once
+            // unless the backend is already gone.
+            tokio::io::AsyncWriteExt::write_all(&mut stream, first).await?;
+        }
+        Ok::<_, io::Error>(stream)
+    })
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     Ok(stream)
+}
+
+/// The address the client connected to: the listener's own unless it is
+/// bound to a wildcard, else asked of the socket (one getsockname, only with
+/// PROXY protocol on).
+fn local_addr_of<S: RelayStream>(client: &S, bind: SocketAddr) -> io::Result<SocketAddr> {
+    if !bind.ip().is_unspecified() {
+        return Ok(bind);
+    }
+    // SAFETY: the fd belongs to `client`, which outlives this borrow.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(client.fd()) };
+    socket2::SockRef::from(&fd)
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("not an inet socket"))
 }
 
 fn close_now<S: RelayStream>(stream: &S) {
@@ -229,6 +254,20 @@ async fn handle_connection<E: Engine>(ctx: Rc<WorkerCtx>, slot: usize, client: E
         return;
     };
 
+    let proxy_header = match config.proxy_protocol {
+        ProxyProtocol::Off => None,
+        version => match local_addr_of(&client, config.bind) {
+            Ok(local) => proxy_protocol::header(version, peer, local),
+            Err(e) => {
+                log::debug!("{peer}: no local address for the PROXY header: {e}");
+                stats.refuse(RefuseReason::ConnectFailed);
+                close_now(&client);
+                return;
+            }
+        },
+    };
+    let first: &[u8] = proxy_header.as_ref().map_or(&[], |h| h.bytes());
+
     // Walk the key's preference order: backends at their max_connections are
     // skipped (spill-over) without using up a connect attempt.
     let hash = flow_hash(peer, config.hash_key);
@@ -242,7 +281,7 @@ async fn handle_connection<E: Engine>(ctx: Rc<WorkerCtx>, slot: usize, client: E
         };
         attempts += 1;
         let connect_started = Instant::now();
-        match connect(backend.addr, config.connect_timeout).await {
+        match connect(backend.addr, config.connect_timeout, first).await {
             Ok(stream) => {
                 stats.connect_latency.observe(connect_started.elapsed());
                 backend.connect_succeeded();

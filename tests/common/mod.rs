@@ -211,6 +211,11 @@ pub enum Behaviour {
     Reply(&'static str),
     /// Accepts and resets the connection at once.
     Reset,
+    /// Reads a PROXY protocol header (v1 or v2) and writes one line saying
+    /// what it carried: `v1 SRC DST` / `v2 SRC DST`, `LOCAL` (ringlb's own connection),
+    /// or `BAD ...`; then echoes. Like a real server that requires the
+    /// header, it waits at most 2 s for it.
+    ProxyReport,
 }
 
 /// A backend thread on a loopback port; stops accepting on drop.
@@ -352,6 +357,15 @@ fn serve(mut s: TcpStream, tag: &str, behaviour: Behaviour) {
         Behaviour::Reset => {
             let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
             drop(s);
+        }
+        Behaviour::ProxyReport => {
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+            let line = read_proxy_header(&mut s).unwrap_or_else(|e| format!("BAD {e}"));
+            if s.write_all(format!("{line}\n").as_bytes()).is_err() {
+                return;
+            }
+            s.set_read_timeout(None).ok();
+            serve(s, tag, Behaviour::Echo);
         }
         Behaviour::TagEcho | Behaviour::Echo => {
             if let Behaviour::TagEcho = behaviour {
@@ -567,5 +581,65 @@ pub fn start_controlled(engine: &str, body: &str, listen: SocketAddr) -> Control
         sock,
         listen,
         _dir: dir,
+    }
+}
+
+/// Reads one PROXY protocol header (v1 text or v2 binary) off `s`:
+/// `v1 SRC DST`, `v2 SRC DST` or `LOCAL`.
+pub fn read_proxy_header(s: &mut TcpStream) -> Result<String, String> {
+    const V2: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+    let mut start = [0u8; 12];
+    s.read_exact(&mut start).map_err(|e| format!("no header: {e}"))?;
+    if &start == V2 {
+        let mut fixed = [0u8; 4];
+        s.read_exact(&mut fixed).map_err(|e| e.to_string())?;
+        let len = u16::from_be_bytes([fixed[2], fixed[3]]) as usize;
+        let mut block = vec![0u8; len];
+        s.read_exact(&mut block).map_err(|e| e.to_string())?;
+        return match (fixed[0], fixed[1], len) {
+            (0x20, _, _) => Ok("LOCAL".into()),
+            (0x21, 0x11, 12) => {
+                let ip = |b: &[u8]| std::net::IpAddr::from([b[0], b[1], b[2], b[3]]);
+                let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+                let src = SocketAddr::new(ip(&block[0..4]), port(&block[8..10]));
+                let dst = SocketAddr::new(ip(&block[4..8]), port(&block[10..12]));
+                Ok(format!("v2 {src} {dst}"))
+            }
+            (0x21, 0x21, 36) => {
+                let ip = |b: &[u8]| std::net::IpAddr::from(<[u8; 16]>::try_from(b).unwrap());
+                let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+                let src = SocketAddr::new(ip(&block[0..16]), port(&block[32..34]));
+                let dst = SocketAddr::new(ip(&block[16..32]), port(&block[34..36]));
+                Ok(format!("v2 {src} {dst}"))
+            }
+            other => Err(format!("v2 header {other:?}")),
+        };
+    }
+    if !start.starts_with(b"PROXY ") {
+        return Err(format!("starts with {:?}", String::from_utf8_lossy(&start)));
+    }
+    let mut line = start.to_vec();
+    while !line.ends_with(b"\r\n") {
+        if line.len() > 107 {
+            return Err("v1 line longer than 107 bytes".into());
+        }
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).map_err(|e| e.to_string())?;
+        line.push(b[0]);
+    }
+    let text = String::from_utf8_lossy(&line[..line.len() - 2]).into_owned();
+    let f: Vec<&str> = text.split(' ').collect();
+    match f.as_slice() {
+        ["PROXY", "UNKNOWN", ..] => Ok("LOCAL".into()),
+        ["PROXY", "TCP4" | "TCP6", src, dst, sport, dport] => {
+            let addr = |ip: &str, port: &str| -> Result<SocketAddr, String> {
+                Ok(SocketAddr::new(
+                    ip.parse().map_err(|_| format!("bad address in {text:?}"))?,
+                    port.parse().map_err(|_| format!("bad port in {text:?}"))?,
+                ))
+            };
+            Ok(format!("v1 {} {}", addr(src, sport)?, addr(dst, dport)?))
+        }
+        _ => Err(format!("v1 line {text:?}")),
     }
 }
