@@ -407,6 +407,19 @@ impl Checker<'_> {
         }
     }
 
+    /// `off` (or absent), `v1` or `v2`.
+    fn proxy_protocol(&mut self, place: &str, key: &str, v: &Option<String>) -> ProxyProtocol {
+        match v.as_deref() {
+            None | Some("off") => ProxyProtocol::Off,
+            Some("v1") => ProxyProtocol::V1,
+            Some("v2") => ProxyProtocol::V2,
+            Some(other) => {
+                self.err(&format!("{place}{key}"), format!("\"{other}\": expected off, v1 or v2"));
+                ProxyProtocol::Off
+            }
+        }
+    }
+
     fn addr(&mut self, place: &str, key: &str, v: &Option<String>) -> Option<SocketAddr> {
         match v {
             None => {
@@ -671,18 +684,7 @@ fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Opti
     if l.relay.is_some() && protocol == Protocol::Udp {
         c.err(&format!("{place}relay"), "only applies to protocol = \"tcp\"");
     }
-    let proxy_protocol = match l.proxy_protocol.as_deref() {
-        None | Some("off") => ProxyProtocol::Off,
-        Some("v1") => ProxyProtocol::V1,
-        Some("v2") => ProxyProtocol::V2,
-        Some(other) => {
-            c.err(
-                &format!("{place}proxy_protocol"),
-                format!("\"{other}\": expected off, v1 or v2"),
-            );
-            ProxyProtocol::Off
-        }
-    };
+    let proxy_protocol = c.proxy_protocol(&place, "proxy_protocol", &l.proxy_protocol);
     if proxy_protocol != ProxyProtocol::Off && protocol == Protocol::Udp {
         c.err(&format!("{place}proxy_protocol"), "only applies to protocol = \"tcp\"");
     }
@@ -933,18 +935,7 @@ fn validate_health_check(c: &mut Checker<'_>, place: &str, h: &file::HealthCheck
     }
     // A backend that requires a PROXY header (HAProxy's check-send-proxy):
     // the check opens with the "connection of our own" header.
-    let send_proxy = match h.send_proxy.as_deref() {
-        None | Some("off") => ProxyProtocol::Off,
-        Some("v1") => ProxyProtocol::V1,
-        Some("v2") => ProxyProtocol::V2,
-        Some(other) => {
-            c.err(
-                &format!("{place}send_proxy"),
-                format!("\"{other}\": expected off, v1 or v2"),
-            );
-            ProxyProtocol::Off
-        }
-    };
+    let send_proxy = c.proxy_protocol(place, "send_proxy", &h.send_proxy);
     let kind = match (crate::proxy::proxy_protocol::local_header(send_proxy), kind) {
         (None, kind) => kind,
         (Some(header), CheckKind::Tcp) => CheckKind::SendExpect {
