@@ -107,21 +107,9 @@ fn shed_pending(ctx: &WorkerCtx, listener_fd: std::os::fd::RawFd) -> u64 {
             if fd < 0 {
                 break;
             }
-            let linger = libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            };
-            // SAFETY: setsockopt/close on the fd accept4 just returned.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    (&linger as *const libc::linger).cast(),
-                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                );
-                libc::close(fd);
-            }
+            reset_on_close(fd);
+            // SAFETY: closes the fd accept4 just returned, owned by nobody else.
+            unsafe { libc::close(fd) };
             refused += 1;
         }
         reserve.refill();
@@ -178,20 +166,14 @@ fn close_now<S: RelayStream>(stream: &S) {
 /// once (ECONNRESET on its first read or write), and ringlb keeps no socket
 /// in FIN_WAIT/TIME_WAIT for a flood of refused connections.
 fn reset_now<S: RelayStream>(stream: &S) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt with a valid linger struct on our own socket.
-    unsafe {
-        libc::setsockopt(
-            stream.fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
+    reset_on_close(stream.fd());
+}
+
+/// SO_LINGER 0: the next close of `fd` sends a reset instead of a FIN.
+fn reset_on_close(fd: std::os::fd::RawFd) {
+    // SAFETY: `fd` is an open socket of ours for the duration of this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
 }
 
 /// Most backends looked at per connection (spill-over past full backends).

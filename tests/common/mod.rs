@@ -283,36 +283,17 @@ impl Backend {
     /// succeeded, and the backend drops them before sending a byte.
     pub fn kill(self) -> usize {
         self.stop.store(true, Ordering::SeqCst);
+        // The listener belongs to the accept thread; borrow it without
+        // closing it here, and take what waits in its queue without blocking.
+        // SAFETY: listen_fd stays open until this Backend is dropped below.
+        let listener = std::mem::ManuallyDrop::new(unsafe {
+            <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(self.listen_fd)
+        });
+        listener.set_nonblocking(true).unwrap();
         let mut reset = 0;
-        // SAFETY: fcntl/accept4/setsockopt/close on the listening socket this
-        // Backend owns and on the descriptors accept4 returns.
-        unsafe {
-            let flags = libc::fcntl(self.listen_fd, libc::F_GETFL);
-            libc::fcntl(self.listen_fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
-            loop {
-                let fd = libc::accept4(
-                    self.listen_fd,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    libc::SOCK_CLOEXEC,
-                );
-                if fd < 0 {
-                    break;
-                }
-                let linger = libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                };
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    (&linger as *const libc::linger).cast(),
-                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                );
-                libc::close(fd);
-                reset += 1;
-            }
+        while let Ok((s, _)) = listener.accept() {
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            reset += 1;
         }
         let (lost, exited) = (self.lost.clone(), self.exited.clone());
         drop(self);
