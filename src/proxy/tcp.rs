@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::engine::{shutdown_fd, Engine, RelayStream};
-use crate::fd_reserve::client_waiting;
+use crate::fd_reserve::{client_waiting, is_out_of_descriptors};
 use crate::flow_key::flow_hash;
 use crate::snapshot::Backend;
 use crate::stats::RefuseReason;
@@ -274,7 +274,7 @@ async fn handle_connection<E: Engine>(ctx: Rc<WorkerCtx>, slot: usize, client: E
                 if counted {
                     backend.release_slot();
                 }
-                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                if is_out_of_descriptors(&e) {
                     // Our own descriptor shortage, not the backend's fault.
                     overloaded = true;
                     break;
