@@ -1,6 +1,7 @@
 //! ringlb: an L4 TCP/UDP load balancer for Linux on io_uring.
 pub mod admission;
 pub mod config;
+pub mod conn;
 pub mod control;
 pub mod demo;
 pub mod engine;

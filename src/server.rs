@@ -8,14 +8,13 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
 
 use crate::config::{Config, ListenerConfig, Protocol};
 use crate::control::{run_control_plane, ControlEndpoints};
 use crate::engine::resolve_engine;
 use crate::listen::{bind_tcp_for_workers, bind_udp_for_workers};
 use crate::model::Model;
-use crate::worker::{spawn_worker, Shared, WorkerCmd, WORKER_QUEUE};
+use crate::worker::{spawn_worker, Shared, WorkerCmd, WorkerHandle};
 
 /// A running process's handles, owned by the control plane.
 pub struct Server {
@@ -24,7 +23,7 @@ pub struct Server {
     /// The control plane's model (the lock is never taken by workers).
     pub model: Mutex<Model>,
     /// Command queues of the workers.
-    pub workers: Vec<mpsc::Sender<WorkerCmd>>,
+    pub workers: Vec<WorkerHandle>,
 }
 
 impl Server {
@@ -166,6 +165,7 @@ pub fn run(config: Config) -> Result<(), String> {
         engine,
         access_log: AtomicBool::new(config.control.access_log),
         started: Instant::now(),
+        worker_setup: Mutex::new(Vec::new()),
     });
 
     // Bind everything before starting anything: a config whose address is
@@ -198,10 +198,9 @@ pub fn run(config: Config) -> Result<(), String> {
 
     let mut senders = Vec::new();
     for id in 0..workers {
-        let (tx, rx) = mpsc::channel(WORKER_QUEUE);
-        spawn_worker(id, shared.clone(), rx, config.runtime.pin_workers)
+        let handle = spawn_worker(id, shared.clone(), config.runtime.pin_workers)
             .map_err(|e| format!("cannot start worker {id}: {e}"))?;
-        senders.push(tx);
+        senders.push(handle);
     }
     let model = Model::new(config.clone(), workers, Instant::now());
     let server = Arc::new(Server {

@@ -1,19 +1,22 @@
-//! Worker threads: one runtime per thread, fed commands by the control plane.
+//! Worker threads: one native event loop per worker for TCP (io_uring or
+//! epoll), fed commands by the control plane through a bounded queue and
+//! an eventfd; beside it, one UDP thread per worker.
 
 use std::cell::RefCell;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use crossbeam::channel;
+use parking_lot::Mutex;
 use tokio::sync::{mpsc, Notify};
 
-use crate::engine::{Engine, IoEngine};
-use crate::fd_reserve::FdReserve;
-use crate::proxy::buffers::BufPool;
+use crate::engine::waker::Waker;
+use crate::engine::IoEngine;
 use crate::snapshot::Snapshot;
+use crate::udp::proxy::UdpListenerSpec;
 
 /// State shared by every thread of one ringlb process.
 pub struct Shared {
@@ -29,6 +32,9 @@ pub struct Shared {
     pub access_log: AtomicBool,
     /// When ringlb started.
     pub started: Instant,
+    /// How each worker's loop was set up (e.g. the io_uring flags), for
+    /// `ctl status`; filled in as workers start.
+    pub worker_setup: Mutex<Vec<String>>,
 }
 
 /// A stop request for one listener's accept loops.
@@ -36,6 +42,8 @@ pub struct Shared {
 pub struct StopSignal {
     stopped: AtomicBool,
     notify: Notify,
+    /// Worker loops to wake when stopped (they check the flag then).
+    wakers: Mutex<Vec<Arc<Waker>>>,
 }
 
 impl StopSignal {
@@ -43,11 +51,25 @@ impl StopSignal {
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
         self.notify.notify_waiters();
+        for w in self.wakers.lock().iter() {
+            w.wake();
+        }
     }
 
     /// Whether stop was asked.
     pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Wakes `waker` when stopped (at once if it already is).
+    pub fn register(&self, waker: Arc<Waker>) {
+        let mut wakers = self.wakers.lock();
+        if self.is_stopped() {
+            waker.wake();
+        }
+        if !wakers.iter().any(|w| Arc::ptr_eq(w, &waker)) {
+            wakers.push(waker);
+        }
     }
 
     /// Resolves once stop was asked (immediately if it already was).
@@ -76,7 +98,7 @@ pub enum WorkerCmd {
         stop: Arc<StopSignal>,
     },
     /// Start serving a UDP listener on this socket.
-    ListenUdp(crate::udp::proxy::UdpListenerSpec),
+    ListenUdp(UdpListenerSpec),
     /// Wake every connection so it checks whether it must close
     /// (its backend's `closing` flag, or [`Shared::force_close`]).
     CheckClose,
@@ -85,28 +107,66 @@ pub enum WorkerCmd {
 /// Capacity of a worker's command queue; commands are rare (reloads, drains).
 pub const WORKER_QUEUE: usize = 256;
 
-/// A worker's own state, shared by its tasks (never by other threads).
+/// The control plane's end of a worker's command queue.
+pub struct WorkerHandle {
+    tx: channel::Sender<WorkerCmd>,
+    waker: Arc<Waker>,
+}
+
+impl WorkerHandle {
+    /// Queues `cmd` and wakes the worker; `Err` when the queue is full
+    /// (the worker is far behind).
+    pub fn try_send(&self, cmd: WorkerCmd) -> Result<(), WorkerCmd> {
+        self.tx.try_send(cmd).map_err(|e| e.into_inner())?;
+        self.waker.wake();
+        Ok(())
+    }
+}
+
+/// A worker's end of its command queue.
+pub struct WorkerInbox {
+    rx: channel::Receiver<WorkerCmd>,
+    /// Written by the control plane after each command and by stopped
+    /// listeners; the loop waits on it.
+    pub waker: Arc<Waker>,
+    udp: mpsc::Sender<UdpListenerSpec>,
+}
+
+impl WorkerInbox {
+    /// The next queued command, if any.
+    pub fn try_recv(&self) -> Option<WorkerCmd> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Hands a UDP listener to this worker's UDP thread.
+    pub fn forward_udp(&self, spec: UdpListenerSpec) {
+        if let Err(e) = self.udp.try_send(spec) {
+            let spec = match e {
+                mpsc::error::TrySendError::Full(s) | mpsc::error::TrySendError::Closed(s) => s,
+            };
+            log::error!(
+                "udp listener \"{}\": its worker's UDP thread is not taking it",
+                spec.name
+            );
+        }
+    }
+}
+
+/// A UDP thread's own state, shared by its tasks (never by other threads).
 pub struct WorkerCtx {
     /// Worker index.
     pub id: usize,
     /// Process-wide state.
     pub shared: Arc<Shared>,
-    /// Relay buffers.
-    pub bufs: BufPool,
-    /// Pipes of the splice relay.
-    pub pipes: crate::proxy::splice::PipePool,
-    /// Woken on [`WorkerCmd::CheckClose`]; only this worker's tasks wait on it.
-    pub close: Notify,
-    /// A spare descriptor freed on EMFILE so pending clients can be accepted
-    /// and refused at once instead of waiting in the backlog.
-    pub fd_reserve: FdReserve,
+    /// Batch forwards on a private io_uring (the io_uring engine).
+    pub io_uring: bool,
     #[allow(clippy::redundant_allocation)]
     cached: RefCell<Option<Rc<Arc<Snapshot>>>>,
 }
 
 impl WorkerCtx {
-    /// The current snapshot. The worker keeps its own `Rc` of it so that a
-    /// connection clones a thread-local count, not a shared atomic one (the
+    /// The current snapshot. The thread keeps its own `Rc` of it so that a
+    /// datagram clones a thread-local count, not a shared atomic one (the
     /// extra allocation happens once per published snapshot, not per use).
     #[allow(clippy::redundant_allocation)]
     pub fn snapshot(&self) -> Rc<Arc<Snapshot>> {
@@ -121,42 +181,72 @@ impl WorkerCtx {
             }
         }
     }
-
-    /// Resolves when this connection (to `backend`) must close.
-    pub async fn close_requested(&self, backend: &crate::snapshot::Backend, listener: &crate::stats::ListenerStats) {
-        loop {
-            let notified = self.close.notified();
-            let mut notified = std::pin::pin!(notified);
-            notified.as_mut().enable();
-            if backend.is_closing()
-                || listener.closing.load(Ordering::Relaxed)
-                || self.shared.force_close.load(Ordering::Relaxed)
-            {
-                return;
-            }
-            notified.await;
-        }
-    }
 }
 
-/// Starts worker `id` on `engine`; it runs until the process exits.
-pub fn spawn_worker(
-    id: usize,
-    shared: Arc<Shared>,
-    commands: mpsc::Receiver<WorkerCmd>,
-    pin_to_cpu: bool,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+/// Starts worker `id` on the process's engine: its TCP loop thread and its
+/// UDP thread. They run until the process exits.
+pub fn spawn_worker(id: usize, shared: Arc<Shared>, pin_to_cpu: bool) -> std::io::Result<WorkerHandle> {
+    let (tx, rx) = channel::bounded(WORKER_QUEUE);
+    let waker = Arc::new(Waker::new()?);
+    let udp = spawn_udp_thread(id, shared.clone(), pin_to_cpu)?;
+    let inbox = WorkerInbox {
+        rx,
+        waker: waker.clone(),
+        udp,
+    };
     std::thread::Builder::new()
         .name(format!("ringlb-w{id}"))
         .spawn(move || {
             if pin_to_cpu {
                 pin_current_thread(id);
             }
-            match shared.engine {
-                IoEngine::Uring => run::<crate::engine::uring::Uring>(id, shared, commands),
-                IoEngine::Epoll => run::<crate::engine::epoll::Epoll>(id, shared, commands),
+            crate::stats::set_worker_slot(id);
+            let result = match shared.engine {
+                IoEngine::Uring => crate::engine::ring::run(id, shared.clone(), inbox),
+                IoEngine::Epoll => crate::engine::readiness::run(id, shared.clone(), inbox),
+            };
+            if let Err(e) = result {
+                log::error!("worker {id}: cannot start its {} loop: {e}", shared.engine);
             }
-        })
+        })?;
+    Ok(WorkerHandle { tx, waker })
+}
+
+/// The UDP side of worker `id`: a tokio current-thread runtime serving the
+/// UDP listeners handed to it (recvmmsg/sendmmsg bursts, one epoll set of
+/// flow sockets, forwards batched on a private io_uring on that engine).
+fn spawn_udp_thread(
+    id: usize,
+    shared: Arc<Shared>,
+    pin_to_cpu: bool,
+) -> std::io::Result<mpsc::Sender<UdpListenerSpec>> {
+    let (tx, mut rx) = mpsc::channel::<UdpListenerSpec>(WORKER_QUEUE);
+    std::thread::Builder::new()
+        .name(format!("ringlb-w{id}-udp"))
+        .spawn(move || {
+            if pin_to_cpu {
+                pin_current_thread(id);
+            }
+            // Counters written here share the worker's shard.
+            crate::stats::set_worker_slot(id);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("building a current-thread tokio runtime");
+            let io_uring = shared.engine == IoEngine::Uring;
+            tokio::task::LocalSet::new().block_on(&rt, async move {
+                let ctx = Rc::new(WorkerCtx {
+                    id,
+                    shared,
+                    io_uring,
+                    cached: RefCell::new(None),
+                });
+                while let Some(spec) = rx.recv().await {
+                    tokio::task::spawn_local(crate::udp::proxy::udp_loop(ctx.clone(), spec));
+                }
+            });
+        })?;
+    Ok(tx)
 }
 
 fn pin_current_thread(id: usize) {
@@ -173,44 +263,4 @@ fn pin_current_thread(id: usize) {
             );
         }
     }
-}
-
-fn run<E: Engine>(id: usize, shared: Arc<Shared>, mut commands: mpsc::Receiver<WorkerCmd>) {
-    E::block_on(async move {
-        crate::stats::set_worker_slot(id);
-        log::info!("worker {id} started on {}", E::NAME);
-        let ctx = Rc::new(WorkerCtx {
-            id,
-            shared,
-            bufs: BufPool::default(),
-            pipes: Default::default(),
-            close: Notify::new(),
-            fd_reserve: FdReserve::new(1),
-            cached: RefCell::new(None),
-        });
-        while let Some(cmd) = commands.recv().await {
-            match cmd {
-                WorkerCmd::ListenTcp {
-                    slot,
-                    name,
-                    socket,
-                    stop,
-                } => {
-                    let local: Option<SocketAddr> = socket.local_addr().ok();
-                    match E::listener(socket) {
-                        Ok(listener) => E::spawn(crate::proxy::tcp::accept_loop::<E>(
-                            ctx.clone(),
-                            slot,
-                            name,
-                            listener,
-                            stop,
-                        )),
-                        Err(e) => log::error!("worker {id}: listener \"{name}\" ({local:?}): {e}"),
-                    }
-                }
-                WorkerCmd::ListenUdp(spec) => E::spawn(crate::udp::proxy::udp_loop::<E>(ctx.clone(), spec)),
-                WorkerCmd::CheckClose => ctx.close.notify_waiters(),
-            }
-        }
-    });
 }

@@ -1,7 +1,5 @@
-//! The TCP data plane: accept loops, backend choice with retry, and the relay.
+//! What the TCP data plane uses besides the connection core: relay buffers
+//! and the PROXY protocol header.
 
 pub mod buffers;
 pub mod proxy_protocol;
-pub mod relay;
-pub mod splice;
-pub mod tcp;

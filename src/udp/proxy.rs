@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 use std::os::fd::{AsRawFd, RawFd};
 use tokio::io::unix::AsyncFd;
 
-use crate::engine::Engine;
 use crate::flow_key::flow_hash;
 use crate::stats::{ListenerStats, RefuseReason};
 use crate::udp::flow::{connect_udp, usable, Flow};
@@ -82,7 +81,7 @@ pub struct UdpListenerSpec {
 }
 
 /// Serves one UDP listener on this worker until its stop signal fires.
-pub async fn udp_loop<E: Engine>(ctx: Rc<WorkerCtx>, spec: UdpListenerSpec) {
+pub async fn udp_loop(ctx: Rc<WorkerCtx>, spec: UdpListenerSpec) {
     let UdpListenerSpec {
         slot,
         name,
@@ -121,10 +120,10 @@ pub async fn udp_loop<E: Engine>(ctx: Rc<WorkerCtx>, spec: UdpListenerSpec) {
         client_by_fd: RefCell::new(Vec::new()),
         stats,
     });
-    E::spawn(expire_loop(state.clone(), stop.clone()));
-    E::spawn(reply_loop(state.clone(), stop.clone()));
+    tokio::task::spawn_local(expire_loop(state.clone(), stop.clone()));
+    tokio::task::spawn_local(reply_loop(state.clone(), stop.clone()));
     let mut batch = RecvBatch::default();
-    let mut forwarder = Forwarder::new(E::IO_URING, &ctx, &name);
+    let mut forwarder = Forwarder::new(ctx.io_uring, &ctx, &name);
     'serve: loop {
         tokio::select! {
             () = stop.wait() => break,
