@@ -37,6 +37,17 @@ pub struct Shared {
     pub worker_setup: Mutex<Vec<String>>,
 }
 
+impl Shared {
+    /// Records how worker `id`'s loop was set up (shown by `ctl status`).
+    pub fn set_worker_setup(&self, id: usize, setup: String) {
+        let mut all = self.worker_setup.lock();
+        if all.len() <= id {
+            all.resize(id + 1, String::new());
+        }
+        all[id] = setup;
+    }
+}
+
 /// A stop request for one listener's accept loops.
 #[derive(Default)]
 pub struct StopSignal {

@@ -97,7 +97,7 @@ pub fn human(cmd: &str, r: &Value) -> String {
                 s(r, "snapshot_generation")
             );
             for w in r["workers"].as_array().into_iter().flatten() {
-                let _ = writeln!(out, "worker {}: {}", s(w, "id"), s(w, "engine"));
+                let _ = writeln!(out, "worker {}: {} ({})", s(w, "id"), s(w, "engine"), s(w, "setup"));
             }
             let _ = writeln!(
                 out,

@@ -199,11 +199,23 @@ pub fn handle(server: &Arc<Server>, req: Request) -> Value {
 }
 
 fn status(server: &Server) -> Value {
+    let workers: Vec<Value> = {
+        let setup = server.shared.worker_setup.lock();
+        (0..server.shared.workers)
+            .map(|id| {
+                json!({
+                    "id": id,
+                    "engine": server.shared.engine.to_string(),
+                    "setup": setup.get(id).cloned().unwrap_or_default(),
+                })
+            })
+            .collect()
+    };
     let model = server.model.lock();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": server.shared.started.elapsed().as_secs(),
-        "workers": (0..server.shared.workers).map(|id| json!({"id": id, "engine": server.shared.engine.to_string()})).collect::<Vec<_>>(),
+        "workers": workers,
         "config": model.config.source.as_ref().map(|p| p.display().to_string()),
         "config_generation": model.config_generation,
         "snapshot_generation": model.generation(),

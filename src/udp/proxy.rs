@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 use std::os::fd::{AsRawFd, RawFd};
 use tokio::io::unix::AsyncFd;
 
-use crate::flow_key::flow_hash;
 use crate::stats::{ListenerStats, RefuseReason};
 use crate::udp::flow::{connect_udp, usable, Flow};
 use crate::udp::flow_poller::FlowPoller;
@@ -228,7 +227,8 @@ fn on_datagram(
         return;
     }
     let pool = &snapshot.pools[listener.pool];
-    let Some(table) = pool.table_for(client.ip()).0 else {
+    // The same selection as TCP connects and `ctl route`.
+    let Some(selection) = crate::conn::select(pool, client, listener.config.hash_key, 4) else {
         stats.refuse(RefuseReason::NoBackend);
         return;
     };
@@ -236,10 +236,10 @@ fn on_datagram(
         stats.refuse(RefuseReason::FlowTableFull);
         return;
     }
-    let hash = flow_hash(client, listener.config.hash_key);
-    let Some(backend) = table
-        .candidates(hash, 4)
-        .map(|i| &pool.backends[i as usize])
+    let Some(backend) = selection
+        .candidates()
+        .iter()
+        .map(|&i| &pool.backends[i as usize])
         .find(|b| usable(b))
     else {
         stats.refuse(RefuseReason::NoBackend);

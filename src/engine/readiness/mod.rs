@@ -628,8 +628,9 @@ impl EpollWorker {
 
 /// Runs worker `id` on epoll; returns only if the loop can't be set up.
 pub fn run(id: usize, shared: Arc<Shared>, inbox: WorkerInbox) -> std::io::Result<()> {
-    let worker = EpollWorker::new(id, shared, inbox)?;
+    let worker = EpollWorker::new(id, shared.clone(), inbox)?;
     log::info!("worker {id} started on epoll (edge-triggered)");
+    shared.set_worker_setup(id, "edge-triggered".to_string());
     worker.run();
     Ok(())
 }
