@@ -83,10 +83,10 @@ pub fn run_control_plane(server: Arc<Server>, endpoints: ControlEndpoints) -> Re
 /// line per refused connection.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
-fn log_refusals(model: &crate::model::Model, last: &mut HashMap<usize, [u64; 8]>) {
+fn log_refusals(model: &crate::model::Model, last: &mut HashMap<usize, [u64; RefuseReason::ALL.len()]>) {
     for l in &model.listeners {
-        let now: [u64; 8] = std::array::from_fn(|i| l.stats.refused[i].get());
-        let before = last.insert(l.slot, now).unwrap_or([0; 8]);
+        let now: [u64; RefuseReason::ALL.len()] = std::array::from_fn(|i| l.stats.refused[i].get());
+        let before = last.insert(l.slot, now).unwrap_or([0; RefuseReason::ALL.len()]);
         let parts: Vec<String> = RefuseReason::ALL
             .iter()
             .filter(|r| now[**r as usize] > before[**r as usize])
@@ -339,6 +339,7 @@ fn stats(server: &Server) -> Value {
                     "tracked": st.len,
                     "evictions": st.evictions,
                     "table_full": st.table_full,
+                    "sketch_admitted": st.sketch_admitted,
                     "capacity": l.limits.connections.as_ref().map_or(0, |t| t.capacity()),
                     "memory_bytes": l.limits.connections.as_ref().map_or(0, |t| t.approx_memory_bytes()),
                 })),
