@@ -464,3 +464,48 @@ fn shutdown_timeout_closes_stragglers_and_second_signal_exits_at_once() {
     assert_eq!(s.lb.wait_exit(Duration::from_secs(1)), Some(0));
     assert!(started.elapsed() < Duration::from_secs(1));
 }
+
+/// A full control socket: `ringlb ctl` prints the server's "too many control
+/// clients" reply (exit 1), not the broken pipe of a request nobody reads.
+#[test]
+fn ctl_against_a_full_control_socket_prints_the_servers_error() {
+    let b = Backend::start("a", Behaviour::TagEcho);
+    let s = setup(&[b.addr]);
+    // Every slot held by a client that was served once and then stays idle.
+    let held: Vec<UnixStream> = (0..32)
+        .map(|_| {
+            let mut c = UnixStream::connect(&s.sock).unwrap();
+            c.write_all(b"{\"cmd\":\"status\"}\n").unwrap();
+            let mut line = String::new();
+            BufReader::new(&c).read_line(&mut line).unwrap();
+            assert!(line.contains("\"ok\":true"), "{line}");
+            c
+        })
+        .collect();
+    // Whether ringlb closes the refused connection before or after ctl has sent its
+    // request is a race (lost when ctl is descheduled between connect and write, as on a
+    // busy machine: CPU hogs here make that likely); both must end the same way.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hogs: Vec<_> = (0..3)
+        .map(|_| {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let mut outcomes = std::collections::BTreeMap::new();
+    for _ in 0..60 {
+        let (code, _, err) = ctl_text(&s.sock, &["status"]);
+        *outcomes.entry((code, err)).or_insert(0) += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in hogs {
+        h.join().unwrap();
+    }
+    let expected = (1, "error: too many control clients (max 32); try again\n".to_string());
+    assert_eq!(outcomes.keys().collect::<Vec<_>>(), [&expected], "{outcomes:?}");
+    drop(held);
+}

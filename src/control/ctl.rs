@@ -34,14 +34,22 @@ pub fn call(path: &Path, request: &Value) -> Result<Value, String> {
         UnixStream::connect(path).map_err(|e| format!("cannot reach ringlb at {}: {e}", path.display()))?;
     stream.set_read_timeout(Some(Duration::from_secs(60))).ok();
     stream.set_write_timeout(Some(Duration::from_secs(10))).ok();
-    stream
-        .write_all(format!("{request}\n").as_bytes())
-        .map_err(|e| format!("sending to {}: {e}", path.display()))?;
+    // A server that refuses the client (too many control clients) writes its error line
+    // and closes without reading, so sending can fail with EPIPE while the reason waits
+    // in our receive buffer: read it before reporting the send error.
+    let sent = stream.write_all(format!("{request}\n").as_bytes());
+    if let Err(e) = &sent {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(format!("sending to {}: {e}", path.display()));
+        }
+    }
     let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .map_err(|e| format!("reading reply from {}: {e}", path.display()))?;
-    serde_json::from_str(&line).map_err(|e| format!("bad reply from {}: {e}: {line:?}", path.display()))
+    let read = BufReader::new(stream).read_line(&mut line);
+    serde_json::from_str(&line).or_else(|e| {
+        sent.map_err(|e| format!("sending to {}: {e}", path.display()))?;
+        read.map_err(|e| format!("reading reply from {}: {e}", path.display()))?;
+        Err(format!("bad reply from {}: {e}: {line:?}", path.display()))
+    })
 }
 
 /// Runs one ctl command; returns the process exit code.
