@@ -509,3 +509,25 @@ fn ctl_against_a_full_control_socket_prints_the_servers_error() {
     assert_eq!(outcomes.keys().collect::<Vec<_>>(), [&expected], "{outcomes:?}");
     drop(held);
 }
+
+/// `ringlb ctl ... > /dev/full` says so on stderr and exits 74; it does not panic.
+#[test]
+fn ctl_output_write_error_exits_74() {
+    let b = Backend::start("a", Behaviour::TagEcho);
+    let s = setup(&[b.addr]);
+    for json in [false, true] {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let mut cmd = std::process::Command::new(ringlb_bin());
+        cmd.arg("ctl").arg("-s").arg(&s.sock);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.arg("status").stdout(full).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(74), "{stderr}");
+        assert!(
+            stderr.contains("No space left on device") && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
+}

@@ -13,6 +13,8 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_ERROR_REPLY: i32 = 1;
 /// Exit code when the socket can't be reached.
 pub const EXIT_UNREACHABLE: i32 = 2;
+// Usage errors and unwritable output have their own codes, shared with the other
+// subcommands: crate::output::{EXIT_USAGE, EXIT_OUTPUT}.
 
 /// Finds the socket path: given directly, or read from a config file.
 pub fn socket_path(socket: Option<PathBuf>, config: Option<&Path>) -> Result<PathBuf, String> {
@@ -62,23 +64,18 @@ pub fn run(path: &Path, request: Value, json_output: bool) -> i32 {
         }
     };
     let ok = reply.get("ok").and_then(Value::as_bool) == Some(true);
+    let code = if ok { EXIT_OK } else { EXIT_ERROR_REPLY };
     if json_output {
-        println!("{reply}");
+        crate::output::print(&format!("{reply}\n"), code)
     } else if !ok {
         eprintln!(
             "error: {}",
             reply.get("error").and_then(Value::as_str).unwrap_or("unknown error")
         );
+        code
     } else {
-        print!(
-            "{}",
-            human(request.get("cmd").and_then(Value::as_str).unwrap_or(""), &reply)
-        );
-    }
-    if ok {
-        EXIT_OK
-    } else {
-        EXIT_ERROR_REPLY
+        let cmd = request.get("cmd").and_then(Value::as_str).unwrap_or("");
+        crate::output::print(&human(cmd, &reply), code)
     }
 }
 
