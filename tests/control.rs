@@ -531,3 +531,45 @@ fn ctl_output_write_error_exits_74() {
         );
     }
 }
+
+/// Idle clients on the metrics port (connected, sending nothing) do not keep a
+/// scrape out, and each is closed within the request-head timeout.
+#[test]
+fn idle_metrics_clients_do_not_starve_a_scrape() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let dir = TempDir::new("metrics-idle");
+    let sock = dir.0.join("ctl.sock");
+    let listen = lb_addr();
+    let metrics = lb_addr();
+    let body = listener_block("web", listen, "web") + &pool_block("web", &[a.addr], "");
+    let cfg = config_with_control("auto", &sock, &body)
+        .replace("[control]\n", &format!("[control]\nmetrics = \"{metrics}\"\n"));
+    let mut lb = Ringlb::start(&cfg, listen);
+    lb.wait_listening(metrics);
+    let mut idle: Vec<std::net::TcpStream> = (0..16)
+        .map(|_| std::net::TcpStream::connect(metrics).unwrap())
+        .collect();
+    thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let mut c = std::net::TcpStream::connect(metrics).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let _ = c.read_to_string(&mut text);
+    assert!(
+        text.starts_with("HTTP/1.1 200 OK"),
+        "scrape with 16 idle clients: {text:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    // Each idle client is closed within the 1 s head timeout (plus scheduling).
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut b = [0u8; 1];
+        assert!(matches!(s.read(&mut b), Ok(0)), "an idle client is closed");
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1800),
+        "{:?}",
+        started.elapsed()
+    );
+}
