@@ -573,3 +573,31 @@ fn idle_metrics_clients_do_not_starve_a_scrape() {
         started.elapsed()
     );
 }
+
+/// `ctl route` shows the configured weight (1), not the table's scaled one
+/// (1000), and the share of the table each candidate has.
+#[test]
+fn ctl_route_shows_configured_weights() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let b = Backend::start("b", Behaviour::TagEcho);
+    let s = setup(&[a.addr, b.addr]);
+    let (code, v) = ctl_json(&s.sock, &["route", "web", "127.0.0.1:40000"]);
+    assert_eq!(code, 0, "{v}");
+    for c in v["candidates"].as_array().unwrap() {
+        assert_eq!(c["weight"], 1, "{v}");
+        assert_eq!(c["table_share"], 0.5, "{v}");
+    }
+    let (code, text, err) = ctl_text(&s.sock, &["route", "web", "127.0.0.1:40000"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!text.contains("1000"), "{text}");
+    let chosen = v["chosen"].as_str().unwrap();
+    assert!(
+        text.contains(&format!("chosen  {chosen} (weight 1, 50.0% of the table)")),
+        "{text}"
+    );
+    let next = v["candidates"][1]["addr"].as_str().unwrap();
+    assert!(
+        text.contains(&format!("next    {next} (weight 1, 50.0% of the table)")),
+        "{text}"
+    );
+}

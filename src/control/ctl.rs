@@ -87,6 +87,15 @@ fn s(v: &Value, k: &str) -> String {
     }
 }
 
+/// One `ctl route` candidate: its address, configured weight and share of the table
+/// (the table's own weights are scaled and mean nothing next to the configured one).
+fn candidate(c: &Value) -> String {
+    let share = c["table_share"]
+        .as_f64()
+        .map_or_else(|| "-".to_string(), |f| format!("{:.1}%", f * 100.0));
+    format!("{} (weight {}, {share} of the table)", s(c, "addr"), s(c, "weight"))
+}
+
 /// Human-readable rendering of a reply.
 pub fn human(cmd: &str, r: &Value) -> String {
     use std::fmt::Write as _;
@@ -172,14 +181,14 @@ pub fn human(cmd: &str, r: &Value) -> String {
                 s(r, "table"),
                 s(r, "table_generation")
             );
-            let _ = writeln!(out, "chosen  {}", s(r, "chosen"));
-            let next: Vec<String> = r["candidates"]
+            let candidates: Vec<String> = r["candidates"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .skip(1)
-                .map(|c| format!("{} (weight {})", s(c, "addr"), s(c, "effective_weight")))
+                .map(candidate)
                 .collect();
+            let _ = writeln!(out, "chosen  {}", candidates.first().map_or("-", String::as_str));
+            let next = &candidates[candidates.len().min(1)..];
             let _ = writeln!(
                 out,
                 "next    {}",
