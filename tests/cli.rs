@@ -197,3 +197,16 @@ fn write_errors_on_stdout_do_not_panic() {
         "{stderr}"
     );
 }
+
+/// A config that is not UTF-8 is an error at a line and column, like any other.
+#[test]
+fn a_config_that_is_not_utf8_names_the_line() {
+    let dir = TempDir::new("utf8");
+    let path = dir.0.join("latin1.toml");
+    std::fs::write(&path, b"[runtime]\nworkers = 2\n# caf\xe9 au lait\n").unwrap();
+    let out = ringlb_cmd(&["check", "-c", path_str(&path)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("line 3, column 6"), "{stderr}");
+    assert!(stderr.contains("UTF-8"), "{stderr}");
+}
