@@ -12,6 +12,7 @@ pub mod health;
 pub mod listen;
 pub mod maglev;
 pub mod model;
+pub mod output;
 pub mod proxy;
 pub mod server;
 pub mod snapshot;

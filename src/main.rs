@@ -32,7 +32,9 @@ enum Command {
         config: PathBuf,
     },
     /// Talk to a running ringlb over its control socket. Exit 0 on an ok reply,
-    /// 1 on an error reply, 2 when the socket can't be reached.
+    /// 1 on an error reply, 2 when the socket can't be reached, 64 on a usage
+    /// error, 74 when the output can't be written.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["socket", "config"])))]
     Ctl {
         /// Control socket path.
         #[arg(short, long, value_name = "SOCKET")]
@@ -127,7 +129,16 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout and exit 0; anything else is a usage error
+            // with its own exit code (clap's 2 is ctl's "socket unreachable").
+            let code = if e.use_stderr() { ringlb::output::EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code as u8);
+        }
+    };
     match cli.command {
         Command::Run { config } => match Config::load(&config) {
             Err(errors) => {
@@ -154,8 +165,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
             Ok(cfg) => {
-                println!("{}: ok: {}", config.display(), cfg.summary());
-                ExitCode::SUCCESS
+                let line = format!("{}: ok: {}\n", config.display(), cfg.summary());
+                ExitCode::from(ringlb::output::print(&line, 0) as u8)
             }
         },
         Command::Ctl {

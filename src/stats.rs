@@ -147,6 +147,10 @@ pub enum RefuseReason {
     ConnectFailed,
     /// The source's token bucket is empty.
     RateLimited,
+    /// The source table is full and the overflow sketch that judges the sources it
+    /// cannot hold refused: the source is over its rate, or shares every sketch bucket
+    /// with sources that are (raise `max_sources` if this grows).
+    SourceTableFull,
     /// The source has `max_connections_per_source` open.
     SourceLimit,
     /// The listener has `max_connections` open.
@@ -161,10 +165,11 @@ pub enum RefuseReason {
 
 impl RefuseReason {
     /// Every reason, for exposition (index = `reason as usize`).
-    pub const ALL: [RefuseReason; 8] = [
+    pub const ALL: [RefuseReason; 9] = [
         RefuseReason::NoBackend,
         RefuseReason::ConnectFailed,
         RefuseReason::RateLimited,
+        RefuseReason::SourceTableFull,
         RefuseReason::SourceLimit,
         RefuseReason::ListenerFull,
         RefuseReason::BackendFull,
@@ -178,6 +183,7 @@ impl RefuseReason {
             RefuseReason::NoBackend => "no_backend",
             RefuseReason::ConnectFailed => "connect_failed",
             RefuseReason::RateLimited => "rate_limited",
+            RefuseReason::SourceTableFull => "source_table_full",
             RefuseReason::SourceLimit => "source_limit",
             RefuseReason::ListenerFull => "listener_full",
             RefuseReason::BackendFull => "backend_full",
@@ -195,7 +201,7 @@ pub struct ListenerStats {
     /// Connections relayed (open now = opened - closed).
     pub active: Gauge,
     /// Refusals, indexed like [`RefuseReason::ALL`].
-    pub refused: [Counter; 8],
+    pub refused: [Counter; RefuseReason::ALL.len()],
     /// UDP datagrams received from clients.
     pub datagrams_in: Counter,
     /// UDP datagrams sent back to clients.
@@ -301,6 +307,14 @@ mod tests {
         assert_eq!(c[5], 2); // <= 5ms
         assert_eq!(*c.last().unwrap(), 3);
         assert_eq!(h.sum_micros.get(), 50 + 3000 + 10_000_000);
+    }
+
+    #[test]
+    fn all_is_indexed_by_discriminant() {
+        // `refused[reason as usize]` and the exposition both rely on it.
+        for (i, r) in RefuseReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{}", r.label());
+        }
     }
 
     #[test]

@@ -424,3 +424,108 @@ fn read_tag_echo(listen: SocketAddr) -> bool {
     let mut b = [0u8; 1];
     s.write_all(b"q").is_ok() && s.read_exact(&mut b).is_ok()
 }
+
+/// Issue 17 item 4 at a small scale: 300 flooding addresses (each far over its
+/// rate) against `max_sources = 64` must not lock out new or well-behaved
+/// clients, and the refusals are counted under their real reasons.
+#[test]
+fn a_full_source_table_still_admits_new_and_well_behaved_sources() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let (rate, burst) = (2.0, 4.0);
+    let lb = start(
+        &format!("[listener.rate_limit]\nper_source_rate = {rate}\nper_source_burst = {burst}\nmax_sources = 64\n"),
+        &[(a.addr, "")],
+        "",
+    );
+    let established: IpAddr = [127, 0, 12, 1].into();
+    assert!(
+        served(lb.listen, established),
+        "the established client before the flood"
+    );
+    // 300 flooders from 127.13.x.y, round robin as fast as the connects go, six
+    // connections a visit: each sends far above its 2/s, so every one of them is
+    // being limited nearly all the time and none is ever idle.
+    const FLOODERS: u32 = 300;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood_sent = Arc::new(AtomicU64::new(0));
+    let flood_served = Arc::new(AtomicU64::new(0));
+    let flood_started = Instant::now();
+    let flooders: Vec<_> = (0..2u32)
+        .map(|half| {
+            let (stop, sent, ok, listen) = (stop.clone(), flood_sent.clone(), flood_served.clone(), lb.listen);
+            thread::spawn(move || {
+                let mut i = half;
+                while !stop.load(Ordering::Relaxed) {
+                    let n = i % FLOODERS;
+                    let ip: IpAddr = [127, 13, (n / 200) as u8, (n % 200 + 1) as u8].into();
+                    // A few in a row: more than the burst, so the visit leaves the
+                    // source limited until its next one.
+                    for _ in 0..6 {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        if served(listen, ip) {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    i += 2;
+                }
+            })
+        })
+        .collect();
+    // Let the flood fill the table with limited sources.
+    thread::sleep(Duration::from_millis(800));
+    let stats_before = ctl_json(&lb.sock, &["stats"]).1;
+    // New one-shot clients (one connection each, from addresses never seen) and the
+    // established client at half its rate, during the flood.
+    let mut new_served = 0;
+    let mut established_served = 0;
+    const NEW: u32 = 20;
+    for i in 0..NEW {
+        let ip: IpAddr = [127, 14, 0, (i + 1) as u8].into();
+        if served(lb.listen, ip) {
+            new_served += 1;
+        }
+        if i % 5 == 0 && served(lb.listen, established) {
+            established_served += 1;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for f in flooders {
+        f.join().unwrap();
+    }
+    let flood_secs = flood_started.elapsed().as_secs_f64();
+    let stats = ctl_json(&lb.sock, &["stats"]).1;
+    let l = &stats["listeners"][0];
+    let sent = flood_sent.load(Ordering::Relaxed);
+    let flood_ok = flood_served.load(Ordering::Relaxed);
+    println!(
+        "{sent} flood connections in {flood_secs:.1}s, {flood_ok} served; new {new_served}/{NEW}, \
+         established {established_served}/4; before the clients: {}; after: {}",
+        stats_before["listeners"][0]["sources"], l
+    );
+    assert!(
+        sent as f64 >= 10.0 * rate * f64::from(FLOODERS) * 0.8,
+        "the flood is too slow to be over its rate ({sent} in {flood_secs:.1}s): the test proves nothing"
+    );
+    assert!(
+        new_served * 100 >= NEW * 95,
+        "{new_served} of {NEW} new clients served during the flood: {l}"
+    );
+    assert_eq!(established_served, 4, "the well-behaved established client: {l}");
+    // The flooders get at most what their buckets allow (burst + rate x time each),
+    // within 10%.
+    let allowed = f64::from(FLOODERS) * (burst + rate * flood_secs);
+    assert!(
+        flood_ok as f64 <= allowed * 1.1,
+        "{flood_ok} flood connections served, their buckets allow {allowed:.0}"
+    );
+    // Refusals are counted by what refused them: the exact buckets (rate_limited)
+    // for the flooders the table holds, the shared approximate buckets
+    // (source_table_full) for the ones it could not hold.
+    let refused = |r: &str| l["refused"][r].as_u64().unwrap_or(0);
+    assert!(refused("rate_limited") > 0, "{l}");
+    assert!(refused("source_table_full") > 0, "{l}");
+    assert!(l["sources"]["tracked"].as_u64().unwrap() <= 64, "{l}");
+}

@@ -139,3 +139,74 @@ fn uring_engine_fails_clearly_when_io_uring_is_blocked() {
         "{stderr}"
     );
 }
+
+/// Usage errors exit 64 (EX_USAGE), apart from 2 = control socket unreachable;
+/// help and version exit 0.
+#[test]
+fn usage_errors_have_their_own_exit_code() {
+    for args in [
+        &["frobnicate"][..],
+        &["ctl", "-s", "/nonexistent/ctl.sock", "bogus"],
+        &["ctl", "-s", "/nonexistent/ctl.sock", "weight", "web"],
+        // Neither -s nor -c: nothing to talk to, a usage error.
+        &["ctl", "status"],
+        &["check"],
+    ] {
+        let out = ringlb_cmd(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains("Usage"), "{args:?}: {stderr}");
+    }
+    let out = ringlb_cmd(&["ctl", "-s", "/nonexistent/ctl.sock", "status"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ringlb_cmd(&["ctl", "--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("64 on a usage error"), "{help}");
+}
+
+/// `ringlb check ... | head -0` and `> /dev/full` do not panic: a closed pipe
+/// ends the command quietly with its own exit code; any other write error is
+/// said on stderr and exits 74 (EX_IOERR).
+#[test]
+fn write_errors_on_stdout_do_not_panic() {
+    use std::process::{Command, Stdio};
+    let config = format!("{}/config/demo.toml", env!("CARGO_MANIFEST_DIR"));
+    // The read end is closed before ringlb has even read its config.
+    let mut child = Command::new(ringlb_bin())
+        .args(["check", "-c", &config])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(stderr, "", "a closed pipe is not an error to report");
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let out = Command::new(ringlb_bin())
+        .args(["check", "-c", &config])
+        .stdout(full)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(74), "{stderr}");
+    assert!(
+        stderr.contains("No space left on device") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
+
+/// A config that is not UTF-8 is an error at a line and column, like any other.
+#[test]
+fn a_config_that_is_not_utf8_names_the_line() {
+    let dir = TempDir::new("utf8");
+    let path = dir.0.join("latin1.toml");
+    std::fs::write(&path, b"[runtime]\nworkers = 2\n# caf\xe9 au lait\n").unwrap();
+    let out = ringlb_cmd(&["check", "-c", path_str(&path)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("line 3, column 6"), "{stderr}");
+    assert!(stderr.contains("UTF-8"), "{stderr}");
+}

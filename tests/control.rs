@@ -464,3 +464,140 @@ fn shutdown_timeout_closes_stragglers_and_second_signal_exits_at_once() {
     assert_eq!(s.lb.wait_exit(Duration::from_secs(1)), Some(0));
     assert!(started.elapsed() < Duration::from_secs(1));
 }
+
+/// A full control socket: `ringlb ctl` prints the server's "too many control
+/// clients" reply (exit 1), not the broken pipe of a request nobody reads.
+#[test]
+fn ctl_against_a_full_control_socket_prints_the_servers_error() {
+    let b = Backend::start("a", Behaviour::TagEcho);
+    let s = setup(&[b.addr]);
+    // Every slot held by a client that was served once and then stays idle.
+    let held: Vec<UnixStream> = (0..32)
+        .map(|_| {
+            let mut c = UnixStream::connect(&s.sock).unwrap();
+            c.write_all(b"{\"cmd\":\"status\"}\n").unwrap();
+            let mut line = String::new();
+            BufReader::new(&c).read_line(&mut line).unwrap();
+            assert!(line.contains("\"ok\":true"), "{line}");
+            c
+        })
+        .collect();
+    // Whether ringlb closes the refused connection before or after ctl has sent its
+    // request is a race (lost when ctl is descheduled between connect and write, as on a
+    // busy machine: CPU hogs here make that likely); both must end the same way.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hogs: Vec<_> = (0..3)
+        .map(|_| {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let mut outcomes = std::collections::BTreeMap::new();
+    for _ in 0..60 {
+        let (code, _, err) = ctl_text(&s.sock, &["status"]);
+        *outcomes.entry((code, err)).or_insert(0) += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in hogs {
+        h.join().unwrap();
+    }
+    let expected = (1, "error: too many control clients (max 32); try again\n".to_string());
+    assert_eq!(outcomes.keys().collect::<Vec<_>>(), [&expected], "{outcomes:?}");
+    drop(held);
+}
+
+/// `ringlb ctl ... > /dev/full` says so on stderr and exits 74; it does not panic.
+#[test]
+fn ctl_output_write_error_exits_74() {
+    let b = Backend::start("a", Behaviour::TagEcho);
+    let s = setup(&[b.addr]);
+    for json in [false, true] {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let mut cmd = std::process::Command::new(ringlb_bin());
+        cmd.arg("ctl").arg("-s").arg(&s.sock);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.arg("status").stdout(full).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(74), "{stderr}");
+        assert!(
+            stderr.contains("No space left on device") && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
+}
+
+/// Idle clients on the metrics port (connected, sending nothing) do not keep a
+/// scrape out, and each is closed within the request-head timeout.
+#[test]
+fn idle_metrics_clients_do_not_starve_a_scrape() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let dir = TempDir::new("metrics-idle");
+    let sock = dir.0.join("ctl.sock");
+    let listen = lb_addr();
+    let metrics = lb_addr();
+    let body = listener_block("web", listen, "web") + &pool_block("web", &[a.addr], "");
+    let cfg = config_with_control("auto", &sock, &body)
+        .replace("[control]\n", &format!("[control]\nmetrics = \"{metrics}\"\n"));
+    let mut lb = Ringlb::start(&cfg, listen);
+    lb.wait_listening(metrics);
+    let mut idle: Vec<std::net::TcpStream> = (0..16)
+        .map(|_| std::net::TcpStream::connect(metrics).unwrap())
+        .collect();
+    thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let mut c = std::net::TcpStream::connect(metrics).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let _ = c.read_to_string(&mut text);
+    assert!(
+        text.starts_with("HTTP/1.1 200 OK"),
+        "scrape with 16 idle clients: {text:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    // Each idle client is closed within the 1 s head timeout (plus scheduling).
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut b = [0u8; 1];
+        assert!(matches!(s.read(&mut b), Ok(0)), "an idle client is closed");
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1800),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// `ctl route` shows the configured weight (1), not the table's scaled one
+/// (1000), and the share of the table each candidate has.
+#[test]
+fn ctl_route_shows_configured_weights() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let b = Backend::start("b", Behaviour::TagEcho);
+    let s = setup(&[a.addr, b.addr]);
+    let (code, v) = ctl_json(&s.sock, &["route", "web", "127.0.0.1:40000"]);
+    assert_eq!(code, 0, "{v}");
+    for c in v["candidates"].as_array().unwrap() {
+        assert_eq!(c["weight"], 1, "{v}");
+        assert_eq!(c["table_share"], 0.5, "{v}");
+    }
+    let (code, text, err) = ctl_text(&s.sock, &["route", "web", "127.0.0.1:40000"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!text.contains("1000"), "{text}");
+    let chosen = v["chosen"].as_str().unwrap();
+    assert!(
+        text.contains(&format!("chosen  {chosen} (weight 1, 50.0% of the table)")),
+        "{text}"
+    );
+    let next = v["candidates"][1]["addr"].as_str().unwrap();
+    assert!(
+        text.contains(&format!("next    {next} (weight 1, 50.0% of the table)")),
+        "{text}"
+    );
+}

@@ -22,14 +22,14 @@ fn rss_bytes() -> Option<usize> {
     Some(pages * 4096)
 }
 
-/// A table at the default cap with every slot in use, and the next unused key.
-fn full_table(params: BucketParams, t0: Instant) -> (SourceTable, u64) {
+/// A table of `cap` sources with every slot in use, and the next unused key.
+fn full_table(params: BucketParams, cap: usize, t0: Instant) -> (SourceTable, u64) {
     let before = rss_bytes();
-    let table = SourceTable::new(params, DEFAULT_MAX_SOURCES);
+    let table = SourceTable::new(params, cap);
     // Shards fill unevenly (random hash), so keep adding sources until every one is full.
     let mut i = 0u64;
-    while table.len() < DEFAULT_MAX_SOURCES {
-        for _ in 0..DEFAULT_MAX_SOURCES / 10 {
+    while table.len() < cap {
+        for _ in 0..cap / 10 {
             let _ = table.admit(key(i), t0);
             i += 1;
         }
@@ -37,10 +37,10 @@ fn full_table(params: BucketParams, t0: Instant) -> (SourceTable, u64) {
     let after = rss_bytes();
     eprintln!(
         "source table at cap {}: approx_memory_bytes = {} ({:.1} MiB), bound = {}, RSS delta = {:?} MiB",
-        DEFAULT_MAX_SOURCES,
+        cap,
         table.approx_memory_bytes(),
         table.approx_memory_bytes() as f64 / (1 << 20) as f64,
-        SourceTable::memory_bound_bytes(DEFAULT_MAX_SOURCES),
+        SourceTable::memory_bound_bytes(cap),
         before
             .zip(after)
             .map(|(b, a)| (a.saturating_sub(b)) as f64 / (1 << 20) as f64),
@@ -51,7 +51,7 @@ fn full_table(params: BucketParams, t0: Instant) -> (SourceTable, u64) {
 fn admission(c: &mut Criterion) {
     let params = BucketParams::new(100.0, 10).unwrap();
     let t0 = Instant::now();
-    let (table, mut next) = full_table(params, t0);
+    let (table, mut next) = full_table(params, DEFAULT_MAX_SOURCES, t0);
 
     let mut g = c.benchmark_group("admission");
     // An existing source: one probe, one bucket update. Time moves 1 us per call.
@@ -82,6 +82,34 @@ fn admission(c: &mut Criterion) {
             small.admit(black_box(key(next)), t0 + Duration::from_micros(tick))
         })
     });
+    // The full-table path of issue 17 item 4: every entry is being limited (burst 1, rate
+    // 1/1000 s: none is full again during the run, so none is evictable) and every call
+    // is a never-seen source: probe miss, sketch hash and 4 buckets, the clock-hand sample
+    // (finds nothing idle), then a sketch charge or refusal. As the run goes on the
+    // sketch fills, so the figure mixes admissions and refusals; the mix is printed.
+    let limited = BucketParams::new(0.001, 1).unwrap();
+    for (name, cap) in [
+        ("admit_new_key_table_full_of_limited", DEFAULT_MAX_SOURCES),
+        ("admit_new_key_table_full_of_limited_16k", 16_384),
+    ] {
+        let (table, mut fresh) = full_table(limited, cap, t0);
+        let rss_before = rss_bytes();
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                fresh += 1;
+                tick += 1;
+                table.admit(black_box(key(fresh)), t0 + Duration::from_micros(tick))
+            })
+        });
+        let st = table.stats();
+        eprintln!(
+            "{name}: evictions {}, sketch admitted {}, sketch refused {}; RSS grew {:?} KiB during the flood",
+            st.evictions,
+            st.sketch_admitted,
+            st.table_full,
+            rss_before.zip(rss_bytes()).map(|(b, a)| a.saturating_sub(b) / 1024),
+        );
+    }
     let limit = ConnLimit::new(1_000);
     g.bench_function("conn_limit_acquire_release", |b| {
         b.iter(|| {

@@ -116,9 +116,7 @@ impl ListenerLimits {
     /// success the caller must call [`ListenerLimits::release`] when it ends.
     pub fn admit_connection(&self, key: SourceKey, now: Instant) -> Result<(), RefuseReason> {
         if let Some(t) = &self.connections {
-            if t.admit(key, now) != Admission::Admitted {
-                return Err(RefuseReason::RateLimited);
-            }
+            refusal(t.admit(key, now))?;
         }
         if let Some(open) = &self.open {
             if !open.try_acquire() {
@@ -146,23 +144,41 @@ impl ListenerLimits {
         }
     }
 
-    /// Admits a new UDP flow from `key` (token bucket only).
-    pub fn admit_flow(&self, key: SourceKey, now: Instant) -> bool {
-        self.connections
-            .as_ref()
-            .is_none_or(|t| t.admit(key, now) == Admission::Admitted)
+    /// Admits a new UDP flow from `key` (token bucket only), or says why not.
+    pub fn check_flow(&self, key: SourceKey, now: Instant) -> Result<(), RefuseReason> {
+        self.connections.as_ref().map_or(Ok(()), |t| refusal(t.admit(key, now)))
     }
 
-    /// Admits one UDP datagram from `key`.
+    /// Admits one UDP datagram from `key`, or says why not.
+    pub fn check_packet(&self, key: SourceKey, now: Instant) -> Result<(), RefuseReason> {
+        self.packets.as_ref().map_or(Ok(()), |t| refusal(t.admit(key, now)))
+    }
+
+    /// Whether [`ListenerLimits::check_flow`] admits (for callers that count every
+    /// refusal as `rate_limited`).
+    pub fn admit_flow(&self, key: SourceKey, now: Instant) -> bool {
+        self.check_flow(key, now).is_ok()
+    }
+
+    /// Whether [`ListenerLimits::check_packet`] admits.
     pub fn admit_packet(&self, key: SourceKey, now: Instant) -> bool {
-        self.packets
-            .as_ref()
-            .is_none_or(|t| t.admit(key, now) == Admission::Admitted)
+        self.check_packet(key, now).is_ok()
     }
 
     /// Sources tracked, evictions, refusals because the table was saturated.
     pub fn source_stats(&self) -> Option<super::SourceTableStats> {
         self.connections.as_ref().map(|t| t.stats())
+    }
+}
+
+/// The refusal reason of a token-bucket outcome: an exact bucket's refusal is
+/// `rate_limited`; the overflow sketch's, for a source the full table could not hold, is
+/// `source_table_full` (it may be a neighbour's flood, not this source's rate).
+fn refusal(outcome: Admission) -> Result<(), RefuseReason> {
+    match outcome {
+        Admission::Admitted => Ok(()),
+        Admission::Limited => Err(RefuseReason::RateLimited),
+        Admission::TableFull => Err(RefuseReason::SourceTableFull),
     }
 }
 

@@ -35,6 +35,9 @@ pub struct BucketParams {
     /// Refill per nanosecond in atto-tokens (numerically: nano-tokens per second).
     atto_per_ns: u64,
     capacity_atto: u128,
+    /// Nanoseconds to refill one token, rounded up: the overflow sketch's unit
+    /// (rounding up makes the sketch at most as generous as an exact bucket).
+    ns_per_token: u64,
 }
 
 impl BucketParams {
@@ -59,11 +62,14 @@ impl BucketParams {
         }
         // In range [1, 1e18] after the checks above, so the cast cannot truncate.
         let atto_per_ns = (rate * NANO_PER_TOKEN).round().max(1.0) as u64;
+        // <= 1e18 (atto_per_ns >= 1), so it fits a u64.
+        let ns_per_token = ATTO_PER_TOKEN.div_ceil(u128::from(atto_per_ns)) as u64;
         Ok(Self {
             rate,
             burst,
             atto_per_ns,
             capacity_atto: u128::from(burst) * ATTO_PER_TOKEN,
+            ns_per_token,
         })
     }
 
@@ -80,6 +86,11 @@ impl BucketParams {
     /// Capacity in atto-tokens.
     pub(crate) fn capacity_atto(&self) -> u128 {
         self.capacity_atto
+    }
+
+    /// Nanoseconds per token, rounded up (see the field).
+    pub(crate) fn ns_per_token(&self) -> u64 {
+        self.ns_per_token
     }
 }
 
@@ -104,6 +115,13 @@ impl TokenBucket {
             atto: u128::MAX,
             last: now,
         }
+    }
+
+    /// A bucket holding `atto` atto-tokens (clamped to the capacity at the first refill)
+    /// at `now`: a source that moves from the overflow sketch to an exact entry starts
+    /// from what the sketch knew, not from a fresh burst.
+    pub(crate) fn with_atto(atto: u128, now: Instant) -> Self {
+        Self { atto, last: now }
     }
 
     /// Takes one token if available at `now`; returns whether it did.
@@ -134,11 +152,6 @@ impl TokenBucket {
     /// Tokens available at `now`, for diagnostics and victim selection.
     pub fn tokens_at(&self, params: &BucketParams, now: Instant) -> f64 {
         self.refilled(params, now).0 as f64 / ATTO_PER_TOKEN as f64
-    }
-
-    /// Tokens at `now` in atto-tokens, exact; used to compare buckets without floats.
-    pub(crate) fn atto_at(&self, params: &BucketParams, now: Instant) -> u128 {
-        self.refilled(params, now).0
     }
 
     /// State after refilling up to `now` (clamped to capacity), without mutating.

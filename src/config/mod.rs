@@ -342,8 +342,15 @@ pub struct BackendConfig {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path)
+        let bytes = std::fs::read(path)
             .map_err(|e| ConfigErrors(vec![ConfigError::new(path, "file", format!("cannot read: {e}"))]))?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            // Placed like a TOML error: the line and column of the first bad byte.
+            let valid = e.utf8_error().valid_up_to();
+            let prefix = std::str::from_utf8(&e.as_bytes()[..valid]).unwrap_or_default();
+            let problem = format!("not valid UTF-8 (byte 0x{:02x})", e.as_bytes()[valid]);
+            ConfigErrors(vec![ConfigError::new(path, line_col(prefix, valid), problem)])
+        })?;
         Config::parse(&text, path)
     }
 

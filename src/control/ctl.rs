@@ -13,6 +13,8 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_ERROR_REPLY: i32 = 1;
 /// Exit code when the socket can't be reached.
 pub const EXIT_UNREACHABLE: i32 = 2;
+// Usage errors and unwritable output have their own codes, shared with the other
+// subcommands: crate::output::{EXIT_USAGE, EXIT_OUTPUT}.
 
 /// Finds the socket path: given directly, or read from a config file.
 pub fn socket_path(socket: Option<PathBuf>, config: Option<&Path>) -> Result<PathBuf, String> {
@@ -34,14 +36,22 @@ pub fn call(path: &Path, request: &Value) -> Result<Value, String> {
         UnixStream::connect(path).map_err(|e| format!("cannot reach ringlb at {}: {e}", path.display()))?;
     stream.set_read_timeout(Some(Duration::from_secs(60))).ok();
     stream.set_write_timeout(Some(Duration::from_secs(10))).ok();
-    stream
-        .write_all(format!("{request}\n").as_bytes())
-        .map_err(|e| format!("sending to {}: {e}", path.display()))?;
+    // A server that refuses the client (too many control clients) writes its error line
+    // and closes without reading, so sending can fail with EPIPE while the reason waits
+    // in our receive buffer: read it before reporting the send error.
+    let sent = stream.write_all(format!("{request}\n").as_bytes());
+    if let Err(e) = &sent {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(format!("sending to {}: {e}", path.display()));
+        }
+    }
     let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .map_err(|e| format!("reading reply from {}: {e}", path.display()))?;
-    serde_json::from_str(&line).map_err(|e| format!("bad reply from {}: {e}: {line:?}", path.display()))
+    let read = BufReader::new(stream).read_line(&mut line);
+    serde_json::from_str(&line).or_else(|e| {
+        sent.map_err(|e| format!("sending to {}: {e}", path.display()))?;
+        read.map_err(|e| format!("reading reply from {}: {e}", path.display()))?;
+        Err(format!("bad reply from {}: {e}: {line:?}", path.display()))
+    })
 }
 
 /// Runs one ctl command; returns the process exit code.
@@ -54,23 +64,18 @@ pub fn run(path: &Path, request: Value, json_output: bool) -> i32 {
         }
     };
     let ok = reply.get("ok").and_then(Value::as_bool) == Some(true);
+    let code = if ok { EXIT_OK } else { EXIT_ERROR_REPLY };
     if json_output {
-        println!("{reply}");
+        crate::output::print(&format!("{reply}\n"), code)
     } else if !ok {
         eprintln!(
             "error: {}",
             reply.get("error").and_then(Value::as_str).unwrap_or("unknown error")
         );
+        code
     } else {
-        print!(
-            "{}",
-            human(request.get("cmd").and_then(Value::as_str).unwrap_or(""), &reply)
-        );
-    }
-    if ok {
-        EXIT_OK
-    } else {
-        EXIT_ERROR_REPLY
+        let cmd = request.get("cmd").and_then(Value::as_str).unwrap_or("");
+        crate::output::print(&human(cmd, &reply), code)
     }
 }
 
@@ -80,6 +85,15 @@ fn s(v: &Value, k: &str) -> String {
         Some(Value::Null) | None => "-".into(),
         Some(x) => x.to_string(),
     }
+}
+
+/// One `ctl route` candidate: its address, configured weight and share of the table
+/// (the table's own weights are scaled and mean nothing next to the configured one).
+fn candidate(c: &Value) -> String {
+    let share = c["table_share"]
+        .as_f64()
+        .map_or_else(|| "-".to_string(), |f| format!("{:.1}%", f * 100.0));
+    format!("{} (weight {}, {share} of the table)", s(c, "addr"), s(c, "weight"))
 }
 
 /// Human-readable rendering of a reply.
@@ -167,14 +181,14 @@ pub fn human(cmd: &str, r: &Value) -> String {
                 s(r, "table"),
                 s(r, "table_generation")
             );
-            let _ = writeln!(out, "chosen  {}", s(r, "chosen"));
-            let next: Vec<String> = r["candidates"]
+            let candidates: Vec<String> = r["candidates"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .skip(1)
-                .map(|c| format!("{} (weight {})", s(c, "addr"), s(c, "effective_weight")))
+                .map(candidate)
                 .collect();
+            let _ = writeln!(out, "chosen  {}", candidates.first().map_or("-", String::as_str));
+            let next = &candidates[candidates.len().min(1)..];
             let _ = writeln!(
                 out,
                 "next    {}",

@@ -243,9 +243,21 @@ pub fn render(server: &Server) -> String {
     out
 }
 
+/// Scrapers served at once; a connection beyond them is closed at once.
+pub const MAX_SCRAPERS: usize = 64;
+
+/// Time a scraper has to send its request head. A scraper on the same network sends it
+/// right after connecting; an idle client holds a slot for at most this long, so idle
+/// clients can keep scrapes out only by holding all [`MAX_SCRAPERS`] slots, and then
+/// for at most this long after they stop reconnecting.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Time to write the response.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves `GET /metrics` on `listener` (HTTP/1.0-style: one response, then close).
 pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) {
-    let slots = Arc::new(Semaphore::new(16));
+    let slots = Arc::new(Semaphore::new(MAX_SCRAPERS));
     // Scrapes go on when the data plane has used every other descriptor.
     let reserve = Arc::new(FdReserve::new(2));
     loop {
@@ -263,11 +275,12 @@ pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) {
     }
 }
 
-/// Reads one request head and answers it, within 5 s each way.
+/// Reads one request head within [`HEAD_TIMEOUT`] and answers it within
+/// [`WRITE_TIMEOUT`].
 async fn answer_scrape(mut stream: tokio::net::TcpStream, server: &Server) {
     let mut head = vec![0u8; 8192];
     let mut len = 0;
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
+    let read = tokio::time::timeout(HEAD_TIMEOUT, async {
         while len < head.len() {
             let n = stream.read(&mut head[len..]).await?;
             if n == 0 {
@@ -291,6 +304,6 @@ async fn answer_scrape(mut stream: tokio::net::TcpStream, server: &Server) {
     } else {
         "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 21\r\nConnection: close\r\n\r\ntry GET /metrics\r\n\r\n".to_string()
     };
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(response.as_bytes())).await;
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(response.as_bytes())).await;
     let _ = stream.shutdown().await;
 }

@@ -83,10 +83,10 @@ pub fn run_control_plane(server: Arc<Server>, endpoints: ControlEndpoints) -> Re
 /// line per refused connection.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
-fn log_refusals(model: &crate::model::Model, last: &mut HashMap<usize, [u64; 8]>) {
+fn log_refusals(model: &crate::model::Model, last: &mut HashMap<usize, [u64; RefuseReason::ALL.len()]>) {
     for l in &model.listeners {
-        let now: [u64; 8] = std::array::from_fn(|i| l.stats.refused[i].get());
-        let before = last.insert(l.slot, now).unwrap_or([0; 8]);
+        let now: [u64; RefuseReason::ALL.len()] = std::array::from_fn(|i| l.stats.refused[i].get());
+        let before = last.insert(l.slot, now).unwrap_or([0; RefuseReason::ALL.len()]);
         let parts: Vec<String> = RefuseReason::ALL
             .iter()
             .filter(|r| now[**r as usize] > before[**r as usize])
@@ -308,12 +308,26 @@ fn route(server: &Server, listener: &str, client: &str) -> Result<Value, String>
         (Some(g), Some(r)) => g.weights[g.by_region[r.0 as usize] as usize].clone(),
         _ => pool.weights.clone(),
     };
+    // The table's weights are in its own units (configured weight x WEIGHT_SCALE, slow
+    // start and geo spill-over applied), which mean nothing next to the configured
+    // weight: show the configured weight and the share of the table instead, keeping the
+    // raw figure as `effective_weight`.
+    let configured = configured_weights(server, &pool.name);
+    let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
     let candidates: Vec<Value> = table
         .map(|t| {
             t.candidates(hash, 5)
                 .map(|i| {
                     let b = &pool.backends[i as usize];
-                    json!({"addr": b.addr.to_string(), "effective_weight": weights[i as usize]})
+                    let effective = weights[i as usize];
+                    // Rounded to 1e-4 so that the JSON shows 0.5, not 0.49999999999999994.
+                    let share = (effective as f64 / total.max(1) as f64 * 1e4).round() / 1e4;
+                    json!({
+                        "addr": b.addr.to_string(),
+                        "weight": configured.get(&b.addr),
+                        "effective_weight": effective,
+                        "table_share": share,
+                    })
                 })
                 .collect()
         })
@@ -329,6 +343,17 @@ fn route(server: &Server, listener: &str, client: &str) -> Result<Value, String>
         "chosen": candidates.first().map(|c| c["addr"].clone()),
         "candidates": candidates,
     }))
+}
+
+/// Configured weight of each backend of pool `name` (the file's, or `ctl weight`'s).
+fn configured_weights(server: &Server, name: &str) -> HashMap<std::net::SocketAddr, u32> {
+    let model = server.model.lock();
+    model
+        .pools
+        .iter()
+        .filter(|p| !p.retired && p.config.name == name)
+        .flat_map(|p| p.backends.iter().map(|b| (b.config.addr, b.config.weight)))
+        .collect()
 }
 
 fn stats(server: &Server) -> Value {
@@ -351,6 +376,7 @@ fn stats(server: &Server) -> Value {
                     "tracked": st.len,
                     "evictions": st.evictions,
                     "table_full": st.table_full,
+                    "sketch_admitted": st.sketch_admitted,
                     "capacity": l.limits.connections.as_ref().map_or(0, |t| t.capacity()),
                     "memory_bytes": l.limits.connections.as_ref().map_or(0, |t| t.approx_memory_bytes()),
                 })),
