@@ -236,6 +236,24 @@ fn reply_then_close_reaches_the_client_with_eof(engine: &str) {
     }
 }
 
+/// A backend that aborts its connection (RST) is passed on as an abort: the
+/// client sees a reset, not a clean end of stream it could take for a
+/// complete answer.
+fn a_backend_reset_reaches_the_client_as_a_reset(engine: &str) {
+    let reset = Backend::start("reset", Behaviour::Reset);
+    let (_lb, listen) = start_lb(engine, "", &[(reset.addr, 1)]);
+    for i in 0..20 {
+        let mut s = connect_from(listen, None).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let _ = s.write_all(b"hello");
+        let mut buf = [0u8; 16];
+        match s.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("connection {i}: expected a reset, got {other:?}"),
+        }
+    }
+}
+
 macro_rules! on_variants {
     ($($module:ident = $variant:literal),* ; $names:tt) => {
         $( on_variants!(@one $module $variant $names); )*
@@ -258,6 +276,7 @@ on_variants!(uring = "uring", epoll = "epoll"; [
     half_close_backend_first,
     idle_timeout_closes_client_with_eof,
     reply_then_close_reaches_the_client_with_eof,
+    a_backend_reset_reaches_the_client_as_a_reset,
 ]);
 
 // The splice relay and auto (copy, then splice on bulk) on both engines.
@@ -268,4 +287,5 @@ on_variants!(uring_splice = "uring+splice", epoll_splice = "epoll+splice", uring
     half_close_backend_first,
     idle_timeout_closes_client_with_eof,
     reply_then_close_reaches_the_client_with_eof,
+    a_backend_reset_reaches_the_client_as_a_reset,
 ]);

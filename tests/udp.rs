@@ -399,8 +399,12 @@ fn per_source_packet_rate_drops_only_the_noisy_source(engine: &str) {
         );
     }
     let stats = ctl_json(&lb.sock, &["stats"]).1;
-    assert!(
-        stats["listeners"][0]["refused"]["rate_limited"].as_u64().unwrap() >= 40,
+    let limited = stats["listeners"][0]["refused"]["rate_limited"].as_u64().unwrap();
+    assert!(limited >= 40, "{stats}");
+    // A datagram refused by the limiter is a datagram dropped, too.
+    assert_eq!(
+        stats["listeners"][0]["datagrams_dropped"].as_u64().unwrap(),
+        limited,
         "{stats}"
     );
 }

@@ -154,17 +154,6 @@ impl ListenerLimits {
         self.packets.as_ref().map_or(Ok(()), |t| refusal(t.admit(key, now)))
     }
 
-    /// Whether [`ListenerLimits::check_flow`] admits (for callers that count every
-    /// refusal as `rate_limited`).
-    pub fn admit_flow(&self, key: SourceKey, now: Instant) -> bool {
-        self.check_flow(key, now).is_ok()
-    }
-
-    /// Whether [`ListenerLimits::check_packet`] admits.
-    pub fn admit_packet(&self, key: SourceKey, now: Instant) -> bool {
-        self.check_packet(key, now).is_ok()
-    }
-
     /// Sources tracked, evictions, refusals because the table was saturated.
     pub fn source_stats(&self) -> Option<super::SourceTableStats> {
         self.connections.as_ref().map(|t| t.stats())

@@ -93,7 +93,16 @@ fn candidate(c: &Value) -> String {
     let share = c["table_share"]
         .as_f64()
         .map_or_else(|| "-".to_string(), |f| format!("{:.1}%", f * 100.0));
-    format!("{} (weight {}, {share} of the table)", s(c, "addr"), s(c, "weight"))
+    let full = if c["full"].as_bool() == Some(true) {
+        ", full: skipped by new connections"
+    } else {
+        ""
+    };
+    format!(
+        "{} (weight {}, {share} of the table{full})",
+        s(c, "addr"),
+        s(c, "weight")
+    )
 }
 
 /// Human-readable rendering of a reply.

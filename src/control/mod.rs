@@ -292,8 +292,9 @@ fn route(server: &Server, listener: &str, client: &str) -> Result<Value, String>
         .find(|l| l.config.name == listener)
         .ok_or_else(|| format!("no listener named \"{listener}\""))?;
     let pool = &snapshot.pools[view.pool];
-    let (table, region) = pool.table_for(addr.ip());
-    let hash = crate::flow_key::flow_hash(addr, view.config.hash_key);
+    // The very function a worker calls for a new connection or flow.
+    let selection = crate::conn::select(pool, addr, view.config.hash_key, 5);
+    let region = pool.table_for(addr.ip()).1;
     let (region_name, table_name) = match (&pool.geo, region) {
         (Some(g), Some(r)) => {
             let name = g.names.name(r).unwrap_or("?").to_string();
@@ -314,11 +315,15 @@ fn route(server: &Server, listener: &str, client: &str) -> Result<Value, String>
     // raw figure as `effective_weight`.
     let configured = configured_weights(server, &pool.name);
     let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
-    let candidates: Vec<Value> = table
-        .map(|t| {
-            t.candidates(hash, 5)
-                .map(|i| {
+    let candidates: Vec<Value> = selection
+        .map(|sel| {
+            sel.candidates()
+                .iter()
+                .map(|&i| {
                     let b = &pool.backends[i as usize];
+                    // A TCP connect skips a backend at its max_connections (spill-over).
+                    let max = b.max_conns.load(std::sync::atomic::Ordering::Relaxed);
+                    let full = max > 0 && b.open.load(std::sync::atomic::Ordering::Relaxed) >= max;
                     let effective = weights[i as usize];
                     // Rounded to 1e-4 so that the JSON shows 0.5, not 0.49999999999999994.
                     let share = (effective as f64 / total.max(1) as f64 * 1e4).round() / 1e4;
@@ -327,6 +332,7 @@ fn route(server: &Server, listener: &str, client: &str) -> Result<Value, String>
                         "weight": configured.get(&b.addr),
                         "effective_weight": effective,
                         "table_share": share,
+                        "full": full,
                     })
                 })
                 .collect()

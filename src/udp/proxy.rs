@@ -204,8 +204,10 @@ fn on_datagram(
         return;
     };
     let source = listener.limits.source_key(client.ip());
-    if !listener.limits.admit_packet(source, now) {
-        stats.refuse(RefuseReason::RateLimited);
+    if let Err(reason) = listener.limits.check_packet(source, now) {
+        // Refused under its real reason, and a datagram dropped all the same.
+        stats.refuse(reason);
+        stats.datagrams_dropped.inc();
         return;
     }
     let mut flows = state.flows.borrow_mut();
@@ -222,8 +224,9 @@ fn on_datagram(
         forwarder.finish(&mut flows, stats);
         flows.remove(&client);
     }
-    if !listener.limits.admit_flow(source, now) {
-        stats.refuse(RefuseReason::RateLimited);
+    if let Err(reason) = listener.limits.check_flow(source, now) {
+        stats.refuse(reason);
+        stats.datagrams_dropped.inc();
         return;
     }
     let pool = &snapshot.pools[listener.pool];

@@ -760,7 +760,11 @@ fn poll_out_kind(side: Side) -> Kind {
 /// Runs worker `id` on io_uring; returns only if the ring can't be set up.
 pub fn run(id: usize, shared: Arc<Shared>, inbox: WorkerInbox) -> std::io::Result<()> {
     let worker = RingWorker::new(id, shared.clone(), inbox)?;
-    let setup = format!("{}, {BUFFERS} x {} KiB provided buffers", worker.flags(), BUFFER_SIZE / 1024);
+    let setup = format!(
+        "{}, {BUFFERS} x {} KiB provided buffers",
+        worker.flags(),
+        BUFFER_SIZE / 1024
+    );
     log::info!("worker {id} started on io_uring ({setup})");
     shared.set_worker_setup(id, setup);
     worker.run();
