@@ -168,6 +168,10 @@ def report(tsv, meta, out):
     for l in open(meta):
         k, _, v = l.rstrip("\n").partition("\t")
         lines.append(f"- {k}: {v}")
+        # label ringlb with the engine it ran (run.sh --engine), not always "uring"
+        m = re.search(r"io_engine (\w+)", v) if k == "ringlb" else None
+        if m:
+            NAMES["ringlb"] = f"ringlb ({m.group(1)})"
     lines.append("")
     lines.append("Medians over the rounds; `vs X` = median of the system / median of X "
                  "(for throughput, above 1 is better). CPU = utime+stime of all the "

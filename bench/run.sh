@@ -455,7 +455,8 @@ run_one() { # round load system
 
 # Idle RSS, then RSS while holding IDLE_N idle proxied connections.
 mem_test() { # system
-    local s=$1 out=$TMP/out/mem-$s.json
+    local s=$1 out
+    out=$TMP/out/mem-$s.json
     mkdir -p "$TMP/out"
     timeout -k 5 120 python3 "$BENCH/idle_conns.py" --target "127.0.0.1:${HTTP_PORT[$s]}" -n "$IDLE_N" --hold 3 \
         --pids "$(sys_pids "$s")" --backend-ports "$BE1,$BE2" --verify 20 > "$out" 2>"$out.err" \
