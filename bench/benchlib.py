@@ -72,8 +72,10 @@ def parse_iperf(path):
 def parse_strace(summary, wrk):
     """Syscalls per request from `strace -c -U name,calls` and the wrk output of the same run.
 
-    The summary is "name calls" rows between dashed lines, then a "total" row;
-    the total is recomputed from the rows rather than trusted.
+    The summary is "name calls [errors]" rows between dashed lines (errors is
+    blank when none failed), then a "total" row; the totals are recomputed from
+    the rows. Failed calls (mostly EAGAIN reads and accepts that found nothing)
+    are counted in the calls and also reported on their own.
     """
     out = open(wrk).read()
     m = re.search(r"(\d+) requests in", out)
@@ -81,11 +83,12 @@ def parse_strace(summary, wrk):
         print("error no requests in wrk output")
         return
     requests = int(m.group(1))
-    calls = {}
+    calls, errors = {}, 0
     for line in open(summary):
         parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
+        if len(parts) in (2, 3) and all(p.isdigit() for p in parts[1:]) and parts[0] != "total":
             calls[parts[0]] = calls.get(parts[0], 0) + int(parts[1])
+            errors += int(parts[2]) if len(parts) == 3 else 0
     if not calls:
         print("error empty strace summary")
         return
@@ -93,6 +96,8 @@ def parse_strace(summary, wrk):
     print("requests", requests)
     print("calls", total)
     print("per_req", f"{total / requests:.3f}")
+    print("errors", errors)
+    print("errors_per_req", f"{errors / requests:.3f}")
     for name, n in calls.items():
         print(f"sc_{name}", f"{n / requests:.4f}")
 
@@ -266,12 +271,12 @@ def syscall_table(lines, data, med, present):
     lines.append("")
     lines.append("All processes and threads of the balancer traced; the count of each system call divided "
                  "by the requests wrk completed in that run (close: one request = one client connection "
-                 "and one backend connection). strace slows the balancer, so the request counts are "
+                 "and one backend connection); `failed` = calls that returned an error (mostly EAGAIN). strace slows the balancer, so the request counts are "
                  "not throughput figures. io_uring operations are not system calls: for ringlb's uring "
                  "engine only the io_uring_enter calls are counted.")
     lines.append("")
-    lines.append("| system | load | requests (under strace) | syscalls | per unit | top 6 per unit |")
-    lines.append("| --- | --- | ---: | ---: | ---: | --- |")
+    lines.append("| system | load | requests (under strace) | syscalls | per unit | failed per unit | top 6 per unit |")
+    lines.append("| --- | --- | ---: | ---: | ---: | ---: | --- |")
     for s in present:
         for key, label, unit in SYSCALL_LOADS:
             load = f"sys_{key}"
@@ -282,6 +287,7 @@ def syscall_table(lines, data, med, present):
                           if l == load and sy == s and m.startswith("sc_")), key=lambda x: -x[1])[:6]
             lines.append(f"| {NAMES[s]} | {label} | {med(load, s, 'requests'):,.0f} | "
                          f"{med(load, s, 'calls'):,.0f} | {per:.2f} {unit} | "
+                         f"{fmt(med(load, s, 'errors_per_req'))} | "
                          + ", ".join(f"{n} {v:.2f}" if v >= 0.01 else f"{n} {v:.1g}" for n, v in top) + " |")
     lines.append("")
 

@@ -52,10 +52,11 @@ while [ $# -gt 0 ]; do
     esac
 done
 if [ "$QUICK" = 1 ]; then ROUNDS=1; DUR=2; IDLE_N=${QUICK_IDLE_N:-2000}; fi
+[ ${#LOADS[@]} -gt 0 ] || ROUNDS=0      # --syscalls-only (or --loads ""): no timed rounds
 for v in ROUNDS DUR WORKERS SOAK IDLE_N PORT_BASE SYSCALL_DUR; do
     [[ ${!v} =~ ^[0-9]+$ ]] || { echo "$v must be a whole number" >&2; exit 2; }
 done
-[ "$ROUNDS" -ge 1 ] && [ "$DUR" -ge 1 ] && [ "$WORKERS" -ge 1 ] || { echo "rounds, duration, workers must be >= 1" >&2; exit 2; }
+{ [ "$ROUNDS" -ge 1 ] || [ ${#LOADS[@]} = 0 ]; } && [ "$DUR" -ge 1 ] && [ "$WORKERS" -ge 1 ] || { echo "rounds, duration, workers must be >= 1" >&2; exit 2; }
 
 for t in wrk iperf3 haproxy nginx python3 ss pgrep timeout; do
     command -v "$t" >/dev/null || { echo "missing $t: run bench/setup.sh first" >&2; exit 1; }
@@ -493,8 +494,8 @@ syscall_test() { # system load(ka|close)
     for p in $(sys_pids "$s"); do args+=(-p "$p"); done
     [ ${#args[@]} -gt 0 ] || die "no pids for $s"
     [ "$load" = close ] && hdr=(-H 'Connection: close')
-    # -c: count only; -U name,calls: a two-column summary that is easy to parse
-    strace -f -c -q -U name,calls -o "$out.strace" "${args[@]}" 2> "$out.strace.err" &
+    # -c: count only; -U name,calls,errors: a summary that is easy to parse
+    strace -f -c -q -U name,calls,errors -o "$out.strace" "${args[@]}" 2> "$out.strace.err" &
     st=$!; STARTED+=("$st")
     if ! wait_traced "$st" "$s"; then
         stop_strace "$st"
@@ -648,7 +649,6 @@ if [ "$NO_MEM" = 0 ]; then
 fi
 alive_check "${SYSTEMS[@]}"
 
-[ ${#LOADS[@]} -gt 0 ] || ROUNDS=0      # --syscalls-only
 for r in $(seq "$ROUNDS"); do
     # rotate the order by round, reverse it every other round
     order=()
