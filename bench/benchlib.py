@@ -202,6 +202,11 @@ def report(tsv, meta, out):
                      "iperf8": "iperf3 8 streams Gbit/s", "iperf8R": "iperf3 8 streams -R Gbit/s"}[key]
             cells = [fmt(med(key, s, main), main) for s in present]
             lines.append(f"| {short} | " + " | ".join(cells) + f" | {ratio(med(key, 'ringlb', main), med(key, 'haproxy', main))} |")
+        if any(k[0] == "mem" and k[2] == "per_conn_kib" for k in data):
+            # lower is better here; the ratio is still ringlb / HAProxy
+            cells = [fmt(med("mem", s, "per_conn_kib")) if s != "direct" else "–" for s in present]
+            lines.append("| RSS KiB per idle proxied connection | " + " | ".join(cells) +
+                         f" | {ratio(med('mem', 'ringlb', 'per_conn_kib'), med('mem', 'haproxy', 'per_conn_kib'))} |")
         lines.append("")
 
     for key, title, main, label, _hib, extra in LOADS:
@@ -231,7 +236,7 @@ def report(tsv, meta, out):
         lines.append("")
 
     if any(k[0] == "mem" for k in data):
-        n = med("mem", "ringlb", "n") or med("mem", "haproxy", "n") or 0
+        n = med("mem", "ringlb", "n") or med("mem", "haproxy", "n") or med("mem", "nginx", "n") or 0
         lines.append(f"## Memory: idle, and with {n:,.0f} idle proxied connections (`bench/idle_conns.py`)")
         lines.append("")
         lines.append("RSS = sum of VmRSS of all the balancer's processes. `fresh idle` is right after "
@@ -244,7 +249,11 @@ def report(tsv, meta, out):
                      "verify 200s | after loads MiB |")
         lines.append("|" + " --- |" * 11)
         for s in present:
-            if s == "direct" or med("mem", s, "n") is None:
+            if s == "direct":
+                continue
+            if med("mem", s, "n") is None:
+                if med("mem", s, "run_failed"):
+                    lines.append(f"| {NAMES[s]} | idle_conns.py failed (see problems seen) |" + " |" * 9)
                 continue
             g = lambda m: med("mem", s, m)
             pc = g("per_conn_kib")

@@ -461,7 +461,8 @@ mem_test() { # system
     mkdir -p "$TMP/out"
     timeout -k 5 120 python3 "$BENCH/idle_conns.py" --target "127.0.0.1:${HTTP_PORT[$s]}" -n "$IDLE_N" --hold 3 \
         --pids "$(sys_pids "$s")" --backend-ports "$BE1,$BE2" --verify 20 > "$out" 2>"$out.err" \
-        || { log "idle_conns.py failed for $s: $(cat "$out.err")"; FAILURES+=("mem/$s: idle_conns.py failed"); return 0; }
+        || { log "idle_conns.py failed for $s: $(cat "$out.err")"; FAILURES+=("mem/$s: idle_conns.py failed")
+             record 0 mem "$s" run_failed 1; return 0; }    # so the report shows a row for it anyway
     python3 - "$out" "$s" >> "$TSV" <<'EOF'
 import json, sys
 j = json.load(open(sys.argv[1])); s = sys.argv[2]
