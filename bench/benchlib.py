@@ -3,6 +3,7 @@
 
   benchlib.py wrk FILE            -> "key value" lines: rps requests p50_ms p99_ms errors
   benchlib.py iperf FILE          -> "key value" lines: gbps bytes retrans  (or "error MSG")
+  benchlib.py strace SUMMARY WRK  -> "key value" lines: requests calls per_req sc_NAME...  (or "error MSG")
   benchlib.py report TSV META OUT -> markdown tables on stdout and in OUT
 
 TSV rows: round, load, system, metric, value (tab separated).
@@ -68,22 +69,64 @@ def parse_iperf(path):
     print("retrans", sent.get("retransmits", 0))
 
 
+def parse_strace(summary, wrk):
+    """Syscalls per request from `strace -c -U name,calls` and the wrk output of the same run.
+
+    The summary is "name calls [errors]" rows between dashed lines (errors is
+    blank when none failed), then a "total" row; the totals are recomputed from
+    the rows. Failed calls (mostly EAGAIN reads and accepts that found nothing)
+    are counted in the calls and also reported on their own.
+    """
+    out = open(wrk).read()
+    m = re.search(r"(\d+) requests in", out)
+    if not m or int(m.group(1)) == 0:
+        print("error no requests in wrk output")
+        return
+    requests = int(m.group(1))
+    calls, errors = {}, 0
+    for line in open(summary):
+        parts = line.split()
+        if len(parts) in (2, 3) and all(p.isdigit() for p in parts[1:]) and parts[0] != "total":
+            calls[parts[0]] = calls.get(parts[0], 0) + int(parts[1])
+            errors += int(parts[2]) if len(parts) == 3 else 0
+    if not calls:
+        print("error empty strace summary")
+        return
+    total = sum(calls.values())
+    print("requests", requests)
+    print("calls", total)
+    print("per_req", f"{total / requests:.3f}")
+    print("errors", errors)
+    print("errors_per_req", f"{errors / requests:.3f}")
+    for name, n in calls.items():
+        print(f"sc_{name}", f"{n / requests:.4f}")
+
+
+# The CPU columns of each load table: user and kernel time beside the total
+# (the last one, which "CPU vs HAProxy" compares).
+CPU_REQ = [("user_us_per_req", "user µs / req"), ("sys_us_per_req", "sys µs / req"),
+           ("cpu_per_mreq", "CPU-s / 1M req")]
+CPU_CONN = [("user_us_per_req", "user µs / conn"), ("sys_us_per_req", "sys µs / conn"),
+            ("cpu_per_kconn", "CPU-s / 1k conn")]
+CPU_GIB = [("user_s_per_gib", "user s / GiB"), ("sys_s_per_gib", "sys s / GiB"),
+           ("cpu_per_gib", "CPU-s / GiB")]
+# Columns after "CPU vs HAProxy": shares of the whole machine's CPU time (all
+# cores, from /proc/stat) during the load.
+BOX = [("box_bal_pct", "balancer % box"), ("box_softirq_pct", "softirq % box"), ("box_idle_pct", "idle % box")]
+
 LOADS = [
-    # key, title, main metric, main label, higher is better, extra columns
+    # key, title, main metric, main label, higher is better, extra columns (CPU total last)
     ("ka", "HTTP keep-alive: `wrk -t2 -c64 --latency`", "rps", "req/s", True,
-     [("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("cpu_per_mreq", "CPU-s / 1M req")]),
+     [("p50_ms", "p50 ms"), ("p99_ms", "p99 ms")] + CPU_REQ),
     ("close", "HTTP `Connection: close` (one TCP connection per request): `wrk -t2 -c64 -H 'Connection: close'`",
      "rps", "conn/s", True,
-     [("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("cpu_per_kconn", "CPU-s / 1k conn")]),
-    ("iperf1", "iperf3, 1 TCP stream, client -> server", "gbps", "Gbit/s", True,
-     [("cpu_per_gib", "CPU-s / GiB")]),
-    ("iperf1R", "iperf3, 1 TCP stream, server -> client (`-R`)", "gbps", "Gbit/s", True,
-     [("cpu_per_gib", "CPU-s / GiB")]),
-    ("iperf8", "iperf3, 8 TCP streams (`-P 8`), client -> server", "gbps", "Gbit/s", True,
-     [("cpu_per_gib", "CPU-s / GiB")]),
-    ("iperf8R", "iperf3, 8 TCP streams (`-P 8 -R`), server -> client", "gbps", "Gbit/s", True,
-     [("cpu_per_gib", "CPU-s / GiB")]),
+     [("p50_ms", "p50 ms"), ("p99_ms", "p99 ms")] + CPU_CONN),
+    ("iperf1", "iperf3, 1 TCP stream, client -> server", "gbps", "Gbit/s", True, CPU_GIB),
+    ("iperf1R", "iperf3, 1 TCP stream, server -> client (`-R`)", "gbps", "Gbit/s", True, CPU_GIB),
+    ("iperf8", "iperf3, 8 TCP streams (`-P 8`), client -> server", "gbps", "Gbit/s", True, CPU_GIB),
+    ("iperf8R", "iperf3, 8 TCP streams (`-P 8 -R`), server -> client", "gbps", "Gbit/s", True, CPU_GIB),
 ]
+SYSCALL_LOADS = [("ka", "keep-alive", "syscalls / req"), ("close", "Connection: close", "syscalls / conn")]
 SYSTEMS = ["direct", "ringlb", "haproxy", "nginx"]
 NAMES = {"direct": "direct (no balancer)", "ringlb": "ringlb (uring)",
          "haproxy": "HAProxy (tcp mode)", "nginx": "nginx stream"}
@@ -130,27 +173,41 @@ def report(tsv, meta, out):
     for l in open(meta):
         k, _, v = l.rstrip("\n").partition("\t")
         lines.append(f"- {k}: {v}")
+        # label ringlb with the engine it ran (run.sh --engine), not always "uring"
+        m = re.search(r"io_engine (\w+)", v) if k == "ringlb" else None
+        if m:
+            NAMES["ringlb"] = f"ringlb ({m.group(1)})"
     lines.append("")
     lines.append("Medians over the rounds; `vs X` = median of the system / median of X "
                  "(for throughput, above 1 is better). CPU = utime+stime of all the "
-                 "balancer's processes during the load. Per-round values in the last column.")
+                 "balancer's processes during the load; user / sys = utime / stime apart. "
+                 "`% box` = share of the whole machine's CPU time (all cores, /proc/stat) "
+                 "during the load: the balancer's own, softirq, idle (+iowait). "
+                 "Per-round values in the last column.")
     lines.append("")
 
-    # summary
-    lines.append("## Summary (medians)")
-    lines.append("")
     present = [s for s in SYSTEMS if any(k[1] == s for k in data)]
-    lines.append("| load | " + " | ".join(NAMES[s] for s in present) + " | ringlb / HAProxy |")
-    lines.append("| --- | " + " | ".join("---:" for _ in present) + " | ---: |")
-    for key, title, main, label, _hib, _extra in LOADS:
-        if not any(k[0] == key for k in data):
-            continue
-        short = {"ka": "keep-alive req/s", "close": "Connection: close conn/s",
-                 "iperf1": "iperf3 1 stream Gbit/s", "iperf1R": "iperf3 1 stream -R Gbit/s",
-                 "iperf8": "iperf3 8 streams Gbit/s", "iperf8R": "iperf3 8 streams -R Gbit/s"}[key]
-        cells = [fmt(med(key, s, main), main) for s in present]
-        lines.append(f"| {short} | " + " | ".join(cells) + f" | {ratio(med(key, 'ringlb', main), med(key, 'haproxy', main))} |")
-    lines.append("")
+    has_loads = any(k[0] == key for key, *_ in LOADS for k in data)
+    # summary
+    if has_loads:
+        lines.append("## Summary (medians)")
+        lines.append("")
+        lines.append("| load | " + " | ".join(NAMES[s] for s in present) + " | ringlb / HAProxy |")
+        lines.append("| --- | " + " | ".join("---:" for _ in present) + " | ---: |")
+        for key, title, main, label, _hib, _extra in LOADS:
+            if not any(k[0] == key for k in data):
+                continue
+            short = {"ka": "keep-alive req/s", "close": "Connection: close conn/s",
+                     "iperf1": "iperf3 1 stream Gbit/s", "iperf1R": "iperf3 1 stream -R Gbit/s",
+                     "iperf8": "iperf3 8 streams Gbit/s", "iperf8R": "iperf3 8 streams -R Gbit/s"}[key]
+            cells = [fmt(med(key, s, main), main) for s in present]
+            lines.append(f"| {short} | " + " | ".join(cells) + f" | {ratio(med(key, 'ringlb', main), med(key, 'haproxy', main))} |")
+        if any(k[0] == "mem" and k[2] == "per_conn_kib" for k in data):
+            # lower is better here; the ratio is still ringlb / HAProxy
+            cells = [fmt(med("mem", s, "per_conn_kib")) if s != "direct" else "–" for s in present]
+            lines.append("| RSS KiB per idle proxied connection | " + " | ".join(cells) +
+                         f" | {ratio(med('mem', 'ringlb', 'per_conn_kib'), med('mem', 'haproxy', 'per_conn_kib'))} |")
+        lines.append("")
 
     for key, title, main, label, _hib, extra in LOADS:
         if not any(k[0] == key for k in data):
@@ -158,7 +215,7 @@ def report(tsv, meta, out):
         lines.append(f"## {title}")
         lines.append("")
         hdr = f"| system | {label} | vs HAProxy | vs direct | " + " | ".join(e[1] for e in extra) + \
-              " | CPU vs HAProxy | errors | per round |"
+              " | CPU vs HAProxy | " + " | ".join(b[1] for b in BOX) + " | errors | per round |"
         lines.append(hdr)
         lines.append("|" + " --- |" * (hdr.count("|") - 1))
         cpu_metric = extra[-1][0]
@@ -170,6 +227,7 @@ def report(tsv, meta, out):
                      ratio(m, med(key, "direct", main))]
             cells += [fmt(med(key, s, e[0])) for e in extra]
             cells.append(ratio(med(key, s, cpu_metric), med(key, "haproxy", cpu_metric)) if s != "direct" else "–")
+            cells += [fmt(med(key, s, b[0])) for b in BOX]
             errs = data.get((key, s, "errors"))
             cells.append(f"{sum(errs):.0f}" if errs else "0")
             per = data.get((key, s, main), [])
@@ -178,7 +236,7 @@ def report(tsv, meta, out):
         lines.append("")
 
     if any(k[0] == "mem" for k in data):
-        n = med("mem", "ringlb", "n") or med("mem", "haproxy", "n") or 0
+        n = med("mem", "ringlb", "n") or med("mem", "haproxy", "n") or med("mem", "nginx", "n") or 0
         lines.append(f"## Memory: idle, and with {n:,.0f} idle proxied connections (`bench/idle_conns.py`)")
         lines.append("")
         lines.append("RSS = sum of VmRSS of all the balancer's processes. `fresh idle` is right after "
@@ -191,7 +249,11 @@ def report(tsv, meta, out):
                      "verify 200s | after loads MiB |")
         lines.append("|" + " --- |" * 11)
         for s in present:
-            if s == "direct" or med("mem", s, "n") is None:
+            if s == "direct":
+                continue
+            if med("mem", s, "n") is None:
+                if med("mem", s, "run_failed"):
+                    lines.append(f"| {NAMES[s]} | idle_conns.py failed (see problems seen) |" + " |" * 9)
                 continue
             g = lambda m: med("mem", s, m)
             pc = g("per_conn_kib")
@@ -203,10 +265,40 @@ def report(tsv, meta, out):
             ]) + " |")
         lines.append("")
 
+    if any(k[0].startswith("sys_") for k in data):
+        syscall_table(lines, data, med, present)
+
     text = "\n".join(lines)
     with open(out, "w") as f:
         f.write(text)
     print(text)
+
+
+def syscall_table(lines, data, med, present):
+    """Syscalls per request (ka) / per connection (close) from the --syscalls runs."""
+    lines.append("## System calls per request relayed (`--syscalls`: `strace -f -c`, separate run, `wrk -t1 -c64`)")
+    lines.append("")
+    lines.append("All processes and threads of the balancer traced; the count of each system call divided "
+                 "by the requests wrk completed in that run (close: one request = one client connection "
+                 "and one backend connection); `failed` = calls that returned an error (mostly EAGAIN). strace slows the balancer, so the request counts are "
+                 "not throughput figures. io_uring operations are not system calls: for ringlb's uring "
+                 "engine only the io_uring_enter calls are counted.")
+    lines.append("")
+    lines.append("| system | load | requests (under strace) | syscalls | per unit | failed per unit | top 6 per unit |")
+    lines.append("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+    for s in present:
+        for key, label, unit in SYSCALL_LOADS:
+            load = f"sys_{key}"
+            per = med(load, s, "per_req")
+            if per is None:
+                continue
+            top = sorted(((m[3:], v[0]) for (l, sy, m), v in data.items()
+                          if l == load and sy == s and m.startswith("sc_")), key=lambda x: -x[1])[:6]
+            lines.append(f"| {NAMES[s]} | {label} | {med(load, s, 'requests'):,.0f} | "
+                         f"{med(load, s, 'calls'):,.0f} | {per:.2f} {unit} | "
+                         f"{fmt(med(load, s, 'errors_per_req'))} | "
+                         + ", ".join(f"{n} {v:.2f}" if v >= 0.01 else f"{n} {v:.1g}" for n, v in top) + " |")
+    lines.append("")
 
 
 def main():
@@ -217,6 +309,8 @@ def main():
         parse_wrk(sys.argv[2])
     elif cmd == "iperf":
         parse_iperf(sys.argv[2])
+    elif cmd == "strace":
+        parse_strace(sys.argv[2], sys.argv[3])
     elif cmd == "report":
         report(sys.argv[2], sys.argv[3], sys.argv[4])
     else:

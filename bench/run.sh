@@ -4,7 +4,11 @@
 #
 #   bench/run.sh [--rounds N] [--duration S] [--workers W] [--quick] [--soak MINUTES]
 #                [--relay copy|splice|auto] [--engine uring|epoll] [--loads "ka close iperf1 ..."] [--no-mem]
+#                [--syscalls | --syscalls-only]
 #
+# --syscalls adds, after the timed rounds, one short strace -c run per balancer
+# and load (ka, close): system calls per request / per connection. --syscalls-only
+# runs just that (no memory test, no timed rounds).
 # Run bench/setup.sh once first. Everything binds and targets 127.0.0.1 only,
 # every load is bounded in time, every process started here is stopped on exit
 # or Ctrl-C, and all configs/logs live in a temp dir (KEEP_TMP=1 keeps it).
@@ -25,9 +29,11 @@ WORKERS=2
 QUICK=0
 SOAK=0
 IDLE_N=${IDLE_N:-9000}      # see README: 10k would need > 20000 fds per process here
+SYSCALLS=0                  # 1: also measure system calls per request (strace), see syscall_test
+SYSCALL_DUR=${SYSCALL_DUR:-3}   # seconds of wrk per strace run
 PORT_BASE=${PORT_BASE:-19100}
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --rounds) ROUNDS=$2; shift 2 ;;
@@ -39,19 +45,26 @@ while [ $# -gt 0 ]; do
         --loads) read -r -a LOADS <<< "$2"; shift 2 ;;
         --no-mem) NO_MEM=1; shift ;;
         --soak) SOAK=$2; shift 2 ;;
+        --syscalls) SYSCALLS=1; shift ;;
+        --syscalls-only) SYSCALLS=1; LOADS=(); NO_MEM=1; shift ;;
         -h|--help) usage 0 ;;
         *) echo "unknown argument: $1" >&2; usage 2 ;;
     esac
 done
 if [ "$QUICK" = 1 ]; then ROUNDS=1; DUR=2; IDLE_N=${QUICK_IDLE_N:-2000}; fi
-for v in ROUNDS DUR WORKERS SOAK IDLE_N PORT_BASE; do
+[ ${#LOADS[@]} -gt 0 ] || ROUNDS=0      # --syscalls-only (or --loads ""): no timed rounds
+for v in ROUNDS DUR WORKERS SOAK IDLE_N PORT_BASE SYSCALL_DUR; do
     [[ ${!v} =~ ^[0-9]+$ ]] || { echo "$v must be a whole number" >&2; exit 2; }
 done
-[ "$ROUNDS" -ge 1 ] && [ "$DUR" -ge 1 ] && [ "$WORKERS" -ge 1 ] || { echo "rounds, duration, workers must be >= 1" >&2; exit 2; }
+{ [ "$ROUNDS" -ge 1 ] || [ ${#LOADS[@]} = 0 ]; } && [ "$DUR" -ge 1 ] && [ "$WORKERS" -ge 1 ] || { echo "rounds, duration, workers must be >= 1" >&2; exit 2; }
 
 for t in wrk iperf3 haproxy nginx python3 ss pgrep timeout; do
     command -v "$t" >/dev/null || { echo "missing $t: run bench/setup.sh first" >&2; exit 1; }
 done
+if [ "$SYSCALLS" = 1 ]; then
+    command -v strace >/dev/null || { echo "missing strace (needed by --syscalls): apt-get install strace" >&2; exit 1; }
+    [ "$SYSCALL_DUR" -ge 1 ] || { echo "SYSCALL_DUR must be >= 1" >&2; exit 2; }
+fi
 NGX_STREAM_MOD=/usr/lib/nginx/modules/ngx_stream_module.so
 [ -f "$NGX_STREAM_MOD" ] || { echo "missing $NGX_STREAM_MOD (libnginx-mod-stream): run bench/setup.sh" >&2; exit 1; }
 [ -x "$REPO/target/release/ringlb" ] || { echo "missing target/release/ringlb: run bench/setup.sh" >&2; exit 1; }
@@ -110,11 +123,23 @@ tree_pids() {
     for c in $(pgrep -P "$1" || true); do tree_pids "$c"; done
 }
 sys_pids() { [ -n "${ROOT_PID[$1]:-}" ] && tree_pids "${ROOT_PID[$1]}" | tr '\n' ' '; return 0; }
-cpu_ticks() { # sum utime+stime over the system's processes (fields 14, 15 of stat)
+# "utime stime" in clock ticks, each summed over the system's processes (fields
+# 14 and 15 of /proc/PID/stat; a process's stat already covers all its threads).
+# Kept apart so the report can say how much of a balancer's CPU is its own code
+# (user) and how much is the kernel working for it (system calls, and on this
+# tick-accounted kernel also the softirqs that ran on its time slice).
+cpu_ticks() {
     local p
     for p in $(sys_pids "$1"); do sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null || true; done |
-        awk '{s += $12 + $13} END {print s + 0}'
+        awk '{u += $12; k += $13} END {print u + 0, k + 0}'
 }
+# The whole machine's CPU time so far, in clock ticks, from the "cpu" line of
+# /proc/stat: "user nice system idle iowait irq softirq steal" (guest and
+# guest_nice are left out: they are already counted in user and nice). Sampled
+# around each load, it shows how much of the box went to softirq (loopback
+# packet processing) and how much stayed idle, i.e. how much CPU was left over
+# after the balancer, the client and the backend.
+box_ticks() { awk '$1 == "cpu" {print $2, $3, $4, $5, $6, $7, $8, $9; exit}' /proc/stat; }
 rss_kib() {
     local p
     for p in $(sys_pids "$1"); do grep '^VmRSS:' "/proc/$p/status" 2>/dev/null || true; done |
@@ -342,11 +367,29 @@ run_iperf() { # port out streams reverse(0/1)
     done
 }
 
+# Box shares over one load: "softirq_pct idle_pct balancer_pct" from two
+# box_ticks samples and the balancer's own tick count. idle includes iowait
+# (both are time no task wanted the CPU). On a kernel without
+# CONFIG_IRQ_TIME_ACCOUNTING, softirq ticks are also charged to the stime of
+# whatever task they interrupted, so balancer_pct and softirq_pct can overlap.
+box_shares() { # "box before" "box after" balancer_ticks
+    awk -v a="$1" -v b="$2" -v bal="$3" 'BEGIN {
+        n = split(a, x, " "); split(b, y, " "); tot = 0
+        for (i = 1; i <= n; i++) { d[i] = y[i] - x[i]; tot += d[i] }
+        if (tot <= 0) { print "0 0 0"; exit }
+        printf "%.1f %.1f %.1f\n", 100 * d[7] / tot, 100 * (d[4] + d[5]) / tot, 100 * bal / tot
+    }'
+}
+# Per-unit cost of some ticks: µs per unit, or (per GiB) seconds per GiB.
+per_req_us() { awk -v t="$1" -v n="$2" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", t / hz / n * 1e6}'; }
+per_gib_s() { awk -v t="$1" -v b="$2" -v hz="$CLK_TCK" 'BEGIN {printf "%.4f", t / hz / (b / 1073741824)}'; }
+
 run_one() { # round load system
-    local r=$1 load=$2 s=$3 out c0 c1 cpu port
+    local r=$1 load=$2 s=$3 out u0 k0 u1 k1 du dk b0 b1 cpu port
     out=$TMP/out/r$r-$load-$s.txt
     mkdir -p "$TMP/out"
-    c0=$(cpu_ticks "$s")
+    read -r u0 k0 < <(cpu_ticks "$s")
+    b0=$(box_ticks)
     case $load in
         ka)      run_wrk "${HTTP_PORT[$s]}" "$out" ;;
         close)   run_wrk "${HTTP_PORT[$s]}" "$out" -H 'Connection: close' ;;
@@ -355,8 +398,12 @@ run_one() { # round load system
         iperf8)  run_iperf "${IPERF_PORT[$s]}" "$out" 8 0 ;;
         iperf8R) run_iperf "${IPERF_PORT[$s]}" "$out" 8 1 ;;
     esac
-    c1=$(cpu_ticks "$s")
-    cpu=$(awk -v a="$c0" -v b="$c1" -v t="$CLK_TCK" 'BEGIN {printf "%.3f", (b - a) / t}')
+    b1=$(box_ticks)
+    read -r u1 k1 < <(cpu_ticks "$s")
+    du=$((u1 - u0)); dk=$((k1 - k0))
+    cpu=$(awk -v t=$((du + dk)) -v hz="$CLK_TCK" 'BEGIN {printf "%.3f", t / hz}')
+    local sirq idle balpct
+    read -r sirq idle balpct < <(box_shares "$b0" "$b1" $((du + dk)))
     declare -A m=()
     local k v
     while read -r k v; do m[$k]=$v; done < <(
@@ -367,7 +414,14 @@ run_one() { # round load system
         FAILURES+=("$load/$s round $r: ${m[error]} -- $(head -c 400 "$out" | tr '\n' ' ')")
         return 0
     fi
-    [ "$s" != direct ] && record "$r" "$load" "$s" cpu_s "$cpu"
+    record "$r" "$load" "$s" box_softirq_pct "$sirq"
+    record "$r" "$load" "$s" box_idle_pct "$idle"
+    if [ "$s" != direct ]; then
+        record "$r" "$load" "$s" cpu_s "$cpu"
+        record "$r" "$load" "$s" user_s "$(awk -v t="$du" -v hz="$CLK_TCK" 'BEGIN {printf "%.3f", t / hz}')"
+        record "$r" "$load" "$s" sys_s "$(awk -v t="$dk" -v hz="$CLK_TCK" 'BEGIN {printf "%.3f", t / hz}')"
+        record "$r" "$load" "$s" box_bal_pct "$balpct"
+    fi
     case $load in
         ka|close)
             record "$r" "$load" "$s" rps "${m[rps]}"
@@ -380,26 +434,35 @@ run_one() { # round load system
                 else
                     record "$r" "$load" "$s" cpu_per_kconn "$(awk -v c="$cpu" -v n="${m[requests]}" 'BEGIN {printf "%.4f", c / n * 1e3}')"
                 fi
+                # user / kernel µs per request (ka) or per connection (close)
+                record "$r" "$load" "$s" user_us_per_req "$(per_req_us "$du" "${m[requests]}")"
+                record "$r" "$load" "$s" sys_us_per_req "$(per_req_us "$dk" "${m[requests]}")"
             fi
             [ "${m[errors]}" != 0 ] && FAILURES+=("$load/$s round $r: ${m[errors]} wrk errors: $(grep -E 'Socket errors|Non-2xx' "$out" | tr '\n' ' ')")
-            log "[round $r] $load $(printf '%-8s' "$s") $(printf '%9.0f' "${m[rps]}") req/s  p50 ${m[p50_ms]:-?} ms  p99 ${m[p99_ms]:-?} ms  errors ${m[errors]}  cpu ${cpu}s"
+            log "[round $r] $load $(printf '%-8s' "$s") $(printf '%9.0f' "${m[rps]}") req/s  p50 ${m[p50_ms]:-?} ms  p99 ${m[p99_ms]:-?} ms  errors ${m[errors]}  cpu ${cpu}s (user $du sys $dk ticks)  box softirq ${sirq}% idle ${idle}%"
             ;;
         *)
             record "$r" "$load" "$s" gbps "${m[gbps]}"
             record "$r" "$load" "$s" bytes "${m[bytes]}"
-            [ "$s" != direct ] && record "$r" "$load" "$s" cpu_per_gib "$(awk -v c="$cpu" -v b="${m[bytes]}" 'BEGIN {printf "%.4f", c / (b / 1073741824)}')"
-            log "[round $r] $load $(printf '%-8s' "$s") $(printf '%6.2f' "${m[gbps]}") Gbit/s  cpu ${cpu}s  retrans ${m[retrans]}"
+            if [ "$s" != direct ] && [ "${m[bytes]%.*}" -gt 0 ]; then
+                record "$r" "$load" "$s" cpu_per_gib "$(awk -v c="$cpu" -v b="${m[bytes]}" 'BEGIN {printf "%.4f", c / (b / 1073741824)}')"
+                record "$r" "$load" "$s" user_s_per_gib "$(per_gib_s "$du" "${m[bytes]}")"
+                record "$r" "$load" "$s" sys_s_per_gib "$(per_gib_s "$dk" "${m[bytes]}")"
+            fi
+            log "[round $r] $load $(printf '%-8s' "$s") $(printf '%6.2f' "${m[gbps]}") Gbit/s  cpu ${cpu}s (user $du sys $dk ticks)  box softirq ${sirq}% idle ${idle}%  retrans ${m[retrans]}"
             ;;
     esac
 }
 
 # Idle RSS, then RSS while holding IDLE_N idle proxied connections.
 mem_test() { # system
-    local s=$1 out=$TMP/out/mem-$s.json
+    local s=$1 out
+    out=$TMP/out/mem-$s.json
     mkdir -p "$TMP/out"
     timeout -k 5 120 python3 "$BENCH/idle_conns.py" --target "127.0.0.1:${HTTP_PORT[$s]}" -n "$IDLE_N" --hold 3 \
         --pids "$(sys_pids "$s")" --backend-ports "$BE1,$BE2" --verify 20 > "$out" 2>"$out.err" \
-        || { log "idle_conns.py failed for $s: $(cat "$out.err")"; FAILURES+=("mem/$s: idle_conns.py failed"); return 0; }
+        || { log "idle_conns.py failed for $s: $(cat "$out.err")"; FAILURES+=("mem/$s: idle_conns.py failed")
+             record 0 mem "$s" run_failed 1; return 0; }    # so the report shows a row for it anyway
     python3 - "$out" "$s" >> "$TSV" <<'EOF'
 import json, sys
 j = json.load(open(sys.argv[1])); s = sys.argv[2]
@@ -415,6 +478,79 @@ EOF
     case $j in *'"failed": 0,'*) ;; *) FAILURES+=("mem/$s: $j") ;; esac
 }
 
+# ---------------------------------------------------------------- system calls
+# System calls per request relayed (ka) and per new connection (close). strace
+# stops the tracee twice per system call, which slows a balancer several-fold,
+# so this is a separate short run per system and load, never one of the timed
+# rounds; only the counts are used, not the timings. `strace -f -p PID` attaches
+# to every thread of PID (ringlb's workers, HAProxy's threads) and -p is given
+# for every process of the system (nginx master + workers), so all of them are
+# counted. The count is divided by the requests wrk completed in that run.
+# Note: io_uring work submitted through the ring is not a system call; for
+# ringlb's uring engine the figure counts io_uring_enter, not the operations.
+syscall_test() { # system load(ka|close)
+    local s=$1 load=$2 out p st args=() hdr=()
+    out=$TMP/out/syscalls-$load-$s
+    mkdir -p "$TMP/out"
+    for p in $(sys_pids "$s"); do args+=(-p "$p"); done
+    [ ${#args[@]} -gt 0 ] || die "no pids for $s"
+    [ "$load" = close ] && hdr=(-H 'Connection: close')
+    # -c: count only; -U name,calls,errors: a summary that is easy to parse
+    strace -f -c -q -U name,calls,errors -o "$out.strace" "${args[@]}" 2> "$out.strace.err" &
+    st=$!; STARTED+=("$st")
+    if ! wait_traced "$st" "$s"; then
+        stop_strace "$st"
+        log "syscalls $load $s: strace did not attach: $(head -c 300 "$out.strace.err")"
+        FAILURES+=("syscalls/$load/$s: strace did not attach")
+        return 0
+    fi
+    timeout -k 5 $((SYSCALL_DUR + 30)) wrk -t1 -c64 -d"${SYSCALL_DUR}s" "${hdr[@]}" \
+        "http://127.0.0.1:${HTTP_PORT[$s]}/" > "$out.wrk" 2>&1 || true
+    stop_strace "$st"
+    sleep 0.5
+    alive_check "$s"
+    smoke "$s"      # still serving once strace has let go
+    declare -A m=()
+    local k v
+    while read -r k v; do m[$k]=$v; done < <(python3 "$BENCH/benchlib.py" strace "$out.strace" "$out.wrk")
+    if [ -n "${m[error]:-}" ]; then
+        log "syscalls $load $s: FAILED: ${m[error]} (files: $out.*)"
+        FAILURES+=("syscalls/$load/$s: ${m[error]}")
+        return 0
+    fi
+    for k in "${!m[@]}"; do record 0 "sys_$load" "$s" "$k" "${m[$k]}"; done
+    log "syscalls $load $(printf '%-8s' "$s") ${m[requests]} requests under strace, ${m[calls]} syscalls, ${m[per_req]} per request"
+}
+
+# Wait (at most 5 s) until strace ($1) is the tracer of every thread of the system.
+wait_traced() { # strace_pid system
+    local p t ok
+    for _ in $(seq 50); do
+        kill -0 "$1" 2>/dev/null || return 1
+        ok=1
+        for p in $(sys_pids "$2"); do
+            for t in /proc/"$p"/task/*; do
+                [ "$(awk '/^TracerPid:/ {print $2}' "$t/status" 2>/dev/null)" = "$1" ] || ok=0
+            done
+        done
+        [ $ok = 1 ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+# SIGINT makes strace detach from its tracees and write the summary; if it has
+# not exited within 10 s, TERM then KILL (the kernel detaches the tracees when
+# the tracer dies, so the balancer keeps running either way).
+stop_strace() { # strace_pid
+    local sig
+    for sig in INT TERM KILL; do
+        kill -"$sig" "$1" 2>/dev/null || break
+        for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || break 2; sleep 0.1; done
+    done
+    wait "$1" 2>/dev/null || true
+}
+
 host_meta() {
     {
         printf 'date\t%s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -428,6 +564,8 @@ host_meta() {
             "$(haproxy -v | head -1 | awk '{print "HAProxy " $3}')" "$WORKERS" "$(nginx -v 2>&1 | sed 's/.*nginx\///')" "$WORKERS"
         printf 'tools\t%s, %s\n' "$(wrk -v 2>&1 | head -1 | awk '{print "wrk " $2}')" "$(iperf3 --version | head -1 | awk '{print "iperf3 " $2}')"
         printf 'parameters\t%s rounds x %s s per load, systems in alternating order per round, %s idle connections for the memory test\n' "$ROUNDS" "$DUR" "$IDLE_N"
+        [ "$SYSCALLS" = 1 ] && printf 'syscalls\tstrace -f -c on all processes/threads of each balancer, separate %s s run per load, wrk -t1 -c64\n' "$SYSCALL_DUR"
+        true
     } > "$TMP/meta.tsv"
 }
 target_ver() { "$TMP/ringlb/ringlb" --version 2>/dev/null || echo ringlb; }
@@ -527,8 +665,17 @@ for r in $(seq "$ROUNDS"); do
     done
 done
 
-sleep 2
-for s in ringlb haproxy nginx; do record 0 mem "$s" after_rss_mib "$(awk -v k="$(rss_kib "$s")" 'BEGIN {printf "%.2f", k / 1024}')"; done
+if [ ${#LOADS[@]} -gt 0 ]; then
+    sleep 2
+    for s in ringlb haproxy nginx; do record 0 mem "$s" after_rss_mib "$(awk -v k="$(rss_kib "$s")" 'BEGIN {printf "%.2f", k / 1024}')"; done
+fi
+
+# system calls last: after the after-loads RSS, and never inside the timed rounds
+if [ "$SYSCALLS" = 1 ]; then
+    for s in ringlb haproxy nginx; do
+        for load in ka close; do syscall_test "$s" "$load"; sleep 1; done
+    done
+fi
 
 WALL=$(( $(date +%s) - WALL0 ))
 printf 'wall time\t%dm%02ds\n' $((WALL / 60)) $((WALL % 60)) >> "$TMP/meta.tsv"
