@@ -200,10 +200,18 @@ pub fn handle(server: &Arc<Server>, req: Request) -> Value {
 
 fn status(server: &Server) -> Value {
     let model = server.model.lock();
+    let cpus = crate::worker::pinning_cpus();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": server.shared.started.elapsed().as_secs(),
-        "workers": (0..server.shared.workers).map(|id| json!({"id": id, "engine": server.shared.engine.to_string()})).collect::<Vec<_>>(),
+        "workers": (0..server.shared.workers).map(|id| json!({
+            "id": id,
+            "engine": server.shared.engine.to_string(),
+            // TCP connections and UDP flows this worker accepted, over the
+            // listeners `stats` lists (the per-worker split of its "accepted").
+            "accepted": model.listeners.iter().map(|l| l.stats.accepted.worker(id)).sum::<u64>(),
+            "cpu": server.shared.pin_workers.then(|| id % cpus),
+        })).collect::<Vec<_>>(),
         "config": model.config.source.as_ref().map(|p| p.display().to_string()),
         "config_generation": model.config_generation,
         "snapshot_generation": model.generation(),
