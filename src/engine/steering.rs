@@ -62,7 +62,7 @@ pub fn program(workers: usize, cpus: usize) -> Vec<libc::sock_filter> {
     ];
     if extra > 0 {
         p.extend([
-            // c >= extra: skip the next three (j < per_cpu + 1 branch).
+            // c < extra: j = random % (per_cpu + 1); else jump to j = random % per_cpu.
             libc::sock_filter {
                 code: (BPF_JMP | BPF_JGE | BPF_K) as u16,
                 jt: 3,
