@@ -2,7 +2,7 @@
 # Whole-system benchmark: ringlb vs HAProxy (tcp mode) vs nginx stream, with the
 # direct path (client -> backend, no balancer) as the ceiling.
 #
-#   bench/run.sh [--rounds N] [--duration S] [--workers W] [--quick] [--soak MINUTES]
+#   bench/run.sh [--rounds N] [--duration S] [--workers W] [--quick] [--soak MINUTES] [--pin]
 #                [--relay copy|splice|auto] [--engine uring|epoll] [--loads "ka close iperf1 ..."] [--no-mem]
 #                [--syscalls | --syscalls-only]
 #
@@ -26,6 +26,7 @@ ENGINE=uring        # ringlb's io engine (uring | epoll)
 LOADS=(ka close iperf1 iperf1R iperf8 iperf8R)
 NO_MEM=0
 WORKERS=2
+PIN=false           # ringlb's runtime.pin_workers (--pin)
 QUICK=0
 SOAK=0
 IDLE_N=${IDLE_N:-9000}      # see README: 10k would need > 20000 fds per process here
@@ -39,6 +40,7 @@ while [ $# -gt 0 ]; do
         --rounds) ROUNDS=$2; shift 2 ;;
         --duration) DUR=$2; shift 2 ;;
         --workers) WORKERS=$2; shift 2 ;;
+        --pin) PIN=true; shift ;;
         --quick) QUICK=1; shift ;;
         --relay) RELAY=$2; shift 2 ;;
         --engine) ENGINE=$2; shift 2 ;;
@@ -195,6 +197,7 @@ start_ringlb() {
 [runtime]
 workers = $WORKERS
 io_engine = "$ENGINE"
+pin_workers = $PIN
 shutdown_timeout = "1s"
 
 [[listener]]

@@ -775,12 +775,16 @@ impl Model {
         {
             changes.push("runtime.workers / runtime.io_engine changed: takes effect on restart only".into());
         }
+        if new.runtime.pin_workers != self.config.runtime.pin_workers {
+            changes.push("runtime.pin_workers changed: takes effect on restart only".into());
+        }
         if new.control.socket != self.config.control.socket || new.control.metrics != self.config.control.metrics {
             changes.push("control.socket / control.metrics changed: takes effect on restart only".into());
         }
         let mut kept = new;
         kept.runtime.workers = self.config.runtime.workers;
         kept.runtime.io_engine = self.config.runtime.io_engine;
+        kept.runtime.pin_workers = self.config.runtime.pin_workers;
         kept.control.socket = self.config.control.socket.clone();
         kept.control.metrics = self.config.control.metrics;
         self.config = kept;

@@ -115,7 +115,8 @@ impl Server {
                         && s.config.protocol == l.protocol
                 });
                 if !kept {
-                    sockets.insert(l.name.clone(), bind_listener(l, self.workers.len())?);
+                    let steer = self.shared.pin_workers;
+                    sockets.insert(l.name.clone(), bind_listener(l, self.workers.len(), steer)?);
                 }
             }
         }
@@ -143,9 +144,19 @@ enum BoundSockets {
     Udp(Vec<std::net::UdpSocket>),
 }
 
-fn bind_listener(l: &ListenerConfig, workers: usize) -> Result<BoundSockets, String> {
+/// Binds a listener's sockets in worker order; with `steer` (pinned
+/// workers), a TCP listener's new connections then go to the worker on the
+/// CPU that received them (UDP keeps the kernel's hash: see
+/// [`crate::engine::steering::program`]).
+fn bind_listener(l: &ListenerConfig, workers: usize, steer: bool) -> Result<BoundSockets, String> {
     Ok(match l.protocol {
-        Protocol::Tcp => BoundSockets::Tcp(bind_tcp_for_workers(&l.name, l.bind, l.backlog, workers)?),
+        Protocol::Tcp => {
+            let sockets = bind_tcp_for_workers(&l.name, l.bind, l.backlog, workers)?;
+            if steer {
+                crate::engine::steering::steer_by_cpu(&l.name, &sockets);
+            }
+            BoundSockets::Tcp(sockets)
+        }
         Protocol::Udp => BoundSockets::Udp(bind_udp_for_workers(&l.name, l.bind, workers)?),
     })
 }
@@ -163,6 +174,7 @@ pub fn run(config: Config) -> Result<(), String> {
         force_close: AtomicBool::new(false),
         workers,
         engine,
+        pin_workers: config.runtime.pin_workers,
         access_log: AtomicBool::new(config.control.access_log),
         started: Instant::now(),
         worker_setup: Mutex::new(Vec::new()),
@@ -172,7 +184,7 @@ pub fn run(config: Config) -> Result<(), String> {
     // taken never half-starts.
     let mut bound = Vec::new();
     for l in &config.listeners {
-        bound.push((l.clone(), bind_listener(l, workers)?));
+        bound.push((l.clone(), bind_listener(l, workers, config.runtime.pin_workers)?));
     }
     let endpoints = ControlEndpoints {
         socket: config

@@ -56,6 +56,16 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.shards.iter().map(|s| s.load(Ordering::Relaxed)).sum()
     }
+
+    /// What worker `id` added (its own shard). Threads that are not workers
+    /// add to a shared shard that no worker id reads; an id past the
+    /// workers reads 0.
+    pub fn worker(&self, id: usize) -> u64 {
+        match self.shards.get(id) {
+            Some(s) if id + 1 < self.shards.len() => s.load(Ordering::Relaxed),
+            _ => 0,
+        }
+    }
 }
 
 impl std::fmt::Debug for Counter {
@@ -294,6 +304,8 @@ mod tests {
         }
         c.add(5); // a non-worker thread lands on the shared shard
         assert_eq!(c.get(), 40_005);
+        assert!((0..4).all(|id| c.worker(id) == 10_000));
+        assert_eq!(c.worker(4), 0, "the shared shard is no worker's");
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub struct Shared {
     pub workers: usize,
     /// Engine the workers run on.
     pub engine: IoEngine,
+    /// Workers are pinned to CPUs (`runtime.pin_workers` at start), so new
+    /// TCP connections are steered to the worker on the receiving CPU.
+    pub pin_workers: bool,
     /// Log one line per connection.
     pub access_log: AtomicBool,
     /// When ringlb started.
@@ -260,8 +263,14 @@ fn spawn_udp_thread(
     Ok(tx)
 }
 
+/// How many CPUs worker pinning spreads over: worker N goes to CPU
+/// N % this (connection steering maps CPUs back to workers with it).
+pub fn pinning_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 fn pin_current_thread(id: usize) {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpus = pinning_cpus();
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();

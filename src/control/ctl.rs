@@ -120,7 +120,18 @@ pub fn human(cmd: &str, r: &Value) -> String {
                 s(r, "snapshot_generation")
             );
             for w in r["workers"].as_array().into_iter().flatten() {
-                let _ = writeln!(out, "worker {}: {} ({})", s(w, "id"), s(w, "engine"), s(w, "setup"));
+                let cpu = match w.get("cpu") {
+                    Some(c) if !c.is_null() => format!(", on cpu {c}"),
+                    _ => String::new(),
+                };
+                let _ = writeln!(
+                    out,
+                    "worker {}: {} ({}), accepted {}{cpu}",
+                    s(w, "id"),
+                    s(w, "engine"),
+                    s(w, "setup"),
+                    s(w, "accepted")
+                );
             }
             let _ = writeln!(
                 out,

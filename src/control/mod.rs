@@ -199,23 +199,21 @@ pub fn handle(server: &Arc<Server>, req: Request) -> Value {
 }
 
 fn status(server: &Server) -> Value {
-    let workers: Vec<Value> = {
-        let setup = server.shared.worker_setup.lock();
-        (0..server.shared.workers)
-            .map(|id| {
-                json!({
-                    "id": id,
-                    "engine": server.shared.engine.to_string(),
-                    "setup": setup.get(id).cloned().unwrap_or_default(),
-                })
-            })
-            .collect()
-    };
+    let setup = server.shared.worker_setup.lock().clone();
     let model = server.model.lock();
+    let cpus = crate::worker::pinning_cpus();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": server.shared.started.elapsed().as_secs(),
-        "workers": workers,
+        "workers": (0..server.shared.workers).map(|id| json!({
+            "id": id,
+            "engine": server.shared.engine.to_string(),
+            "setup": setup.get(id).cloned().unwrap_or_default(),
+            // TCP connections and UDP flows this worker accepted, over the
+            // listeners `stats` lists (the per-worker split of its "accepted").
+            "accepted": model.listeners.iter().map(|l| l.stats.accepted.worker(id)).sum::<u64>(),
+            "cpu": server.shared.pin_workers.then(|| id % cpus),
+        })).collect::<Vec<_>>(),
         "config": model.config.source.as_ref().map(|p| p.display().to_string()),
         "config_generation": model.config_generation,
         "snapshot_generation": model.generation(),

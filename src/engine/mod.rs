@@ -10,6 +10,7 @@ pub mod readiness;
 pub mod ring;
 pub mod slab;
 pub mod sockets;
+pub mod steering;
 pub mod token;
 pub mod waker;
 
