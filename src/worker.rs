@@ -1,9 +1,7 @@
-//! Worker threads: one native event loop per worker for TCP (io_uring or
-//! epoll), fed commands by the control plane through a bounded queue and
-//! an eventfd; beside it, one UDP thread per worker.
+//! Worker threads: one native event loop per worker (io_uring or epoll)
+//! serving its TCP and UDP listeners, fed commands by the control plane
+//! through a bounded queue and an eventfd.
 
-use std::cell::RefCell;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,7 +9,6 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use crossbeam::channel;
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, Notify};
 
 use crate::engine::waker::Waker;
 use crate::engine::IoEngine;
@@ -55,7 +52,6 @@ impl Shared {
 #[derive(Default)]
 pub struct StopSignal {
     stopped: AtomicBool,
-    notify: Notify,
     /// Worker loops to wake when stopped (they check the flag then).
     wakers: Mutex<Vec<Arc<Waker>>>,
 }
@@ -64,7 +60,6 @@ impl StopSignal {
     /// Asks every waiter to stop; idempotent.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
-        self.notify.notify_waiters();
         for w in self.wakers.lock().iter() {
             w.wake();
         }
@@ -84,17 +79,6 @@ impl StopSignal {
         if !wakers.iter().any(|w| Arc::ptr_eq(w, &waker)) {
             wakers.push(waker);
         }
-    }
-
-    /// Resolves once stop was asked (immediately if it already was).
-    pub async fn wait(&self) {
-        let notified = self.notify.notified();
-        let mut notified = std::pin::pin!(notified);
-        notified.as_mut().enable();
-        if self.is_stopped() {
-            return;
-        }
-        notified.await;
     }
 }
 
@@ -143,7 +127,6 @@ pub struct WorkerInbox {
     /// Written by the control plane after each command and by stopped
     /// listeners; the loop waits on it.
     pub waker: Arc<Waker>,
-    udp: mpsc::Sender<UdpListenerSpec>,
 }
 
 impl WorkerInbox {
@@ -151,62 +134,16 @@ impl WorkerInbox {
     pub fn try_recv(&self) -> Option<WorkerCmd> {
         self.rx.try_recv().ok()
     }
-
-    /// Hands a UDP listener to this worker's UDP thread.
-    pub fn forward_udp(&self, spec: UdpListenerSpec) {
-        if let Err(e) = self.udp.try_send(spec) {
-            let spec = match e {
-                mpsc::error::TrySendError::Full(s) | mpsc::error::TrySendError::Closed(s) => s,
-            };
-            log::error!(
-                "udp listener \"{}\": its worker's UDP thread is not taking it",
-                spec.name
-            );
-        }
-    }
 }
 
-/// A UDP thread's own state, shared by its tasks (never by other threads).
-pub struct WorkerCtx {
-    /// Worker index.
-    pub id: usize,
-    /// Process-wide state.
-    pub shared: Arc<Shared>,
-    /// Batch forwards on a private io_uring (the io_uring engine).
-    pub io_uring: bool,
-    #[allow(clippy::redundant_allocation)]
-    cached: RefCell<Option<Rc<Arc<Snapshot>>>>,
-}
-
-impl WorkerCtx {
-    /// The current snapshot. The thread keeps its own `Rc` of it so that a
-    /// datagram clones a thread-local count, not a shared atomic one (the
-    /// extra allocation happens once per published snapshot, not per use).
-    #[allow(clippy::redundant_allocation)]
-    pub fn snapshot(&self) -> Rc<Arc<Snapshot>> {
-        let current = self.shared.snapshot.load();
-        let mut cached = self.cached.borrow_mut();
-        match &*cached {
-            Some(rc) if Arc::ptr_eq(rc, &current) => rc.clone(),
-            _ => {
-                let rc = Rc::new(Arc::clone(&current));
-                *cached = Some(rc.clone());
-                rc
-            }
-        }
-    }
-}
-
-/// Starts worker `id` on the process's engine: its TCP loop thread and its
-/// UDP thread. They run until the process exits.
+/// Starts worker `id`'s loop thread on the process's engine; it runs until
+/// the process exits.
 pub fn spawn_worker(id: usize, shared: Arc<Shared>, pin_to_cpu: bool) -> std::io::Result<WorkerHandle> {
     let (tx, rx) = channel::bounded(WORKER_QUEUE);
     let waker = Arc::new(Waker::new()?);
-    let udp = spawn_udp_thread(id, shared.clone(), pin_to_cpu)?;
     let inbox = WorkerInbox {
         rx,
         waker: waker.clone(),
-        udp,
     };
     std::thread::Builder::new()
         .name(format!("ringlb-w{id}"))
@@ -224,43 +161,6 @@ pub fn spawn_worker(id: usize, shared: Arc<Shared>, pin_to_cpu: bool) -> std::io
             }
         })?;
     Ok(WorkerHandle { tx, waker })
-}
-
-/// The UDP side of worker `id`: a tokio current-thread runtime serving the
-/// UDP listeners handed to it (recvmmsg/sendmmsg bursts, one epoll set of
-/// flow sockets, forwards batched on a private io_uring on that engine).
-fn spawn_udp_thread(
-    id: usize,
-    shared: Arc<Shared>,
-    pin_to_cpu: bool,
-) -> std::io::Result<mpsc::Sender<UdpListenerSpec>> {
-    let (tx, mut rx) = mpsc::channel::<UdpListenerSpec>(WORKER_QUEUE);
-    std::thread::Builder::new()
-        .name(format!("ringlb-w{id}-udp"))
-        .spawn(move || {
-            if pin_to_cpu {
-                pin_current_thread(id);
-            }
-            // Counters written here share the worker's shard.
-            crate::stats::set_worker_slot(id);
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("building a current-thread tokio runtime");
-            let io_uring = shared.engine == IoEngine::Uring;
-            tokio::task::LocalSet::new().block_on(&rt, async move {
-                let ctx = Rc::new(WorkerCtx {
-                    id,
-                    shared,
-                    io_uring,
-                    cached: RefCell::new(None),
-                });
-                while let Some(spec) = rx.recv().await {
-                    tokio::task::spawn_local(crate::udp::proxy::udp_loop(ctx.clone(), spec));
-                }
-            });
-        })?;
-    Ok(tx)
 }
 
 /// How many CPUs worker pinning spreads over: worker N goes to CPU

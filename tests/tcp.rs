@@ -240,14 +240,16 @@ fn reply_then_close_reaches_the_client_with_eof(engine: &str) {
 /// client sees a reset, not a clean end of stream it could take for a
 /// complete answer.
 fn a_backend_reset_reaches_the_client_as_a_reset(engine: &str) {
-    let reset = Backend::start("reset", Behaviour::Reset);
+    let reset = Backend::start("reset", Behaviour::ResetAfterRead);
     let (_lb, listen) = start_lb(engine, "", &[(reset.addr, 1)]);
     for i in 0..20 {
-        let mut s = connect_from(listen, None).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        let _ = s.write_all(b"hello");
-        let mut buf = [0u8; 16];
-        match s.read(&mut buf) {
+        let outcome = connect_from(listen, None).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let _ = s.write_all(b"hello");
+            let mut buf = [0u8; 16];
+            s.read(&mut buf)
+        });
+        match outcome {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
             other => panic!("connection {i}: expected a reset, got {other:?}"),
         }

@@ -96,7 +96,7 @@ pub enum IoEngineChoice {
     Auto,
     /// io_uring or fail at start.
     Uring,
-    /// tokio's epoll runtime.
+    /// The edge-triggered epoll loop.
     Epoll,
 }
 

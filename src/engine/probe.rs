@@ -7,9 +7,9 @@ use crate::config::IoEngineChoice;
 /// The engine workers actually run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoEngine {
-    /// tokio-uring.
+    /// The native io_uring loop.
     Uring,
-    /// tokio's epoll runtime.
+    /// The edge-triggered epoll loop.
     Epoll,
 }
 

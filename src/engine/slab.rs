@@ -66,6 +66,16 @@ impl<T> Slab<T> {
         self.len == 0
     }
 
+    /// Every occupied slot's value.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.cells.iter().filter_map(|(_, c)| c.as_ref().as_ref())
+    }
+
+    /// Every occupied slot's value, mutably.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.cells.iter_mut().filter_map(|(_, c)| c.as_mut().as_mut())
+    }
+
     /// (index, generation) of every occupied slot.
     pub fn keys(&self) -> Vec<(u32, u32)> {
         self.cells

@@ -29,10 +29,14 @@ pub enum Kind {
     PollOutClient,
     /// The backend socket became writable (splice on the ring).
     PollOutBackend,
+    /// A UDP listener socket has client datagrams.
+    UdpIn,
+    /// A UDP listener's flow sockets have replies (their epoll set is readable).
+    UdpReplies,
 }
 
 impl Kind {
-    const ALL: [Kind; 12] = [
+    const ALL: [Kind; 14] = [
         Kind::Ignore,
         Kind::Waker,
         Kind::Accept,
@@ -45,6 +49,8 @@ impl Kind {
         Kind::PollInBackend,
         Kind::PollOutClient,
         Kind::PollOutBackend,
+        Kind::UdpIn,
+        Kind::UdpReplies,
     ];
 }
 

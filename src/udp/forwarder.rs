@@ -9,7 +9,6 @@ use crate::stats::ListenerStats;
 use crate::udp::flow::Flow;
 use crate::udp::flow_table::FlowTable;
 use crate::udp::uring_batch::{self, Done, UringBatch};
-use crate::worker::WorkerCtx;
 
 /// Sends client datagrams to their flows' backends without waiting: a full
 /// socket buffer drops the datagram (UDP semantics) rather than stalling
@@ -25,13 +24,12 @@ pub struct Forwarder {
 
 impl Forwarder {
     /// A forwarder that batches on io_uring when `io_uring` is set and a ring can be made.
-    pub fn new(io_uring: bool, ctx: &WorkerCtx, listener: &str) -> Forwarder {
+    pub fn new(io_uring: bool, worker: usize, listener: &str) -> Forwarder {
         let ring = if io_uring {
             UringBatch::new()
                 .map_err(|e| {
                     log::warn!(
-                        "worker {}: udp listener \"{listener}\": no io_uring for batched sends ({e}): one send per datagram",
-                        ctx.id
+                        "worker {worker}: udp listener \"{listener}\": no io_uring for batched sends ({e}): one send per datagram"
                     )
                 })
                 .ok()

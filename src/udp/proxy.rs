@@ -1,38 +1,32 @@
-//! The UDP data plane of one worker: flows, their backend sockets, replies.
+//! The UDP data plane of one listener on one worker: flows, their backend
+//! sockets, replies. It is plain synchronous code that the worker's loop
+//! (io_uring or epoll) calls when the listener socket or the flow sockets
+//! are readable, and when flows are due to expire.
 //!
 //! A datagram from a new client address opens a flow: the backend is chosen
-//! by the pool's Maglev table on the flow key, and the flow gets its own
-//! connected UDP socket toward that backend, so the backend's replies come
-//! back on it and go to the client from the listener's address.
+//! by the pool's Maglev table on the flow key (the same selection as TCP),
+//! and the flow gets its own connected UDP socket toward that backend, so
+//! the backend's replies come back on it and go to the client from the
+//! listener's address.
 //!
-//! UDP reads are readiness-first on tokio's reactor on both engines (the
-//! io_uring engine's runtime has the same reactor underneath):
-//! - a completion read parks its buffer until a datagram comes, and a
-//!   datagram can be 64 KiB, so a pending read per flow would pin 64 GiB at a
-//!   million flows; readiness reads only when data is there;
-//! - tokio-uring 0.5's `recv_from` panics when a read completes without a
-//!   source address, which is exactly how a shut-down socket completes it,
-//!   so a UDP listener on it could not be stopped cleanly on reload or exit.
-//!
-//! Per listener and worker there are two tasks and no task per flow: one
-//! reads client datagrams in bursts (recvmmsg) and forwards each on its
-//! flow's socket; the other waits on one epoll set of all the flow sockets
-//! ([`FlowPoller`]), reads the ready flows' replies and sends them to their
-//! clients in bursts (sendmmsg). A million flows cost a million sockets and
-//! table entries, not a million tasks. On the io_uring engine the forwards
-//! of a burst, each on its own flow's socket, go to the kernel together on a
-//! private ring ([`Forwarder`]): one syscall per burst instead of one per
-//! datagram, measured at about 9% less CPU per packet (bench/README.md).
+//! Reads are readiness-first on both engines: a completion read would park
+//! its buffer until a datagram comes, and a datagram can be 64 KiB, so a
+//! pending read per flow would pin 64 GiB at a million flows. Client
+//! datagrams are read in bursts (recvmmsg) and forwarded on their flows'
+//! sockets; the flow sockets sit in one epoll set ([`FlowPoller`]) whose
+//! descriptor the worker's loop watches, and the replies of the ready flows
+//! go to their clients in bursts (sendmmsg). A million flows cost a million
+//! sockets and table entries, and no task or op per flow. On the io_uring
+//! engine the forwards of a burst, each on its own flow's socket, go to the
+//! kernel together on a private ring ([`Forwarder`]): one syscall per burst
+//! instead of one per datagram (bench/README.md).
 
-use std::cell::RefCell;
 use std::net::{SocketAddr, UdpSocket};
-use std::rc::Rc;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::os::fd::{AsRawFd, RawFd};
-use tokio::io::unix::AsyncFd;
-
+use crate::snapshot::Snapshot;
 use crate::stats::{ListenerStats, RefuseReason};
 use crate::udp::flow::{connect_udp, usable, Flow};
 use crate::udp::flow_poller::FlowPoller;
@@ -41,25 +35,17 @@ use crate::udp::forwarder::Forwarder;
 use crate::udp::mmsg::BATCH;
 use crate::udp::recv_batch::RecvBatch;
 use crate::udp::send_batch::SendBatch;
-use crate::worker::{StopSignal, WorkerCtx};
+use crate::worker::StopSignal;
 
-/// Replies read per wake-up of the reply task before it lets the other tasks
-/// of the worker (the listener's reads above all) run.
+/// Client datagrams read per call of [`UdpListener::on_readable`] before the
+/// loop serves its other sockets (TCP connections, other listeners).
+const READ_BUDGET: usize = 4 * BATCH;
+/// Replies relayed per call of [`UdpListener::on_replies`], likewise.
 const REPLY_BUDGET: usize = 256;
-
-/// A UDP listener's state on one worker.
-struct UdpState {
-    listener: tokio::net::UdpSocket,
-    flows: RefCell<FlowTable<SocketAddr, Flow>>,
-    /// The flow sockets, watched by the reply task.
-    poller: AsyncFd<FlowPoller>,
-    /// Flow socket descriptor -> client. An entry may be stale (its flow
-    /// gone, the number reused); a reply is trusted only when the client's
-    /// current flow still owns that descriptor. Bounded by the highest
-    /// descriptor number, i.e. by RLIMIT_NOFILE.
-    client_by_fd: RefCell<Vec<Option<SocketAddr>>>,
-    stats: Arc<ListenerStats>,
-}
+/// Expiry runs at least this far apart (the flow table's own wheel ticks).
+const EXPIRY_MIN_GAP: Duration = Duration::from_millis(5);
+/// And at least this often, so an idle listener still notices stops.
+const EXPIRY_MAX_GAP: Duration = Duration::from_secs(1);
 
 /// A UDP listener as handed to one worker.
 pub struct UdpListenerSpec {
@@ -79,127 +65,245 @@ pub struct UdpListenerSpec {
     pub stats: Arc<ListenerStats>,
 }
 
-/// Serves one UDP listener on this worker until its stop signal fires.
-pub async fn udp_loop(ctx: Rc<WorkerCtx>, spec: UdpListenerSpec) {
-    let UdpListenerSpec {
-        slot,
-        name,
-        socket: listener,
-        stop,
-        max_flows,
-        idle_timeout,
-        stats,
-    } = spec;
-    let listener = match listener
-        .set_nonblocking(true)
-        .and_then(|()| tokio::net::UdpSocket::from_std(listener))
-    {
-        Ok(l) => l,
-        Err(e) => {
-            log::error!("worker {}: udp listener \"{name}\": {e}", ctx.id);
-            return;
-        }
-    };
-    let poller = FlowPoller::new().and_then(|p| {
-        // SAFETY: a FlowPoller owns its epoll descriptor for its whole life
-        // and always reports that same descriptor.
-        unsafe { AsyncFd::register_with_interest(p, tokio::io::Interest::READABLE) }.map_err(|e| e.into())
-    });
-    let poller = match poller {
-        Ok(p) => p,
-        Err(e) => {
-            log::error!("worker {}: udp listener \"{name}\": flow epoll set: {e}", ctx.id);
-            return;
-        }
-    };
-    let state = Rc::new(UdpState {
-        listener,
-        flows: RefCell::new(FlowTable::new(max_flows, idle_timeout, Instant::now())),
-        poller,
-        client_by_fd: RefCell::new(Vec::new()),
-        stats,
-    });
-    tokio::task::spawn_local(expire_loop(state.clone(), stop.clone()));
-    tokio::task::spawn_local(reply_loop(state.clone(), stop.clone()));
-    let mut batch = RecvBatch::default();
-    let mut forwarder = Forwarder::new(ctx.io_uring, &ctx, &name);
-    'serve: loop {
-        tokio::select! {
-            () = stop.wait() => break,
-            ready = state.listener.readable() => if ready.is_err() { break },
-        }
-        // Drain what is queued before waiting again: one wake-up per burst,
-        // up to BATCH datagrams per syscall.
-        loop {
-            let fd = state.listener.as_raw_fd();
-            let mut last_burst = 0;
-            let got = state.listener.try_io(tokio::io::Interest::READABLE, || {
-                let n = batch.recv(fd)?;
-                if n < BATCH {
-                    // Fewer than asked: the queue is empty now. Report the
-                    // socket as drained so the next wait sleeps until a new
-                    // datagram (which raises a new edge) instead of paying
-                    // a recvmmsg that only finds EAGAIN.
-                    last_burst = n;
-                    return Err(std::io::ErrorKind::WouldBlock.into());
+/// A UDP listener's state on one worker.
+pub struct UdpListener {
+    slot: usize,
+    /// Listener name, for logs.
+    pub name: String,
+    worker: usize,
+    listener: UdpSocket,
+    flows: FlowTable<SocketAddr, Flow>,
+    /// The flow sockets; the worker's loop waits on its descriptor.
+    poller: FlowPoller,
+    /// Flow socket descriptor -> client. An entry may be stale (its flow
+    /// gone, the number reused); a reply is trusted only when the client's
+    /// current flow still owns that descriptor. Bounded by the highest
+    /// descriptor number, i.e. by RLIMIT_NOFILE.
+    client_by_fd: Vec<Option<SocketAddr>>,
+    stats: Arc<ListenerStats>,
+    /// Fires when the listener is removed or ringlb shuts down.
+    pub stop: Arc<StopSignal>,
+    recv: RecvBatch,
+    send: SendBatch,
+    forwarder: Forwarder,
+    ready: Vec<RawFd>,
+    expired: Vec<(SocketAddr, Flow)>,
+    next_expiry: Instant,
+}
+
+impl UdpListener {
+    /// Serves `spec` on worker `worker`; forwards are batched on a private
+    /// io_uring when `io_uring` is set.
+    pub fn new(worker: usize, io_uring: bool, spec: UdpListenerSpec, now: Instant) -> std::io::Result<UdpListener> {
+        spec.socket.set_nonblocking(true)?;
+        let forwarder = Forwarder::new(io_uring, worker, &spec.name);
+        Ok(UdpListener {
+            slot: spec.slot,
+            worker,
+            listener: spec.socket,
+            flows: FlowTable::new(spec.max_flows, spec.idle_timeout, now),
+            poller: FlowPoller::new()?,
+            client_by_fd: Vec::new(),
+            stats: spec.stats,
+            stop: spec.stop,
+            recv: RecvBatch::default(),
+            send: SendBatch::default(),
+            forwarder,
+            ready: Vec::new(),
+            expired: Vec::new(),
+            next_expiry: now + EXPIRY_MIN_GAP,
+            name: spec.name,
+        })
+    }
+
+    /// The listening socket (readable: client datagrams are waiting).
+    pub fn listener_fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+
+    /// The flow sockets' epoll set (readable: some flow has a reply).
+    pub fn poller_fd(&self) -> RawFd {
+        self.poller.as_raw_fd()
+    }
+
+    /// Reads and forwards client datagrams until the socket is drained or
+    /// the budget is used. Returns true when it stopped on the budget (the
+    /// loop should call again soon).
+    pub fn on_readable(&mut self, snapshot: &Snapshot) -> bool {
+        let fd = self.listener.as_raw_fd();
+        let mut read = 0;
+        while read < READ_BUDGET {
+            match self.recv.recv(fd) {
+                Ok(n) => {
+                    self.relay_burst(snapshot, n);
+                    read += n;
+                    if n < BATCH {
+                        // Fewer than asked: the queue is empty now.
+                        return false;
+                    }
                 }
-                Ok(n)
-            });
-            match got {
-                Ok(n) => relay_burst(&ctx, &state, slot, &batch, n, &mut forwarder),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    relay_burst(&ctx, &state, slot, &batch, last_burst, &mut forwarder);
-                    break;
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
                 Err(e) => {
-                    log::debug!("worker {}: udp listener \"{name}\": {e}", ctx.id);
-                    if matches!(e.raw_os_error(), Some(libc::ENOMEM | libc::ENOBUFS)) {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    if stop.is_stopped() {
-                        break 'serve;
-                    }
-                    break;
+                    log::debug!("worker {}: udp listener \"{}\": {e}", self.worker, self.name);
+                    return false;
                 }
             }
         }
+        true
     }
-    // The listener socket can no longer send replies: end every flow.
-    state.flows.borrow_mut().retain(|_, _| false);
-    log::debug!("worker {}: udp listener \"{name}\" stopped", ctx.id);
+
+    /// Relays the ready flows' replies to their clients, up to the budget.
+    /// Returns true when it stopped on the budget.
+    pub fn on_replies(&mut self) -> bool {
+        let mut relayed = 0;
+        while relayed < REPLY_BUDGET {
+            let mut ready = std::mem::take(&mut self.ready);
+            if let Err(e) = self.poller.ready(&mut ready) {
+                if e.kind() != std::io::ErrorKind::WouldBlock {
+                    log::debug!("udp flow epoll set: {e}");
+                }
+            }
+            if ready.is_empty() {
+                self.ready = ready;
+                return false;
+            }
+            for &fd in &ready {
+                relayed += self.read_reply(fd);
+                if self.send.is_full() {
+                    self.send_replies();
+                }
+            }
+            self.send_replies();
+            self.ready = ready;
+        }
+        true
+    }
+
+    /// When [`UdpListener::expire`] is due next.
+    pub fn next_expiry(&self) -> Instant {
+        self.next_expiry
+    }
+
+    /// Closes idle flows (the table's timer wheel makes this proportional
+    /// to the flows that expire, not to all flows).
+    pub fn expire(&mut self, now: Instant) {
+        self.flows.expire(now, &mut self.expired);
+        // Dropping a flow closes its socket.
+        self.expired.clear();
+        let next = self.flows.next_deadline().unwrap_or(now + EXPIRY_MAX_GAP);
+        self.next_expiry = next.clamp(now + EXPIRY_MIN_GAP, now + EXPIRY_MAX_GAP);
+    }
 }
 
-/// Forwards the first `n` datagrams of a received burst.
-fn relay_burst(
-    ctx: &Rc<WorkerCtx>,
-    state: &Rc<UdpState>,
-    slot: usize,
-    batch: &RecvBatch,
-    n: usize,
-    forwarder: &mut Forwarder,
-) {
-    for i in 0..n {
-        if let Some((client, data)) = batch.get(i) {
-            on_datagram(ctx, state, slot, client, data, forwarder);
+impl Drop for UdpListener {
+    fn drop(&mut self) {
+        // The listener socket can no longer send replies: end every flow.
+        self.flows.retain(|_, _| false);
+        log::debug!("worker {}: udp listener \"{}\" stopped", self.worker, self.name);
+    }
+}
+
+impl UdpListener {
+    /// Forwards the first `n` datagrams of a received burst.
+    fn relay_burst(&mut self, snapshot: &Snapshot, n: usize) {
+        for i in 0..n {
+            // Splitting the borrows: the datagram lives in `recv`, the flows and
+            // the forwarder are other fields.
+            let Some((client, data)) = self.recv.get(i) else {
+                continue;
+            };
+            on_datagram(
+                Ctx {
+                    snapshot,
+                    slot: self.slot,
+                    flows: &mut self.flows,
+                    poller: &self.poller,
+                    client_by_fd: &mut self.client_by_fd,
+                    stats: &self.stats,
+                    forwarder: &mut self.forwarder,
+                },
+                client,
+                data,
+            );
+        }
+        self.forwarder.finish(&mut self.flows, &self.stats);
+    }
+
+    /// Reads one datagram from the flow socket `fd` into the batch; returns how
+    /// many replies it queued (0 or 1).
+    fn read_reply(&mut self, fd: RawFd) -> usize {
+        let Some(client) = self.client_by_fd.get(fd as usize).copied().flatten() else {
+            return 0;
+        };
+        let now = Instant::now();
+        let (flows, batch) = (&mut self.flows, &mut self.send);
+        // A stale descriptor (its flow closed, the number reused by another
+        // listener or a connection) is not this flow's: leave it alone.
+        let Some(flow) = flows.get(&client, now).filter(|f| f.socket.as_raw_fd() == fd) else {
+            return 0;
+        };
+        match flow.socket.recv(batch.next_buf()) {
+            Ok(n) => {
+                flow.backend.connect_succeeded();
+                flow.backend.stats.bytes_out.add(n as u64);
+                batch.push(n, client);
+                1
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                // ICMP port unreachable from an earlier datagram: a passive failure.
+                flow.backend.connect_failed();
+                0
+            }
+            Err(e) => {
+                log::debug!("udp flow {client}: {e}");
+                flows.remove(&client);
+                0
+            }
         }
     }
-    forwarder.finish(&mut state.flows.borrow_mut(), &state.stats);
+
+    /// Sends the queued replies to their clients through the listener socket.
+    fn send_replies(&mut self) {
+        if self.send.is_empty() {
+            return;
+        }
+        let done = self.send.flush(self.listener.as_raw_fd());
+        let stats = &self.stats;
+        stats.datagrams_out.add(done.sent as u64);
+        stats.bytes_out.add(done.bytes as u64);
+        if done.dropped > 0 {
+            stats.datagrams_dropped.add(done.dropped as u64);
+        }
+    }
+}
+
+/// What handling one datagram touches: the listener's fields, borrowed
+/// apart from its receive batch (which holds the datagram).
+struct Ctx<'a> {
+    snapshot: &'a Snapshot,
+    slot: usize,
+    flows: &'a mut FlowTable<SocketAddr, Flow>,
+    poller: &'a FlowPoller,
+    client_by_fd: &'a mut Vec<Option<SocketAddr>>,
+    stats: &'a Arc<ListenerStats>,
+    forwarder: &'a mut Forwarder,
 }
 
 /// Handles one client datagram: find or open its flow, forward it.
-fn on_datagram(
-    ctx: &Rc<WorkerCtx>,
-    state: &Rc<UdpState>,
-    slot: usize,
-    client: SocketAddr,
-    data: &[u8],
-    forwarder: &mut Forwarder,
-) {
+fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, data: &[u8]) {
+    let Ctx {
+        snapshot,
+        slot,
+        flows,
+        poller,
+        client_by_fd,
+        stats,
+        forwarder,
+    } = ctx;
     let now = Instant::now();
-    let stats = &state.stats;
     stats.datagrams_in.inc();
     stats.bytes_in.add(data.len() as u64);
-    let snapshot = ctx.snapshot();
     let Some(listener) = snapshot.listener(slot) else {
         return;
     };
@@ -210,7 +314,6 @@ fn on_datagram(
         stats.datagrams_dropped.inc();
         return;
     }
-    let mut flows = state.flows.borrow_mut();
     if let Some(flow) = flows.get(&client, now) {
         if usable(&flow.backend) {
             // SAFETY: `data` is in the receive batch, which relay_burst does
@@ -221,7 +324,7 @@ fn on_datagram(
         }
         // Its backend is down, removed or past its drain: re-pick below.
         // Queued sends may name its socket: run them before it closes.
-        forwarder.finish(&mut flows, stats);
+        forwarder.finish(flows, stats);
         flows.remove(&client);
     }
     if let Err(reason) = listener.limits.check_flow(source, now) {
@@ -248,7 +351,7 @@ fn on_datagram(
         stats.refuse(RefuseReason::NoBackend);
         return;
     };
-    let socket = match connect_udp(backend.addr).and_then(|s| state.poller.get_ref().add(s.as_raw_fd()).map(|()| s)) {
+    let socket = match connect_udp(backend.addr).and_then(|s| poller.add(s.as_raw_fd()).map(|()| s)) {
         Ok(s) => s,
         Err(e) => {
             log::debug!("udp flow {client} -> {}: {e}", backend.addr);
@@ -269,123 +372,11 @@ fn on_datagram(
         return;
     };
     stats.accepted.inc();
-    let mut by_fd = state.client_by_fd.borrow_mut();
-    let slot = fd as usize;
-    if by_fd.len() <= slot {
-        by_fd.resize(slot + 1, None);
+    let index = fd as usize;
+    if client_by_fd.len() <= index {
+        client_by_fd.resize(index + 1, None);
     }
-    by_fd[slot] = Some(client);
+    client_by_fd[index] = Some(client);
     // SAFETY: as above: the batch and this new flow outlive the burst's `finish`.
     unsafe { forwarder.forward(flow, client, stats, data) };
-}
-
-/// Relays every flow's replies to its client until the listener stops: wait
-/// for the epoll set of flow sockets, read one datagram from each ready flow,
-/// send the burst through the listener socket, repeat until none is ready.
-///
-/// The reads stay one recv(2) per reply even on io_uring: queued on a ring
-/// like the forwards, they measured no cheaper (bench/README.md), while the
-/// sends of a burst share one sendmmsg.
-async fn reply_loop(state: Rc<UdpState>, stop: Arc<StopSignal>) {
-    let mut batch = SendBatch::default();
-    let mut ready = Vec::new();
-    while !stop.is_stopped() {
-        let mut guard = tokio::select! {
-            () = stop.wait() => break,
-            g = state.poller.readable() => match g {
-                Ok(g) => g,
-                Err(_) => break,
-            },
-        };
-        let mut relayed = 0;
-        while relayed < REPLY_BUDGET {
-            match guard.try_io(|p| p.get_ref().ready(&mut ready)) {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    log::debug!("udp flow epoll set: {e}");
-                    break;
-                }
-                // Nothing ready: readiness is cleared, wait again.
-                Err(_would_block) => break,
-            }
-            for &fd in &ready {
-                relayed += read_reply(&state, fd, &mut batch);
-                if batch.is_full() {
-                    send_replies(&state, &mut batch);
-                }
-            }
-            send_replies(&state, &mut batch);
-        }
-        if relayed >= REPLY_BUDGET {
-            drop(guard);
-            tokio::task::yield_now().await;
-        }
-    }
-}
-
-/// Reads one datagram from the flow socket `fd` into the batch; returns how
-/// many replies it queued (0 or 1).
-fn read_reply(state: &UdpState, fd: RawFd, batch: &mut SendBatch) -> usize {
-    let Some(client) = state.client_by_fd.borrow().get(fd as usize).copied().flatten() else {
-        return 0;
-    };
-    let now = Instant::now();
-    let mut flows = state.flows.borrow_mut();
-    // A stale descriptor (its flow closed, the number reused by another
-    // listener or a connection) is not this flow's: leave it alone.
-    let Some(flow) = flows.get(&client, now).filter(|f| f.socket.as_raw_fd() == fd) else {
-        return 0;
-    };
-    match flow.socket.recv(batch.next_buf()) {
-        Ok(n) => {
-            flow.backend.connect_succeeded();
-            flow.backend.stats.bytes_out.add(n as u64);
-            batch.push(n, client);
-            1
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            // ICMP port unreachable from an earlier datagram: a passive failure.
-            flow.backend.connect_failed();
-            0
-        }
-        Err(e) => {
-            log::debug!("udp flow {client}: {e}");
-            flows.remove(&client);
-            0
-        }
-    }
-}
-
-/// Sends the queued replies to their clients through the listener socket.
-fn send_replies(state: &UdpState, batch: &mut SendBatch) {
-    if batch.is_empty() {
-        return;
-    }
-    let done = batch.flush(state.listener.as_raw_fd());
-    let stats = &state.stats;
-    stats.datagrams_out.add(done.sent as u64);
-    stats.bytes_out.add(done.bytes as u64);
-    if done.dropped > 0 {
-        stats.datagrams_dropped.add(done.dropped as u64);
-    }
-}
-
-/// Closes idle flows; the table's timer wheel makes this proportional to the
-/// flows that expire, not to all flows.
-async fn expire_loop(state: Rc<UdpState>, stop: Arc<StopSignal>) {
-    let mut expired = Vec::new();
-    while !stop.is_stopped() {
-        let now = Instant::now();
-        let next = state
-            .flows
-            .borrow()
-            .next_deadline()
-            .unwrap_or(now + Duration::from_secs(1));
-        let wake = next.clamp(now + Duration::from_millis(5), now + Duration::from_secs(1));
-        tokio::time::sleep_until(wake.into()).await;
-        state.flows.borrow_mut().expire(Instant::now(), &mut expired);
-        // Dropping a flow closes its socket.
-        expired.clear();
-    }
 }

@@ -211,6 +211,8 @@ pub enum Behaviour {
     Reply(&'static str),
     /// Accepts and resets the connection at once.
     Reset,
+    /// Reads once, then resets the connection (an abort mid-exchange).
+    ResetAfterRead,
     /// Reads a PROXY protocol header (v1 or v2) and writes one line saying
     /// what it carried: `v1 SRC DST` / `v2 SRC DST`, `LOCAL` (ringlb's own connection),
     /// or `BAD ...`; then echoes. Like a real server that requires the
@@ -336,6 +338,13 @@ fn serve(mut s: TcpStream, tag: &str, behaviour: Behaviour) {
             let _ = s.write_all(reply.as_bytes());
         }
         Behaviour::Reset => {
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            drop(s);
+        }
+        Behaviour::ResetAfterRead => {
+            let mut buf = [0u8; 1024];
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+            let _ = s.read(&mut buf);
             let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
             drop(s);
         }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use crate::conn::{Conn, Data, Errno, Op, Side, TimerWheel, Via};
 use crate::fd_reserve::FdReserve;
 use crate::proxy::buffers::BufPool;
+use crate::udp::proxy::UdpListener;
 use crate::worker::{Shared, WorkerCmd, WorkerInbox};
 
 use super::listener::{accept_client, TcpListener};
@@ -76,6 +77,7 @@ struct EpollWorker {
     inbox: WorkerInbox,
     conns: Slab<Slot>,
     listeners: Vec<Option<TcpListener>>,
+    udp: Slab<UdpListener>,
     /// Listeners with clients left over from the last batch.
     accept_ready: Vec<usize>,
     wheel: TimerWheel,
@@ -121,6 +123,7 @@ impl EpollWorker {
             inbox,
             conns: Slab::default(),
             listeners: Vec::new(),
+            udp: Slab::default(),
             accept_ready: Vec::new(),
             wheel: TimerWheel::new(Instant::now()),
             bufs: BufPool::default(),
@@ -139,10 +142,15 @@ impl EpollWorker {
             let now = Instant::now();
             if woken {
                 woken = false;
-                self.handle_commands();
+                self.handle_commands(now);
             }
             self.resume_listeners(now);
             self.fire_timers(now);
+            for u in self.udp.iter_mut() {
+                if u.next_expiry() <= now {
+                    u.expire(now);
+                }
+            }
             for index in std::mem::take(&mut self.accept_ready) {
                 self.accept_batch(index, now);
             }
@@ -152,6 +160,7 @@ impl EpollWorker {
                 let next = [
                     self.wheel.next_due(),
                     self.listeners.iter().flatten().filter_map(|l| l.resume_at).min(),
+                    self.udp.iter().map(|u| u.next_expiry()).min(),
                 ]
                 .into_iter()
                 .flatten()
@@ -183,13 +192,25 @@ impl EpollWorker {
                     Kind::Accept => self.accept_batch(t.index() as usize, now),
                     Kind::RecvClient => self.socket_ready(t, Side::Client, flags, now),
                     Kind::RecvBackend => self.socket_ready(t, Side::Backend, flags, now),
+                    // Level-triggered: a burst cut short by its budget is
+                    // reported again on the next wait.
+                    Kind::UdpIn => {
+                        if let Some(u) = self.udp.get_mut(t.index(), t.gen()) {
+                            u.on_readable(&self.shared.snapshot.load());
+                        }
+                    }
+                    Kind::UdpReplies => {
+                        if let Some(u) = self.udp.get_mut(t.index(), t.gen()) {
+                            u.on_replies();
+                        }
+                    }
                     _ => {}
                 }
             }
         }
     }
 
-    fn handle_commands(&mut self) {
+    fn handle_commands(&mut self, now: Instant) {
         while let Some(cmd) = self.inbox.try_recv() {
             match cmd {
                 WorkerCmd::ListenTcp {
@@ -217,8 +238,20 @@ impl EpollWorker {
                     }
                     self.listeners.push(Some(TcpListener::new(slot, name, fd, stop)));
                 }
-                WorkerCmd::ListenUdp(spec) => self.inbox.forward_udp(spec),
+                WorkerCmd::ListenUdp(spec) => {
+                    spec.stop.register(self.inbox.waker.clone());
+                    let name = spec.name.clone();
+                    if let Err(e) = self.add_udp(spec, now) {
+                        log::error!("worker {}: udp listener \"{name}\": {e}", self.id);
+                    }
+                }
                 WorkerCmd::CheckClose => self.check_close(),
+            }
+        }
+        for (i, g) in self.udp.keys() {
+            if self.udp.get_mut(i, g).is_some_and(|u| u.stop.is_stopped()) {
+                // Closing its descriptors takes them out of the epoll set.
+                self.udp.remove(i);
             }
         }
         for l in &mut self.listeners {
@@ -228,6 +261,32 @@ impl EpollWorker {
                 log::debug!("worker {}: listener \"{}\" stopped accepting", self.id, l.name);
             }
         }
+    }
+
+    fn add_udp(&mut self, spec: crate::udp::proxy::UdpListenerSpec, now: Instant) -> std::io::Result<()> {
+        let u = UdpListener::new(self.id, false, spec, now)?;
+        let (listener, poller) = (u.listener_fd(), u.poller_fd());
+        let (i, g) = self.udp.insert(u);
+        let added = epoll_ctl(
+            &self.epoll,
+            libc::EPOLL_CTL_ADD,
+            listener,
+            libc::EPOLLIN as u32,
+            Token::new(Kind::UdpIn, i, g),
+        )
+        .and_then(|()| {
+            epoll_ctl(
+                &self.epoll,
+                libc::EPOLL_CTL_ADD,
+                poller,
+                libc::EPOLLIN as u32,
+                Token::new(Kind::UdpReplies, i, g),
+            )
+        });
+        if added.is_err() {
+            self.udp.remove(i);
+        }
+        added
     }
 
     fn resume_listeners(&mut self, now: Instant) {

@@ -27,6 +27,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::conn::{Conn, Data, Errno, Op, Side, TimerWheel, Via};
 use crate::fd_reserve::FdReserve;
+use crate::udp::proxy::UdpListener;
 use crate::worker::{Shared, WorkerCmd, WorkerInbox};
 
 use super::listener::{accept_client, TcpListener};
@@ -107,6 +108,7 @@ pub struct RingWorker {
     inbox: WorkerInbox,
     conns: Slab<Slot>,
     listeners: Vec<Option<TcpListener>>,
+    udp: Slab<UdpListener>,
     wheel: TimerWheel,
     pipes: PipePool,
     fd_reserve: FdReserve,
@@ -150,6 +152,7 @@ impl RingWorker {
             inbox,
             conns: Slab::default(),
             listeners: Vec::new(),
+            udp: Slab::default(),
             wheel: TimerWheel::new(Instant::now()),
             pipes: PipePool::default(),
             fd_reserve: FdReserve::new(1),
@@ -181,6 +184,7 @@ impl RingWorker {
             }
             self.resume_listeners(now);
             self.fire_timers(now);
+            self.expire_udp(now);
             self.wait(now);
             self.reap();
         }
@@ -191,6 +195,7 @@ impl RingWorker {
         let next = [
             self.wheel.next_due(),
             self.listeners.iter().flatten().filter_map(|l| l.resume_at).min(),
+            self.udp.iter().map(|u| u.next_expiry()).min(),
         ]
         .into_iter()
         .flatten()
@@ -270,8 +275,32 @@ impl RingWorker {
                         .push(Some(TcpListener::new(slot, name, socket.into(), stop)));
                     self.arm_accept(index);
                 }
-                WorkerCmd::ListenUdp(spec) => self.inbox.forward_udp(spec),
+                WorkerCmd::ListenUdp(spec) => {
+                    spec.stop.register(self.inbox.waker.clone());
+                    let name = spec.name.clone();
+                    match UdpListener::new(self.id, true, spec, now) {
+                        Ok(u) => {
+                            let (i, g) = self.udp.insert(u);
+                            self.arm_udp(i, g, Kind::UdpIn);
+                            self.arm_udp(i, g, Kind::UdpReplies);
+                        }
+                        Err(e) => log::error!("worker {}: udp listener \"{name}\": {e}", self.id),
+                    }
+                }
                 WorkerCmd::CheckClose => self.check_close(),
+            }
+        }
+        for (i, g) in self.udp.keys() {
+            if self.udp.get_mut(i, g).is_some_and(|u| u.stop.is_stopped()) {
+                // Cancel by op, not by descriptor: the polls hold their
+                // files until cancelled, and the descriptors close below.
+                for kind in [Kind::UdpIn, Kind::UdpReplies] {
+                    let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(Token::new(kind, i, g).0))
+                        .build()
+                        .user_data(Token::new(Kind::Ignore, 0, 0).0);
+                    self.push(&[cancel]);
+                }
+                self.udp.remove(i);
             }
         }
         for index in 0..self.listeners.len() {
@@ -290,6 +319,30 @@ impl RingWorker {
             }
         }
         let _ = now;
+    }
+
+    /// Waits (once) for a UDP listener's socket, or its flows' epoll set,
+    /// to be readable. Re-armed after each burst; a socket still readable
+    /// then completes at once, so a budget cut short loses nothing.
+    fn arm_udp(&mut self, index: u32, gen: u32, kind: Kind) {
+        let Some(u) = self.udp.get_mut(index, gen) else { return };
+        let fd = if kind == Kind::UdpIn {
+            u.listener_fd()
+        } else {
+            u.poller_fd()
+        };
+        let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(Token::new(kind, index, gen).0);
+        self.push(&[sqe]);
+    }
+
+    fn expire_udp(&mut self, now: Instant) {
+        for u in self.udp.iter_mut() {
+            if u.next_expiry() <= now {
+                u.expire(now);
+            }
+        }
     }
 
     fn arm_accept(&mut self, index: usize) {
@@ -356,6 +409,20 @@ impl RingWorker {
                 self.arm_waker();
             }
             Kind::Accept => self.accepted(t.index() as usize, res, flags, now),
+            Kind::UdpIn | Kind::UdpReplies => {
+                let (index, gen, kind) = (t.index(), t.gen(), t.kind());
+                let Some(u) = self.udp.get_mut(index, gen) else { return };
+                if res < 0 && res != -libc::EINTR {
+                    log::debug!("worker {}: udp listener \"{}\": poll: {}", self.id, u.name, Errno(-res));
+                    return;
+                }
+                if kind == Kind::UdpIn {
+                    u.on_readable(&self.shared.snapshot.load());
+                } else {
+                    u.on_replies();
+                }
+                self.arm_udp(index, gen, kind);
+            }
             kind => {
                 let (index, gen) = (t.index(), t.gen());
                 let Some(slot) = self.conns.get_mut(index, gen) else {
