@@ -5,14 +5,11 @@
 //! connected UDP socket toward that backend, so the backend's replies come
 //! back on it and go to the client from the listener's address.
 //!
-//! UDP reads are readiness-first on tokio's reactor on both engines (the
-//! io_uring engine's runtime has the same reactor underneath):
-//! - a completion read parks its buffer until a datagram comes, and a
-//!   datagram can be 64 KiB, so a pending read per flow would pin 64 GiB at a
-//!   million flows; readiness reads only when data is there;
-//! - tokio-uring 0.5's `recv_from` panics when a read completes without a
-//!   source address, which is exactly how a shut-down socket completes it,
-//!   so a UDP listener on it could not be stopped cleanly on reload or exit.
+//! This runs on the worker's UDP thread (a tokio current-thread runtime, on
+//! both engines), not on its TCP loop. UDP reads are readiness-first: a
+//! completion read parks its buffer until a datagram comes, and a datagram
+//! can be 64 KiB, so a pending read per flow would pin 64 GiB at a million
+//! flows; readiness reads only when data is there.
 //!
 //! Per listener and worker there are two tasks and no task per flow: one
 //! reads client datagrams in bursts (recvmmsg) and forwards each on its
