@@ -4,7 +4,8 @@
 //! `{"cmd":"drain","pool":"web","addr":"10.0.0.1:80"}`, `enable`, `disable`,
 //! `{"cmd":"weight","pool":..,"addr":..,"weight":5}`,
 //! `{"cmd":"add","pool":..,"addr":..,"weight":2}`, `remove`, `{"cmd":"reload"}`,
-//! `{"cmd":"stats"}`. Replies: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+//! `{"cmd":"stats"}`, `{"cmd":"route","listener":..,"client":..}`.
+//! Replies: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 
 use serde::Deserialize;
 use serde_json::{json, Value};

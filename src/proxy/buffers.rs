@@ -1,9 +1,9 @@
 //! Per-worker buffer pool: relay buffers are reused, never allocated per read.
 //!
-//! Two sizes: a small buffer that a completion engine parks in the kernel
-//! while a connection is idle, and a large one borrowed only while data flows.
-//! So 10,000 idle connections on io_uring pin 2 × 10,000 small buffers, not
-//! 2 × 10,000 large ones; on epoll they pin none.
+//! The epoll loop takes a large buffer only for a read the kernel said is
+//! ready and gives it back once the chunk is sent on, so idle connections
+//! pin none. (The io_uring loop does not use this pool: it receives into
+//! its provided-buffer ring.) The small size is not used by either loop.
 
 use std::cell::RefCell;
 
