@@ -253,6 +253,101 @@ fn emfile_keeps_established_connections_and_recovers_io_uring() {
     emfile_keeps_established_connections_and_recovers_on("uring");
 }
 
+/// Starts ringlb on `cfg` with a hard descriptor limit it cannot raise.
+fn start_with_fd_limit(cfg: &std::path::Path, limit: u64) -> Ringlb {
+    let mut cmd = std::process::Command::new(ringlb_bin());
+    cmd.args(["run", "-c", path_str(cfg)]).env("RUST_LOG", "error");
+    // SAFETY: setrlimit is async-signal-safe, as pre_exec requires.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ringlb {
+        child: cmd.spawn().unwrap(),
+        dir: TempDir::new("fdlimit"),
+        config: cfg.to_path_buf(),
+    }
+}
+
+/// Under descriptor exhaustion every accepted connection still ends with
+/// exactly one outcome: relayed, or refused with its reason (issue 17 item 7:
+/// clients got a backend connection and then EOF, counted nowhere).
+fn every_accepted_connection_has_one_outcome_at_emfile_on(engine: &str) {
+    let echo = Backend::start("echo", Behaviour::Echo);
+    let dir = TempDir::new("outcomes");
+    let sock = dir.0.join("ctl.sock");
+    let listen = lb_addr();
+    let body = format!(
+        "[[listener]]\nname = \"web\"\nbind = \"{listen}\"\npool = \"web\"\nrelay = \"auto\"\n\n[[pool]]\nname = \"web\"\n\
+         [[pool.backend]]\naddr = \"{}\"\n",
+        echo.addr
+    );
+    let cfg = dir.file("c.toml", &config_with_control(engine, &sock, &body));
+    let mut lb = start_with_fd_limit(&cfg, 128);
+    lb.wait_listening(listen);
+    // 1,000 clients, 100 at a time, each holding its connection a moment:
+    // 100 relayed connections would need 200 descriptors.
+    let served = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..100 {
+            scope.spawn(|| {
+                for _ in 0..10 {
+                    let ok = connect_from(listen, None).and_then(|mut s| {
+                        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                        s.write_all(b"x")?;
+                        let mut b = [0u8; 1];
+                        s.read_exact(&mut b)?;
+                        std::thread::sleep(Duration::from_millis(50));
+                        Ok(())
+                    });
+                    if ok.is_ok() {
+                        served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    let stats = || ctl_json(&sock, &["stats"]).1["listeners"][0].clone();
+    assert!(
+        wait_until(Duration::from_secs(10), || stats()["active"] == 0),
+        "connections end: {}",
+        stats()
+    );
+    let l = stats();
+    let refused: u64 = l["refused"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    let (accepted, relayed) = (l["accepted"].as_u64().unwrap(), l["relayed"].as_u64().unwrap());
+    assert_eq!(accepted, relayed + refused, "accepted = relayed + refused: {l}");
+    assert!(
+        l["refused"]["overloaded"].as_u64().unwrap() > 0,
+        "descriptors ran out: {l}"
+    );
+    assert!(relayed >= served.load(std::sync::atomic::Ordering::Relaxed), "{l}");
+    let _ = &mut lb;
+}
+
+#[test]
+fn every_accepted_connection_has_one_outcome_at_emfile() {
+    every_accepted_connection_has_one_outcome_at_emfile_on("epoll");
+}
+
+#[test]
+fn every_accepted_connection_has_one_outcome_at_emfile_io_uring() {
+    every_accepted_connection_has_one_outcome_at_emfile_on("uring");
+}
+
 fn emfile_keeps_established_connections_and_recovers_on(engine: &str) {
     let stall = Backend::start("echo", Behaviour::Echo);
     let dir = TempDir::new("emfile");
@@ -266,26 +361,7 @@ fn emfile_keeps_established_connections_and_recovers_on(engine: &str) {
     );
     let cfg = dir.file("c.toml", &config_with_control(engine, &sock, &body));
     // A low hard limit ringlb cannot raise: 64 descriptors in all.
-    let mut cmd = std::process::Command::new(ringlb_bin());
-    cmd.args(["run", "-c", path_str(&cfg)]).env("RUST_LOG", "error");
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: 64,
-                rlim_max: 64,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().unwrap();
-    let mut lb = Ringlb {
-        child,
-        dir: TempDir::new("emfile2"),
-        config: cfg.clone(),
-    };
+    let mut lb = start_with_fd_limit(&cfg, 64);
     lb.wait_listening(listen);
     assert!(
         wait_until(Duration::from_secs(10), || read_tag_echo(listen)),

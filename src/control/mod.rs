@@ -292,6 +292,7 @@ fn route(server: &Server, listener: &str, client: &str) -> Result<Value, String>
     let pool = &snapshot.pools[view.pool];
     // The very function a worker calls for a new connection or flow.
     let selection = crate::conn::select(pool, addr, view.config.hash_key, 5);
+    let tcp = view.config.protocol == crate::config::Protocol::Tcp;
     let region = pool.table_for(addr.ip()).1;
     let (region_name, table_name) = match (&pool.geo, region) {
         (Some(g), Some(r)) => {
@@ -321,7 +322,8 @@ fn route(server: &Server, listener: &str, client: &str) -> Result<Value, String>
                     let b = &pool.backends[i as usize];
                     // A TCP connect skips a backend at its max_connections (spill-over).
                     let max = b.max_conns.load(std::sync::atomic::Ordering::Relaxed);
-                    let full = max > 0 && b.open.load(std::sync::atomic::Ordering::Relaxed) >= max;
+                    // (UDP flows do not count against it.)
+                    let full = tcp && max > 0 && b.open.load(std::sync::atomic::Ordering::Relaxed) >= max;
                     let effective = weights[i as usize];
                     // Rounded to 1e-4 so that the JSON shows 0.5, not 0.49999999999999994.
                     let share = (effective as f64 / total.max(1) as f64 * 1e4).round() / 1e4;
@@ -344,7 +346,8 @@ fn route(server: &Server, listener: &str, client: &str) -> Result<Value, String>
         "region": region_name,
         "table": table_name,
         "table_generation": pool.generation,
-        "chosen": candidates.first().map(|c| c["addr"].clone()),
+        // What a new connection would get: the first candidate not full.
+        "chosen": candidates.iter().find(|c| c["full"] != json!(true)).map(|c| c["addr"].clone()),
         "candidates": candidates,
     }))
 }
@@ -368,6 +371,9 @@ fn stats(server: &Server) -> Value {
             json!({
                 "name": l.config.name,
                 "accepted": l.stats.accepted.get(),
+                // Connections (UDP: flows) that reached a backend; every
+                // accepted one is either relayed or refused with a reason.
+                "relayed": l.stats.active.opened.get(),
                 "active": l.stats.active.current(),
                 "refused": refused,
                 "bytes_in": l.stats.bytes_in.get(),

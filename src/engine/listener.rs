@@ -73,6 +73,9 @@ impl TcpListener {
         if matches!(errno, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) {
             let refused = shed_pending(reserve, self.fd.as_fd());
             if let Some(s) = stats {
+                // Accepted (by the spare descriptor) and refused at once:
+                // each still ends with exactly one outcome.
+                s.accepted.add(refused);
                 s.refused[RefuseReason::Overloaded as usize].add(refused);
             }
             self.resume_at = Some(now + ACCEPT_BACKOFF);

@@ -336,10 +336,12 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, data: &[u8]) {
     // The same selection as TCP connects and `ctl route`.
     let Some(selection) = crate::conn::select(pool, client, listener.config.hash_key, 4) else {
         stats.refuse(RefuseReason::NoBackend);
+        stats.datagrams_dropped.inc();
         return;
     };
     if flows.len() >= flows.capacity() {
         stats.refuse(RefuseReason::FlowTableFull);
+        stats.datagrams_dropped.inc();
         return;
     }
     let Some(backend) = selection
@@ -349,6 +351,7 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, data: &[u8]) {
         .find(|b| usable(b))
     else {
         stats.refuse(RefuseReason::NoBackend);
+        stats.datagrams_dropped.inc();
         return;
     };
     let socket = match connect_udp(backend.addr).and_then(|s| poller.add(s.as_raw_fd()).map(|()| s)) {
@@ -356,6 +359,7 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, data: &[u8]) {
         Err(e) => {
             log::debug!("udp flow {client} -> {}: {e}", backend.addr);
             stats.refuse(RefuseReason::Overloaded);
+            stats.datagrams_dropped.inc();
             return;
         }
     };
@@ -369,6 +373,7 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, data: &[u8]) {
     };
     let Ok(flow) = flows.insert(client, flow, now) else {
         stats.refuse(RefuseReason::FlowTableFull);
+        stats.datagrams_dropped.inc();
         return;
     };
     stats.accepted.inc();

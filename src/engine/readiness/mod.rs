@@ -593,7 +593,7 @@ impl EpollWorker {
         let fd = slot.fd(from);
         let (res, cap) = match via {
             Via::Buffer => {
-                let mut buf = self.bufs.take(true);
+                let mut buf = self.bufs.take();
                 let cap = buf.capacity();
                 // SAFETY: reads at most `cap` bytes into the vector's own
                 // allocation; the length is set to what the kernel wrote.
