@@ -58,6 +58,20 @@ impl BackendState {
         self.active.is_up() && !self.outlier.is_ejected(now)
     }
 
+    /// Takes a backend that is leaving its pool (removed, still draining)
+    /// back into service with `config`: one entry per address, so its open
+    /// connections and counters carry on, and the table never holds the
+    /// same address twice (which it cannot build).
+    fn take_back(&mut self, config: BackendConfig, reason: &str, now: Instant) {
+        self.config = config;
+        self.remove_when_drained = false;
+        self.admin = AdminState::Enabled;
+        self.drain_deadline = None;
+        self.shared.closing.store(false, Ordering::SeqCst);
+        self.healthy_since = Some(now);
+        self.reason = reason.into();
+    }
+
     /// The state shown to operators.
     pub fn state_label(&self, now: Instant) -> &'static str {
         match self.admin {
@@ -171,13 +185,10 @@ impl Model {
         PoolState {
             config: config.clone(),
             backends,
-            published: Arc::new(PoolSnapshot::build(
-                &config.name,
-                0,
-                config.table_size,
-                Vec::new(),
-                Vec::new(),
-            )),
+            published: Arc::new(
+                PoolSnapshot::build(&config.name, 0, config.table_size, Vec::new(), Vec::new())
+                    .expect("an empty pool has a (missing) table"),
+            ),
             panic: false,
             next_slow_start_step: None,
             retired: false,
@@ -345,23 +356,41 @@ impl Model {
         pool.next_slow_start_step = next_step;
         let generation = pool.published.generation + 1;
         let started = Instant::now();
-        let mut snapshot = PoolSnapshot::build(
+        let built = PoolSnapshot::build(
             &cfg.name,
             generation,
             cfg.table_size,
             pool.backends.iter().map(|b| b.shared.clone()).collect(),
             plan.weights.clone(),
-        );
-        if let Some(pool_geo) = &cfg.geo {
-            snapshot.geo = Some(build_geo_tables(
-                pool_geo,
-                geo_cfg,
-                &pool.backends,
-                &plan.weights,
-                cfg.table_size,
-            ));
-            snapshot.build_time = started.elapsed();
-        }
+        )
+        .and_then(|mut snapshot| {
+            if let Some(pool_geo) = &cfg.geo {
+                snapshot.geo = Some(build_geo_tables(
+                    pool_geo,
+                    geo_cfg,
+                    &pool.backends,
+                    &plan.weights,
+                    cfg.table_size,
+                )?);
+                snapshot.build_time = started.elapsed();
+            }
+            Ok(snapshot)
+        });
+        let snapshot = match built {
+            Ok(s) => s,
+            Err(e) => {
+                // A table that cannot be built is a bug upstream of it (the
+                // model let in a state the validator should have refused).
+                // Publishing no table would refuse every client of a pool
+                // that may well have healthy backends: keep the last one.
+                log::error!(
+                    "pool \"{}\": cannot build its table ({e}); keeping table generation {}",
+                    cfg.name,
+                    pool.published.generation
+                );
+                return;
+            }
+        };
         if snapshot.table.is_none() && !pool.backends.is_empty() {
             log::warn!("pool \"{}\": no usable backend; new connections are refused", cfg.name);
         }
@@ -434,6 +463,22 @@ impl Model {
         let p = self
             .pool_index(pool)
             .ok_or_else(|| format!("no pool named \"{pool}\""))?;
+        if let Some(be) = self.pools[p]
+            .backends
+            .iter_mut()
+            .find(|b| b.config.addr == checked.addr && b.remove_when_drained)
+        {
+            // Still draining from a removal: it comes back as it is.
+            let remaining = be.shared.stats.conns.current();
+            be.take_back(checked.clone(), "re-added by operator", now);
+            log::info!(
+                "pool \"{pool}\": backend {} re-added by operator (weight {}) while draining; its {remaining} open connection(s) continue",
+                checked.addr,
+                checked.weight
+            );
+            self.rebuild(p, now);
+            return Ok(json!({"addr": checked.addr.to_string(), "weight": checked.weight}));
+        }
         if self.pools[p]
             .backends
             .iter()
@@ -658,13 +703,18 @@ impl Model {
                     let mut backends = std::mem::take(&mut self.pools[i].backends);
                     let mut next = Vec::new();
                     for bc in &pc.backends {
-                        match backends
-                            .iter()
-                            .position(|b| b.config.addr == bc.addr && !b.remove_when_drained)
-                        {
+                        // A backend still draining from a removal is taken
+                        // back (one entry per address, see take_back).
+                        match backends.iter().position(|b| b.config.addr == bc.addr) {
                             Some(j) => {
                                 let mut b = backends.remove(j);
-                                if b.config.weight != bc.weight {
+                                if b.remove_when_drained {
+                                    changes.push(format!(
+                                        "pool \"{}\": backend {} added back (was draining)",
+                                        pc.name, bc.addr
+                                    ));
+                                    b.take_back(bc.clone(), "back in the config file", now);
+                                } else if b.config.weight != bc.weight {
                                     changes.push(format!(
                                         "pool \"{}\": backend {} weight {} -> {}",
                                         pc.name, bc.addr, b.config.weight, bc.weight
@@ -833,7 +883,7 @@ fn build_geo_tables(
     backends: &[BackendState],
     plan: &[u32],
     table_size: usize,
-) -> crate::snapshot::GeoTables {
+) -> Result<crate::snapshot::GeoTables, crate::maglev::MaglevError> {
     use crate::geo::{effective_weights, GeoBackend, RegionId, RegionNames};
     let inputs: Vec<GeoBackend> = backends
         .iter()
@@ -876,7 +926,7 @@ fn build_geo_tables(
                     })
                     .collect();
                 let pairs: Vec<(&str, u32)> = ids.iter().map(|s| s.as_str()).zip(scaled.iter().copied()).collect();
-                tables.push(crate::maglev::MaglevTable::build(&pairs, table_size).ok());
+                tables.push(crate::snapshot::build_or_none(&pairs, table_size)?);
                 weights.push(scaled);
                 rows.push(row);
                 rows.len() - 1
@@ -884,13 +934,13 @@ fn build_geo_tables(
         };
         by_region.push(index as u16);
     }
-    crate::snapshot::GeoTables {
+    Ok(crate::snapshot::GeoTables {
         map: geo_cfg.map.clone(),
         names: geo_cfg.names.clone(),
         tables,
         by_region,
         weights,
-    }
+    })
 }
 
 /// One active check to run.
@@ -935,6 +985,38 @@ mod tests {
                     [[pool.backend]]\naddr = \"127.0.0.1:2\"\n";
         let config = Config::parse(text, std::path::Path::new("t.toml")).unwrap();
         Model::new(config, 1, now)
+    }
+
+    #[test]
+    fn a_table_that_cannot_be_built_keeps_the_previous_one() {
+        let now = Instant::now();
+        let mut m = model_with_checked_backend(now);
+        let before = m.pools[0].published.clone();
+        assert!(before.table.is_some());
+        // The same address twice: MaglevTable::build refuses it.
+        let cfg = m.pools[0].config.clone();
+        let dup = m.new_backend(&cfg, cfg.backends[0].clone(), None, now);
+        m.pools[0].backends.push(dup);
+        m.rebuild(0, now);
+        assert!(Arc::ptr_eq(&before, &m.pools[0].published), "previous table kept");
+    }
+
+    #[test]
+    fn re_adding_a_draining_backend_takes_its_entry_over() {
+        let now = Instant::now();
+        let mut m = model_with_checked_backend(now);
+        m.add_backend("p", "127.0.0.1:3", None, now).unwrap();
+        let shared = m.pools[0].backends[1].shared.clone();
+        m.remove_backend("p", "127.0.0.1:3", now).unwrap();
+        m.add_backend("p", "127.0.0.1:3", Some(4), now).unwrap();
+        assert_eq!(m.pools[0].backends.len(), 2, "one entry per address");
+        let b = &m.pools[0].backends[1];
+        assert!(Arc::ptr_eq(&shared, &b.shared), "same counters");
+        assert_eq!(
+            (b.state_label(now), b.remove_when_drained, b.config.weight),
+            ("active", false, 4)
+        );
+        assert!(m.pools[0].published.table.is_some());
     }
 
     #[test]

@@ -464,3 +464,108 @@ fn shutdown_timeout_closes_stragglers_and_second_signal_exits_at_once() {
     assert_eq!(s.lb.wait_exit(Duration::from_secs(1)), Some(0));
     assert!(started.elapsed() < Duration::from_secs(1));
 }
+
+/// Opens connections until `n` of them land on the backend tagged `tag`, and
+/// keeps those open (the others are closed).
+fn hold_connections_to(listen: SocketAddr, tag: &str, n: usize) -> Vec<std::net::TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..400 {
+        let mut c = connect_from(listen, None).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut line = [0u8; 2];
+        c.read_exact(&mut line).unwrap();
+        if line == [tag.as_bytes()[0], b'\n'] {
+            held.push(c);
+            if held.len() == n {
+                return held;
+            }
+        }
+    }
+    panic!("fewer than {n} connections reached backend {tag}");
+}
+
+/// A pool {a, b} with a 60 s drain timeout and three keep-alive connections
+/// open on b: the setting in which re-adding b used to take the pool down.
+fn readd_setup() -> (Backend, Backend, Setup, Vec<std::net::TcpStream>) {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let b = Backend::start("b", Behaviour::TagEcho);
+    let dir = TempDir::new("readd");
+    let sock = dir.0.join("ctl.sock");
+    let listen = lb_addr();
+    let body = listener_block("web", listen, "web")
+        + &pool_block("web", &[a.addr, b.addr], "").replace("drain_timeout = \"1s\"", "drain_timeout = \"60s\"");
+    let lb = Ringlb::start(&config_with_control("auto", &sock, &body), listen);
+    let s = Setup {
+        lb,
+        sock,
+        listen,
+        _socket_dir: dir,
+    };
+    let held = hold_connections_to(s.listen, "b", 3);
+    (a, b, s, held)
+}
+
+/// After b was removed and re-added: b is listed once and active, every new
+/// connection is served (some by b), b's open connections still relay, and
+/// b's counters went on from where they were.
+fn assert_readded(s: &Setup, b: SocketAddr, held: &mut [std::net::TcpStream], total_before: u64) {
+    let (code, v) = ctl_json(&s.sock, &["backends", "web"]);
+    assert_eq!(code, 0, "{v}");
+    let entries: Vec<&serde_json::Value> = v["pools"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["addr"] == b.to_string())
+        .collect();
+    assert_eq!(entries.len(), 1, "b listed once: {v}");
+    assert_eq!(entries[0]["state"], "active", "{v}");
+    assert_eq!(entries[0]["removing"], false, "{v}");
+    let mut to_b = 0;
+    for i in 0..100 {
+        match read_tag(s.listen, None) {
+            Ok(tag) => to_b += usize::from(tag == "b"),
+            Err(e) => panic!("new connection {i} after the re-add failed: {e}"),
+        }
+    }
+    assert!(to_b > 0, "the re-added backend takes new connections again");
+    for c in held.iter_mut() {
+        c.write_all(b"still").unwrap();
+        let mut echo = [0u8; 5];
+        c.read_exact(&mut echo).unwrap();
+        assert_eq!(&echo, b"still", "b's open connection continues");
+    }
+    let info = backend_info(&s.sock, "web", b);
+    assert_eq!(info["active"], held.len() as u64, "{info}");
+    assert!(
+        info["total"].as_u64().unwrap() >= total_before + to_b as u64,
+        "b's counters continue: {info} (before: {total_before})"
+    );
+}
+
+#[test]
+fn ctl_remove_then_add_of_a_draining_backend_takes_its_entry_over() {
+    let (_a, b, s, mut held) = readd_setup();
+    let total_before = backend_info(&s.sock, "web", b.addr)["total"].as_u64().unwrap();
+    let (code, v) = ctl_json(&s.sock, &["remove", "web", &b.addr.to_string()]);
+    assert_eq!(code, 0, "{v}");
+    let (code, v) = ctl_json(&s.sock, &["add", "web", &b.addr.to_string()]);
+    assert_eq!(code, 0, "{v}");
+    assert_readded(&s, b.addr, &mut held, total_before);
+}
+
+#[test]
+fn reload_without_then_with_a_draining_backend_takes_its_entry_over() {
+    let (a, b, s, mut held) = readd_setup();
+    let total_before = backend_info(&s.sock, "web", b.addr)["total"].as_u64().unwrap();
+    let full = std::fs::read_to_string(&s.lb.config).unwrap();
+    let without_b = full.replace(&format!("[[pool.backend]]\naddr = \"{}\"\n", b.addr), "");
+    assert!(without_b.contains(&a.addr.to_string()) && !without_b.contains(&b.addr.to_string()));
+    std::fs::write(&s.lb.config, without_b).unwrap();
+    let (code, v) = ctl_json(&s.sock, &["reload"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(backend_info(&s.sock, "web", b.addr)["state"], "draining");
+    std::fs::write(&s.lb.config, full).unwrap();
+    let (code, v) = ctl_json(&s.sock, &["reload"]);
+    assert_eq!(code, 0, "{v}");
+    assert_readded(&s, b.addr, &mut held, total_before);
+}
