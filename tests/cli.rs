@@ -139,3 +139,23 @@ fn uring_engine_fails_clearly_when_io_uring_is_blocked() {
         "{stderr}"
     );
 }
+
+#[test]
+fn check_and_run_refuse_a_config_with_no_listener() {
+    let dir = TempDir::new("nolistener");
+    let full = tcp_config("auto", lb_addr(), "", &[("127.0.0.1:9".parse().unwrap(), 1)], "");
+    // Empty, and cut off before its first [[listener]] (a truncated copy).
+    let cut = &full[..full.find("[[listener]]").unwrap()];
+    for (name, text) in [("empty.toml", ""), ("truncated.toml", cut)] {
+        let cfg = dir.file(name, text);
+        for cmd in ["check", "run"] {
+            let out = ringlb_cmd_within(&[cmd, "-c", path_str(&cfg)], std::time::Duration::from_secs(10));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{cmd} {name}: {stderr}");
+            assert!(
+                stderr.contains(&format!("{name}: listener: no [[listener]]")),
+                "{cmd} {name}: {stderr}"
+            );
+        }
+    }
+}

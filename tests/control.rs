@@ -569,3 +569,30 @@ fn reload_without_then_with_a_draining_backend_takes_its_entry_over() {
     assert_eq!(code, 0, "{v}");
     assert_readded(&s, b.addr, &mut held, total_before);
 }
+
+#[test]
+fn reload_of_an_empty_or_truncated_file_is_rejected_and_the_listener_keeps_serving() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let s = setup(&[a.addr]);
+    let good = std::fs::read_to_string(&s.lb.config).unwrap();
+    let truncated = good[..good.find("[[listener]]").unwrap()].to_string();
+    for text in [String::new(), truncated] {
+        std::fs::write(&s.lb.config, &text).unwrap();
+        let (code, v) = ctl_json(&s.sock, &["reload"]);
+        assert_eq!(code, 1, "{v}");
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(&format!("{}: listener: no [[listener]]", s.lb.config.display())),
+            "{v}"
+        );
+        assert_eq!(
+            ctl_json(&s.sock, &["status"]).1["config_generation"],
+            1,
+            "nothing changed"
+        );
+        assert!(is_listening(s.listen), "the port stays open");
+        for _ in 0..10 {
+            assert_eq!(read_tag(s.listen, None).unwrap(), "a");
+        }
+    }
+}

@@ -580,6 +580,16 @@ pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
         listeners.push(lc);
     }
 
+    // Like HAProxy, a config that would serve nothing is an error: it is
+    // what an empty or truncated file looks like, and on reload it would
+    // close every port. (A pool that no listener uses is allowed.)
+    if file.listener.is_empty() {
+        c.err(
+            "listener",
+            "no [[listener]]: ringlb would serve nothing (is the file empty or cut short?)",
+        );
+    }
+
     let geo = build_geo(&mut c, geo_entries);
     if c.errors.is_empty() {
         Ok(Config {

@@ -198,6 +198,32 @@ pub fn ringlb_cmd(args: &[&str]) -> Output {
         .expect("run ringlb")
 }
 
+/// Runs `ringlb ARGS...` and kills it if it has not exited within `limit`
+/// (a command that should fail fast must not hang a test run).
+pub fn ringlb_cmd_within(args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(ringlb_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ringlb");
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "ringlb {args:?} still running after {limit:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// How a test backend treats each connection.
 #[derive(Clone, Copy, Debug)]
 pub enum Behaviour {
