@@ -25,6 +25,9 @@ pub struct Server {
     pub model: Mutex<Model>,
     /// Command queues of the workers.
     pub workers: Vec<mpsc::Sender<WorkerCmd>>,
+    /// Held while a reload runs: one at a time, and a second one is refused
+    /// rather than queued behind a file that is slow to read.
+    pub reloading: tokio::sync::Mutex<()>,
 }
 
 impl Server {
@@ -95,7 +98,16 @@ impl Server {
 
     /// Re-reads the config file and applies it. A config that fails
     /// validation, or whose new listeners can't be bound, changes nothing.
-    pub fn reload(&self) -> Result<Vec<String>, String> {
+    ///
+    /// The files (the config and its prefixes file) are read and validated
+    /// on a blocking-pool thread, never on the control thread itself: a slow
+    /// or stuck read delays only this reply, while other control clients,
+    /// health checks and drain deadlines carry on.
+    pub async fn reload(&self) -> Result<Vec<String>, String> {
+        let _one = self
+            .reloading
+            .try_lock()
+            .map_err(|_| "a reload is already in progress; try again when it has finished".to_string())?;
         let path = self
             .model
             .lock()
@@ -103,7 +115,10 @@ impl Server {
             .source
             .clone()
             .ok_or("this ringlb runs an embedded config; nothing to reload")?;
-        let new = Config::load(&path).map_err(|e| e.to_string())?;
+        let new = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| format!("reading the config failed: {e}"))?
+            .map_err(|e| e.to_string())?;
         // Bind what is new before touching anything.
         let mut sockets: HashMap<String, BoundSockets> = HashMap::new();
         {
@@ -208,6 +223,7 @@ pub fn run(config: Config) -> Result<(), String> {
         shared,
         model: Mutex::new(model),
         workers: senders,
+        reloading: tokio::sync::Mutex::new(()),
     });
     {
         let mut model = server.model.lock();

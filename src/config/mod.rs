@@ -342,8 +342,7 @@ pub struct BackendConfig {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigErrors(vec![ConfigError::new(path, "file", format!("cannot read: {e}"))]))?;
+        let text = file::read_bounded(path).map_err(|e| ConfigErrors(vec![ConfigError::new(path, "file", e)]))?;
         Config::parse(&text, path)
     }
 
@@ -1046,8 +1045,8 @@ fn load_geo(
     let mut raw: Vec<(crate::geo::Cidr, String)> = Vec::new();
     if let Some(f) = &g.prefixes_file {
         let path = config_path.parent().unwrap_or(Path::new(".")).join(f);
-        match std::fs::read_to_string(&path) {
-            Err(e) => c.err("geo.prefixes_file", format!("cannot read {}: {e}", path.display())),
+        match file::read_bounded(&path) {
+            Err(e) => c.err("geo.prefixes_file", format!("{}: {e}", path.display())),
             Ok(text) => match crate::geo::parse_prefixes(&text, &path.display().to_string()) {
                 Ok(entries) => raw.extend(entries),
                 Err(errors) => {

@@ -201,7 +201,7 @@ pub fn ringlb_cmd(args: &[&str]) -> Output {
 /// Runs `ringlb ARGS...` and kills it if it has not exited within `limit`
 /// (a command that should fail fast must not hang a test run).
 pub fn ringlb_cmd_within(args: &[&str], limit: Duration) -> Output {
-    let mut child = Command::new(ringlb_bin())
+    let child = Command::new(ringlb_bin())
         .args(args)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -209,19 +209,27 @@ pub fn ringlb_cmd_within(args: &[&str], limit: Duration) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run ringlb");
-    let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
+    let pid = child.id() as i32;
+    // The output is collected on a thread so a chatty child never blocks on
+    // a full pipe while this one waits.
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("wait for ringlb"),
+        Err(_) => {
+            // SAFETY: signals the child started above (not yet reaped: its
+            // waiting thread has not returned).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let out = rx.recv().unwrap().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
             panic!(
                 "ringlb {args:?} still running after {limit:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
+                &stderr[..stderr.len().min(2000)]
             );
         }
-        thread::sleep(Duration::from_millis(20));
     }
-    child.wait_with_output().unwrap()
 }
 
 /// How a test backend treats each connection.
