@@ -267,6 +267,55 @@ impl Model {
         Ok((p, b))
     }
 
+    /// Refuses a control command that would leave pool `p` breaking the
+    /// pool rules the file is held to ([`crate::config::pool_rule_problems`]),
+    /// checked on the pool as the command would leave it: `change` is the
+    /// backend it touches and what that backend becomes (`None`: it leaves
+    /// the pool), or a new backend (index past the end). `force` lets an
+    /// operator who means it leave a pool with nothing usable; it never
+    /// bypasses `table_size`, which the table could not be built past.
+    fn check_pool_rules(
+        &self,
+        p: usize,
+        change: (usize, Option<crate::config::PoolMember>),
+        force: bool,
+    ) -> Result<(), String> {
+        use crate::config::PoolMember;
+        let pool = &self.pools[p];
+        let (target, after) = change;
+        let members: Vec<PoolMember> = pool
+            .backends
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                if i == target {
+                    return after;
+                }
+                (!b.remove_when_drained).then_some(PoolMember {
+                    weight: b.config.weight,
+                    in_service: b.admin == AdminState::Enabled,
+                })
+            })
+            .chain((target >= pool.backends.len()).then_some(after).flatten())
+            .collect();
+        let name = &pool.config.name;
+        let problems = crate::config::pool_rule_problems(&members, pool.config.table_size);
+        let (forceable, hard): (Vec<_>, Vec<_>) = problems.into_iter().partition(|(key, _)| *key == "backend");
+        if let Some((key, problem)) = hard.first() {
+            return Err(format!("pool \"{name}\": {key}: {problem}; nothing changed"));
+        }
+        match forceable.first() {
+            None => Ok(()),
+            Some((key, problem)) if force => {
+                log::warn!("pool \"{name}\": {key}: {problem}: forced by operator");
+                Ok(())
+            }
+            Some((key, problem)) => Err(format!(
+                "pool \"{name}\": {key}: {problem}; nothing changed (ringlb ctl --force, or \"force\": true, does it anyway)"
+            )),
+        }
+    }
+
     /// Builds the snapshot to publish.
     pub fn snapshot(&mut self) -> Snapshot {
         self.generation += 1;
@@ -405,8 +454,14 @@ impl Model {
     // === control commands ===
 
     /// `drain POOL ADDR` / `disable POOL ADDR`.
-    pub fn drain(&mut self, pool: &str, addr: &str, admin: AdminState, now: Instant) -> CmdResult {
+    pub fn drain(&mut self, pool: &str, addr: &str, admin: AdminState, force: bool, now: Instant) -> CmdResult {
         let (p, b) = self.find(pool, addr)?;
+        let weight = self.pools[p].backends[b].config.weight;
+        let after = crate::config::PoolMember {
+            weight,
+            in_service: false,
+        };
+        self.check_pool_rules(p, (b, Some(after)), force)?;
         let timeout = self.pools[p].config.drain_timeout;
         let be = &mut self.pools[p].backends[b];
         be.admin = admin;
@@ -443,9 +498,14 @@ impl Model {
     }
 
     /// `weight POOL ADDR W`.
-    pub fn set_weight(&mut self, pool: &str, addr: &str, weight: i64, now: Instant) -> CmdResult {
+    pub fn set_weight(&mut self, pool: &str, addr: &str, weight: i64, force: bool, now: Instant) -> CmdResult {
         let checked = crate::config::validate_backend_request(addr, Some(weight)).map_err(|e| e.to_string())?;
         let (p, b) = self.find(pool, addr)?;
+        let after = crate::config::PoolMember {
+            weight: checked.weight,
+            in_service: self.pools[p].backends[b].admin == AdminState::Enabled,
+        };
+        self.check_pool_rules(p, (b, Some(after)), force)?;
         let be = &mut self.pools[p].backends[b];
         let old = be.config.weight;
         be.config.weight = checked.weight;
@@ -458,16 +518,30 @@ impl Model {
     }
 
     /// `add POOL ADDR [--weight W]`.
-    pub fn add_backend(&mut self, pool: &str, addr: &str, weight: Option<i64>, now: Instant) -> CmdResult {
+    pub fn add_backend(&mut self, pool: &str, addr: &str, weight: Option<i64>, force: bool, now: Instant) -> CmdResult {
         let checked = crate::config::validate_backend_request(addr, weight).map_err(|e| e.to_string())?;
         let p = self
             .pool_index(pool)
             .ok_or_else(|| format!("no pool named \"{pool}\""))?;
-        if let Some(be) = self.pools[p]
+        if self.pools[p]
             .backends
-            .iter_mut()
-            .find(|b| b.config.addr == checked.addr && b.remove_when_drained)
+            .iter()
+            .any(|b| b.config.addr == checked.addr && !b.remove_when_drained)
         {
+            return Err(format!("pool \"{pool}\" already has backend {}", checked.addr));
+        }
+        // A backend still draining from a removal is taken back in its place.
+        let draining = self.pools[p]
+            .backends
+            .iter()
+            .position(|b| b.config.addr == checked.addr && b.remove_when_drained);
+        let after = crate::config::PoolMember {
+            weight: checked.weight,
+            in_service: true,
+        };
+        let target = draining.unwrap_or(self.pools[p].backends.len());
+        self.check_pool_rules(p, (target, Some(after)), force)?;
+        if let Some(be) = draining.map(|i| &mut self.pools[p].backends[i]) {
             // Still draining from a removal: it comes back as it is.
             let remaining = be.shared.stats.conns.current();
             be.take_back(checked.clone(), "re-added by operator", now);
@@ -478,19 +552,6 @@ impl Model {
             );
             self.rebuild(p, now);
             return Ok(json!({"addr": checked.addr.to_string(), "weight": checked.weight}));
-        }
-        if self.pools[p]
-            .backends
-            .iter()
-            .any(|b| b.config.addr == checked.addr && !b.remove_when_drained)
-        {
-            return Err(format!("pool \"{pool}\" already has backend {}", checked.addr));
-        }
-        if self.pools[p].backends.len() + 1 > self.pools[p].config.table_size {
-            return Err(format!(
-                "pool \"{pool}\": table_size {} is too small for another backend",
-                self.pools[p].config.table_size
-            ));
         }
         let cfg = self.pools[p].config.clone();
         let state = self.new_backend(&cfg, checked.clone(), None, now);
@@ -505,8 +566,9 @@ impl Model {
     }
 
     /// `remove POOL ADDR`: drains first, leaves once drained.
-    pub fn remove_backend(&mut self, pool: &str, addr: &str, now: Instant) -> CmdResult {
+    pub fn remove_backend(&mut self, pool: &str, addr: &str, force: bool, now: Instant) -> CmdResult {
         let (p, b) = self.find(pool, addr)?;
+        self.check_pool_rules(p, (b, None), force)?;
         let timeout = self.pools[p].config.drain_timeout;
         let be = &mut self.pools[p].backends[b];
         be.remove_when_drained = true;
@@ -1005,10 +1067,10 @@ mod tests {
     fn re_adding_a_draining_backend_takes_its_entry_over() {
         let now = Instant::now();
         let mut m = model_with_checked_backend(now);
-        m.add_backend("p", "127.0.0.1:3", None, now).unwrap();
+        m.add_backend("p", "127.0.0.1:3", None, false, now).unwrap();
         let shared = m.pools[0].backends[1].shared.clone();
-        m.remove_backend("p", "127.0.0.1:3", now).unwrap();
-        m.add_backend("p", "127.0.0.1:3", Some(4), now).unwrap();
+        m.remove_backend("p", "127.0.0.1:3", false, now).unwrap();
+        m.add_backend("p", "127.0.0.1:3", Some(4), false, now).unwrap();
         assert_eq!(m.pools[0].backends.len(), 2, "one entry per address");
         let b = &m.pools[0].backends[1];
         assert!(Arc::ptr_eq(&shared, &b.shared), "same counters");

@@ -596,3 +596,55 @@ fn reload_of_an_empty_or_truncated_file_is_rejected_and_the_listener_keeps_servi
         }
     }
 }
+
+/// Runs a ctl command that must be refused: exit 1, an error naming the
+/// pool rule, and nothing changed (the pool still serves from `tag`).
+fn assert_refused(s: &Setup, args: &[&str], tag: &str) {
+    let (code, v) = ctl_json(&s.sock, args);
+    assert_eq!(code, 1, "{args:?} must be refused: {v}");
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("pool \"web\": backend: ")
+            && (error.contains("could never take a connection") || error.contains("needs at least one"))
+            && error.contains("nothing changed"),
+        "{args:?}: {v}"
+    );
+    assert!(error.contains("--force"), "{args:?} names the escape hatch: {v}");
+    for _ in 0..5 {
+        assert_eq!(read_tag(s.listen, None).unwrap(), tag, "{args:?} changed nothing");
+    }
+}
+
+#[test]
+fn ctl_refuses_to_leave_a_pool_with_no_usable_backend_unless_forced() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let b = Backend::start("b", Behaviour::TagEcho);
+    let s = setup(&[a.addr, b.addr]);
+    let (a_s, b_s) = (a.addr.to_string(), b.addr.to_string());
+    // One backend at weight 0 is fine; the last one is not.
+    assert_eq!(ctl_json(&s.sock, &["weight", "web", &b_s, "0"]).0, 0);
+    assert_refused(&s, &["weight", "web", &a_s, "0"], "a");
+    assert_refused(&s, &["drain", "web", &a_s], "a");
+    assert_refused(&s, &["disable", "web", &a_s], "a");
+    assert_refused(&s, &["remove", "web", &a_s], "a");
+    let info = backend_info(&s.sock, "web", a.addr);
+    assert_eq!(
+        (info["weight"].as_u64(), info["state"].as_str()),
+        (Some(1), Some("active")),
+        "{info}"
+    );
+    // Removing b (weight 0) leaves a: allowed. Then a is the last backend.
+    assert_eq!(ctl_json(&s.sock, &["remove", "web", &b_s]).0, 0);
+    assert_refused(&s, &["remove", "web", &a_s], "a");
+    // Adding at weight 0 is fine while a takes connections.
+    assert_eq!(ctl_json(&s.sock, &["add", "web", "127.0.0.1:9", "--weight", "0"]).0, 0);
+    // --force (JSON "force": true) does it anyway.
+    let (code, v) = ctl_json(&s.sock, &["weight", "--force", "web", &a_s, "0"]);
+    assert_eq!(code, 0, "{v}");
+    assert!(read_tag(s.listen, None).is_err(), "forced: the pool takes nothing");
+    // And weight > 0 brings it back without force.
+    assert_eq!(ctl_json(&s.sock, &["weight", "web", &a_s, "2"]).0, 0);
+    assert_eq!(read_tag(s.listen, None).unwrap(), "a");
+    let (code, v) = ctl_json(&s.sock, &["remove", "web", &a_s, "--force"]);
+    assert_eq!(code, 0, "{v}");
+}

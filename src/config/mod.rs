@@ -753,9 +753,6 @@ fn validate_pool(c: &mut Checker<'_>, label: &str, p: &PoolFile) -> Option<PoolC
         None => OutlierConfig::default(),
         Some(o) => validate_outlier(c, &format!("{place}outlier."), o),
     };
-    if p.backend.is_empty() {
-        c.err(&format!("{place}backend"), "a pool needs at least one [[pool.backend]]");
-    }
     let mut backends = Vec::new();
     let mut seen = HashSet::new();
     for (i, b) in p.backend.iter().enumerate() {
@@ -770,17 +767,19 @@ fn validate_pool(c: &mut Checker<'_>, label: &str, p: &PoolFile) -> Option<PoolC
             backends.push(bc);
         }
     }
-    if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
-        c.err(
-            &format!("{place}backend"),
-            "every backend has weight 0: the pool could never take a connection",
-        );
-    }
-    if backends.len() > table_size {
-        c.err(
-            &format!("{place}table_size"),
-            format!("{table_size} is smaller than the {} backends", backends.len()),
-        );
+    // Backends that failed their own validation are reported already; the
+    // pool rules then look at the valid ones (none valid: nothing to add).
+    if p.backend.is_empty() || !backends.is_empty() {
+        let members: Vec<PoolMember> = backends
+            .iter()
+            .map(|b| PoolMember {
+                weight: b.weight,
+                in_service: true,
+            })
+            .collect();
+        for (key, problem) in pool_rule_problems(&members, table_size) {
+            c.err(&format!("{place}{key}"), problem);
+        }
     }
     let geo = p
         .geo
@@ -813,6 +812,42 @@ fn validate_pool(c: &mut Checker<'_>, label: &str, p: &PoolFile) -> Option<PoolC
         geo,
         backends,
     })
+}
+
+/// One backend as the pool rules see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolMember {
+    /// Configured weight.
+    pub weight: u32,
+    /// Takes new connections by operator intent (not drained or disabled;
+    /// health says nothing here: a backend that is down comes back by itself).
+    pub in_service: bool,
+}
+
+/// The rules on a pool's set of backends, as `(key, problem)` pairs: at
+/// least one backend, at least one with weight > 0 in service, no more than
+/// `table_size`. One function for the file and for control commands (applied
+/// to the pool as the command would leave it), so a pool that could never
+/// start can never be made at runtime by mistake either.
+pub fn pool_rule_problems(members: &[PoolMember], table_size: usize) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    if members.is_empty() {
+        problems.push(("backend", "a pool needs at least one [[pool.backend]]".to_string()));
+    } else if !members.iter().any(|m| m.weight > 0 && m.in_service) {
+        let problem = if members.iter().all(|m| m.in_service) {
+            "every backend has weight 0: the pool could never take a connection"
+        } else {
+            "every backend has weight 0 or is drained or disabled: the pool could never take a connection"
+        };
+        problems.push(("backend", problem.to_string()));
+    }
+    if members.len() > table_size {
+        problems.push((
+            "table_size",
+            format!("{table_size} is smaller than the {} backends", members.len()),
+        ));
+    }
+    problems
 }
 
 /// Validates one backend entry; shared with `ctl add`.

@@ -4,7 +4,8 @@
 //! `{"cmd":"drain","pool":"web","addr":"10.0.0.1:80"}`, `enable`, `disable`,
 //! `{"cmd":"weight","pool":..,"addr":..,"weight":5}`,
 //! `{"cmd":"add","pool":..,"addr":..,"weight":2}`, `remove`, `{"cmd":"reload"}`,
-//! `{"cmd":"stats"}`. Replies: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+//! `{"cmd":"stats"}`. `drain`, `disable`, `weight`, `add` and `remove` take
+//! `"force": true` to leave a pool with no usable backend. Replies: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -29,6 +30,9 @@ pub enum Request {
         pool: String,
         /// Backend address.
         addr: String,
+        /// Do it even if it leaves the pool with no usable backend.
+        #[serde(default)]
+        force: bool,
     },
     /// Back in service.
     Enable {
@@ -43,6 +47,9 @@ pub enum Request {
         pool: String,
         /// Backend address.
         addr: String,
+        /// Do it even if it leaves the pool with no usable backend.
+        #[serde(default)]
+        force: bool,
     },
     /// Change a weight.
     Weight {
@@ -52,6 +59,9 @@ pub enum Request {
         addr: String,
         /// New weight.
         weight: i64,
+        /// Do it even if it leaves the pool with no usable backend.
+        #[serde(default)]
+        force: bool,
     },
     /// Add a backend.
     Add {
@@ -62,6 +72,9 @@ pub enum Request {
         /// Weight (default 1).
         #[serde(default)]
         weight: Option<i64>,
+        /// Do it even if it leaves the pool with no usable backend.
+        #[serde(default)]
+        force: bool,
     },
     /// Drain, then remove a backend.
     Remove {
@@ -69,6 +82,9 @@ pub enum Request {
         pool: String,
         /// Backend address.
         addr: String,
+        /// Do it even if it leaves the pool with no usable backend.
+        #[serde(default)]
+        force: bool,
     },
     /// Re-read the config file.
     Reload {},
