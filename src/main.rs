@@ -159,13 +159,21 @@ impl CtlCommand {
     }
 }
 
+/// Loads and validates `path`, then checks it against this host: `check`
+/// and `run` refuse the same configs.
+fn load_checked(path: &std::path::Path) -> Result<Config, ringlb::config::ConfigErrors> {
+    let config = Config::load(path)?;
+    config.check_host()?;
+    Ok(config)
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => match Config::load(&config) {
+        Command::Run { config } => match load_checked(&config) {
             Err(errors) => {
                 eprintln!("{errors}");
                 eprintln!(
@@ -183,7 +191,7 @@ fn main() -> ExitCode {
                 }
             },
         },
-        Command::Check { config } => match Config::load(&config) {
+        Command::Check { config } => match load_checked(&config) {
             Err(errors) => {
                 eprintln!("{errors}");
                 eprintln!("ringlb: {} error(s) in {}", errors.0.len(), config.display());

@@ -25,6 +25,21 @@ fn check_accepts_a_good_config_with_a_summary() {
 
 #[test]
 fn the_example_config_is_valid() {
+    // Its control socket is /run/ringlb/ctl.sock: only a user who may create
+    // /run/ringlb could run it, and `check` says so to anyone else.
+    if unsafe { libc::access(c"/run".as_ptr(), libc::W_OK | libc::X_OK) } != 0
+        && !std::path::Path::new("/run/ringlb").exists()
+    {
+        let path = format!("{}/config/ringlb.toml", env!("CARGO_MANIFEST_DIR"));
+        let out = ringlb_cmd(&["check", "-c", &path]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("control.socket: /run: cannot create the socket there"),
+            "{stderr}"
+        );
+        assert!(stderr.contains("1 error(s)"), "{stderr}");
+        return;
+    }
     assert_valid("ringlb.toml", "ok: 3 listener(s), 3 pool(s), 6 backend(s)");
 }
 
@@ -158,4 +173,98 @@ fn check_and_run_refuse_a_config_with_no_listener() {
             );
         }
     }
+}
+
+/// Configs that `run` refuses at start: `check` must refuse each of them too,
+/// with the same error (and `run` still fails fast).
+#[test]
+fn check_refuses_what_run_would_refuse() {
+    let dir = TempDir::new("check-run");
+    let backend = "127.0.0.1:9".parse().unwrap();
+    let port = free_port();
+    let specific: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let a_file = dir.file("not-a-dir", "");
+    let long_dir = dir.0.join("d".repeat(100));
+    let cases: Vec<(&str, String, String)> = vec![
+        (
+            "metrics on a listener's address",
+            tcp_config("auto", specific, "", &[(backend, 1)], "").replace(
+                "[[listener]]",
+                &format!("[control]\nmetrics = \"{specific}\"\n\n[[listener]]"),
+            ),
+            format!("control.metrics: {specific} is already used by listener \"t\""),
+        ),
+        (
+            "metrics on a wildcard covering a listener",
+            tcp_config("auto", specific, "", &[(backend, 1)], "").replace(
+                "[[listener]]",
+                &format!("[control]\nmetrics = \"0.0.0.0:{port}\"\n\n[[listener]]"),
+            ),
+            format!("control.metrics: 0.0.0.0:{port} overlaps listener \"t\" on {specific}"),
+        ),
+        (
+            "0.0.0.0:P next to 127.0.0.1:P",
+            tcp_config("auto", specific, "", &[(backend, 1)], "").replace(
+                "[[pool]]",
+                &format!("[[listener]]\nname = \"any\"\nbind = \"0.0.0.0:{port}\"\npool = \"p\"\n\n[[pool]]"),
+            ),
+            format!("listener \"any\": bind: 0.0.0.0:{port} overlaps listener \"t\" on {specific}"),
+        ),
+        (
+            "control socket under a regular file",
+            tcp_config("auto", lb_addr(), "", &[(backend, 1)], "").replace(
+                "[[listener]]",
+                &format!("[control]\nsocket = \"{}/ctl.sock\"\n\n[[listener]]", a_file.display()),
+            ),
+            format!("control.socket: {}: not a directory", a_file.display()),
+        ),
+        (
+            "control socket path too long",
+            tcp_config("auto", lb_addr(), "", &[(backend, 1)], "").replace(
+                "[[listener]]",
+                &format!(
+                    "[control]\nsocket = \"{}/ctl.sock\"\n\n[[listener]]",
+                    long_dir.display()
+                ),
+            ),
+            "control.socket: longer than the 107 bytes a Unix socket path may have".to_string(),
+        ),
+        (
+            "listener on an address this host does not have",
+            tcp_config("auto", "192.0.2.1:8080".parse().unwrap(), "", &[(backend, 1)], ""),
+            "listener \"t\": bind: 192.0.2.1:8080: cannot bind here:".to_string(),
+        ),
+    ];
+    for (what, text, expected) in cases {
+        let cfg = dir.file("c.toml", &text);
+        for cmd in ["check", "run"] {
+            let out = ringlb_cmd_within(&[cmd, "-c", path_str(&cfg)], std::time::Duration::from_secs(10));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{cmd}, {what}: {stderr}");
+            assert!(
+                stderr.contains(&expected),
+                "{cmd}, {what}: expected {expected:?} in {stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn check_refuses_io_engine_uring_where_io_uring_is_blocked() {
+    let dir = TempDir::new("check-uring");
+    let cfg = dir.file(
+        "c.toml",
+        &tcp_config("uring", lb_addr(), "", &[("127.0.0.1:9".parse().unwrap(), 1)], ""),
+    );
+    let out = std::process::Command::new(ringlb_bin())
+        .args(["check", "-c", path_str(&cfg)])
+        .env("RINGLB_DISABLE_IO_URING", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("runtime.io_engine: io_engine = \"uring\" but io_uring is unavailable"),
+        "{stderr}"
+    );
 }

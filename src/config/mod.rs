@@ -10,7 +10,7 @@ pub mod file;
 pub use duration::{format_duration, parse_duration};
 pub use error::{ConfigError, ConfigErrors};
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -358,6 +358,49 @@ impl Config {
         validate(file, path)
     }
 
+    /// What can be known about this host without starting anything, for
+    /// `check` and `run` (after [`Config::load`]): every listener and the
+    /// metrics endpoint on an address this host has, the control socket
+    /// path usable (short enough, not some other file, its directory there
+    /// or creatable), and io_uring available when `io_engine = "uring"`.
+    /// Nothing is bound, created or kept. Ports are not probed: the running
+    /// ringlb a config is checked for usually holds them.
+    pub fn check_host(&self) -> Result<(), ConfigErrors> {
+        let file = self.source.as_deref().unwrap_or(Path::new("<embedded>"));
+        let mut errors = Vec::new();
+        let mut err = |place: String, problem: String| errors.push(ConfigError::new(file, place, problem));
+        for l in &self.listeners {
+            let ty = match l.protocol {
+                Protocol::Tcp => socket2::Type::STREAM,
+                Protocol::Udp => socket2::Type::DGRAM,
+            };
+            if let Err(e) = address_is_local(l.bind, ty) {
+                err(
+                    format!("listener \"{}\": bind", l.name),
+                    format!("{}: cannot bind here: {e}", l.bind),
+                );
+            }
+        }
+        if let Some(m) = self.control.metrics {
+            if let Err(e) = address_is_local(m, socket2::Type::STREAM) {
+                err("control.metrics".into(), format!("{m}: cannot bind here: {e}"));
+            }
+        }
+        if let Some(path) = &self.control.socket {
+            if let Err(problem) = control_socket_usable(path) {
+                err("control.socket".into(), problem);
+            }
+        }
+        if let Err(e) = crate::engine::resolve_engine(self.runtime.io_engine) {
+            err("runtime.io_engine".into(), e);
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
     /// The pool named `name`.
     pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
         self.pools.iter().find(|p| p.name == name)
@@ -374,6 +417,67 @@ impl Config {
             self.runtime.workers
         )
     }
+}
+
+/// Binds a throwaway socket to `addr`'s IP on an ephemeral port: fails
+/// (EADDRNOTAVAIL) when this host does not have the address, whoever holds
+/// the port itself.
+fn address_is_local(addr: SocketAddr, ty: socket2::Type) -> std::io::Result<()> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty, None)?;
+    s.bind(&SocketAddr::new(addr.ip(), 0).into())
+}
+
+/// Longest Unix socket path (`sun_path` holds 108 bytes with the NUL).
+const MAX_UNIX_PATH: usize = 107;
+
+/// Whether ringlb could create its control socket at `path` at start.
+fn control_socket_usable(path: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
+    if path.as_os_str().len() > MAX_UNIX_PATH {
+        return Err(format!(
+            "longer than the {MAX_UNIX_PATH} bytes a Unix socket path may have: {}",
+            path.display()
+        ));
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        // A stale socket is replaced at start; anything else would be deleted.
+        return if meta.file_type().is_socket() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: exists and is not a socket (ringlb only replaces a stale socket)",
+                path.display()
+            ))
+        };
+    }
+    // The directory is created at start when missing: the nearest existing
+    // ancestor must be a directory ringlb can create entries in.
+    let mut dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    loop {
+        match std::fs::metadata(dir) {
+            Ok(meta) if meta.is_dir() => break,
+            Ok(_) => return Err(format!("{}: not a directory", dir.display())),
+            Err(_) => match dir.parent().filter(|d| !d.as_os_str().is_empty()) {
+                Some(up) => dir = up,
+                None => return Ok(()),
+            },
+        }
+    }
+    let c_dir =
+        std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| "path contains a NUL byte".to_string())?;
+    // SAFETY: access() with a valid NUL-terminated path.
+    if unsafe { libc::access(c_dir.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        return Err(format!(
+            "{}: cannot create the socket there: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 fn line_col(text: &str, offset: usize) -> String {
@@ -553,9 +657,8 @@ pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
         }
     }
 
-    let mut listeners = Vec::new();
+    let mut listeners: Vec<ListenerConfig> = Vec::new();
     let mut names = HashSet::new();
-    let mut binds: HashMap<(SocketAddr, Protocol), String> = HashMap::new();
     for (i, l) in file.listener.iter().enumerate() {
         let label = l
             .name
@@ -567,16 +670,26 @@ pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
         if !names.insert(lc.name.clone()) {
             c.err(&format!("{label}: name"), "duplicate listener name");
         }
-        if let Some(other) = binds.insert((lc.bind, lc.protocol), lc.name.clone()) {
-            c.err(
-                &format!("{label}: bind"),
-                format!("{} is already used by listener \"{other}\"", lc.bind),
-            );
+        if let Some(other) = listeners
+            .iter()
+            .find(|o| o.protocol == lc.protocol && addresses_overlap(o.bind, lc.bind))
+        {
+            c.err(&format!("{label}: bind"), address_conflict(lc.bind, other));
         }
         if !pool_names.contains(&lc.pool) {
             c.err(&format!("{label}: pool"), format!("no pool named \"{}\"", lc.pool));
         }
         listeners.push(lc);
+    }
+
+    if let Some(m) = control.metrics {
+        // The metrics endpoint is a TCP listener of its own.
+        if let Some(other) = listeners
+            .iter()
+            .find(|o| o.protocol == Protocol::Tcp && addresses_overlap(o.bind, m))
+        {
+            c.err("control.metrics", address_conflict(m, other));
+        }
     }
 
     // Like HAProxy, a config that would serve nothing is an error: it is
@@ -601,6 +714,27 @@ pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
         })
     } else {
         Err(ConfigErrors(c.errors))
+    }
+}
+
+/// Whether two sockets of one protocol could not both be bound: the same
+/// port and family, and the same address or a wildcard (`0.0.0.0`, `::`)
+/// on either side, which takes the port on every address of its family.
+/// (IPv6 sockets are v6-only, so `0.0.0.0` and `::` do not overlap.)
+fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+fn address_conflict(addr: SocketAddr, other: &ListenerConfig) -> String {
+    if addr == other.bind {
+        format!("{addr} is already used by listener \"{}\"", other.name)
+    } else {
+        format!(
+            "{addr} overlaps listener \"{}\" on {} (a wildcard address takes the port on every address of its family)",
+            other.name, other.bind
+        )
     }
 }
 
