@@ -268,3 +268,92 @@ fn check_refuses_io_engine_uring_where_io_uring_is_blocked() {
         "{stderr}"
     );
 }
+
+/// A `ringlb run` child, killed on drop (a failing test leaves nothing behind).
+struct Run(std::process::Child);
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts ringlb on `config` and waits until a connection through `listen`
+/// is served by it: the process, or its stderr if it exited at start.
+fn start_once(config: &std::path::Path, listen: std::net::SocketAddr) -> Result<Run, String> {
+    let mut run = Run(std::process::Command::new(ringlb_bin())
+        .args(["run", "-c", path_str(config)])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Ok(Some(_)) = run.0.try_wait() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(run.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+            return Err(err);
+        }
+        if read_tag(listen, None).is_ok() {
+            return Ok(run);
+        }
+        assert!(std::time::Instant::now() < deadline, "not serving within 10s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Connections through ringlb that stay open (so the kill leaves sockets behind).
+fn open_connections(listen: std::net::SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
+    (0..n)
+        .map(|_| {
+            let mut c = connect_from(listen, None).unwrap();
+            c.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+            let mut tag = [0u8; 2];
+            std::io::Read::read_exact(&mut c, &mut tag).unwrap();
+            c
+        })
+        .collect()
+}
+
+#[test]
+fn an_immediate_restart_after_kill_or_stop_serves_and_a_foreign_listener_still_fails() {
+    let backend = Backend::start("x", Behaviour::TagEcho);
+    for engine in ["uring", "epoll"] {
+        let listen = lb_addr();
+        let dir = TempDir::new("restart");
+        let cfg = dir.file("c.toml", &tcp_config(engine, listen, "", &[(backend.addr, 1)], ""));
+        // Even rounds end with kill -9 (connections open), odd ones with a
+        // graceful stop; each next start comes at once.
+        for round in 0..6 {
+            let mut lb = start_once(&cfg, listen).unwrap_or_else(|e| panic!("{engine} start {round}: {e}"));
+            let held = open_connections(listen, 5);
+            if round % 2 == 0 {
+                lb.0.kill().unwrap();
+            } else {
+                unsafe { libc::kill(lb.0.id() as i32, libc::SIGTERM) };
+                drop(held);
+            }
+            lb.0.wait().unwrap();
+        }
+    }
+    // A live listener of another process: refused at once.
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = other.local_addr().unwrap();
+    let dir = TempDir::new("foreign");
+    let cfg = dir.file("c.toml", &tcp_config("auto", addr, "", &[(backend.addr, 1)], ""));
+    let started = std::time::Instant::now();
+    let out = ringlb_cmd_within(&["run", "-c", path_str(&cfg)], std::time::Duration::from_secs(10));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{addr} is already in use by another process")),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "a real conflict fails at once: {:?}",
+        started.elapsed()
+    );
+}
