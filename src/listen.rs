@@ -151,16 +151,26 @@ pub fn bind_tcp(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListe
 
 /// Binds `count` sockets for a listener, after checking that no other process
 /// holds the address. The error names the address and says what to do.
+///
+/// `ours`: this ringlb's own listener holds the address (a reload moves or
+/// renames listeners). The probe would only find ringlb itself, so it is
+/// skipped: the new SO_REUSEPORT sockets join ringlb's own, which the
+/// reload then retires.
 pub fn bind_tcp_for_workers(
     name: &str,
     addr: SocketAddr,
     backlog: u32,
     count: usize,
+    ours: bool,
 ) -> Result<Vec<std::net::TcpListener>, String> {
-    probe_until_orphans_gone(addr, "tcp", || check_tcp_address_free(addr)).map_err(|(e, holder)| match e.kind() {
-        io::ErrorKind::AddrInUse => in_use(name, "", addr, holder),
-        _ => format!("listener \"{name}\": cannot bind {addr}: {e}"),
-    })?;
+    if !ours {
+        probe_until_orphans_gone(addr, "tcp", || check_tcp_address_free(addr)).map_err(|(e, holder)| {
+            match e.kind() {
+                io::ErrorKind::AddrInUse => in_use(name, "", addr, holder),
+                _ => format!("listener \"{name}\": cannot bind {addr}: {e}"),
+            }
+        })?;
+    }
     (0..count)
         .map(|_| bind_tcp(addr, backlog).map_err(|e| format!("listener \"{name}\": cannot bind {addr}: {e}")))
         .collect()
@@ -168,8 +178,13 @@ pub fn bind_tcp_for_workers(
 
 /// Binds `count` SO_REUSEPORT UDP sockets for a listener, after checking that
 /// no other process holds the address (a probe bound without SO_REUSEADDR or
-/// SO_REUSEPORT fails if anyone has it).
-pub fn bind_udp_for_workers(name: &str, addr: SocketAddr, count: usize) -> Result<Vec<std::net::UdpSocket>, String> {
+/// SO_REUSEPORT fails if anyone has it). `ours` as for [`bind_tcp_for_workers`].
+pub fn bind_udp_for_workers(
+    name: &str,
+    addr: SocketAddr,
+    count: usize,
+    ours: bool,
+) -> Result<Vec<std::net::UdpSocket>, String> {
     let probe = || -> io::Result<()> {
         let probe = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
         if addr.is_ipv6() {
@@ -177,10 +192,12 @@ pub fn bind_udp_for_workers(name: &str, addr: SocketAddr, count: usize) -> Resul
         }
         probe.bind(&addr.into())
     };
-    probe_until_orphans_gone(addr, "udp", probe).map_err(|(e, holder)| match e.kind() {
-        io::ErrorKind::AddrInUse => in_use(name, "udp ", addr, holder),
-        _ => format!("listener \"{name}\": cannot bind udp {addr}: {e}"),
-    })?;
+    if !ours {
+        probe_until_orphans_gone(addr, "udp", probe).map_err(|(e, holder)| match e.kind() {
+            io::ErrorKind::AddrInUse => in_use(name, "udp ", addr, holder),
+            _ => format!("listener \"{name}\": cannot bind udp {addr}: {e}"),
+        })?;
+    }
     (0..count)
         .map(|_| {
             let bind = || -> io::Result<std::net::UdpSocket> {
@@ -207,14 +224,14 @@ mod tests {
     fn refuses_an_address_another_socket_listens_on() {
         let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = other.local_addr().unwrap();
-        let err = bind_tcp_for_workers("web", addr, 16, 2).unwrap_err();
+        let err = bind_tcp_for_workers("web", addr, 16, 2, false).unwrap_err();
         assert!(err.contains("already in use by another process"), "{err}");
         assert!(
             err.contains(&format!("(pid {}", std::process::id())),
             "names the holder: {err}"
         );
         drop(other);
-        assert_eq!(bind_tcp_for_workers("web", addr, 16, 2).unwrap().len(), 2);
+        assert_eq!(bind_tcp_for_workers("web", addr, 16, 2, false).unwrap().len(), 2);
     }
 
     #[test]

@@ -131,7 +131,15 @@ impl Server {
                         && s.config.protocol == l.protocol
                 });
                 if !kept {
-                    sockets.insert(l.name.clone(), bind_listener(l, self.workers.len())?);
+                    // A port moved or kept under a new name: ringlb holds it
+                    // itself, through a listener this reload retires (the
+                    // new config has no two overlapping listeners).
+                    let ours = model.listeners.iter().any(|s| {
+                        s.retire_deadline.is_none()
+                            && s.config.protocol == l.protocol
+                            && crate::config::addresses_overlap(s.config.bind, l.bind)
+                    });
+                    sockets.insert(l.name.clone(), bind_listener(l, self.workers.len(), ours)?);
                 }
             }
         }
@@ -159,10 +167,12 @@ enum BoundSockets {
     Udp(Vec<std::net::UdpSocket>),
 }
 
-fn bind_listener(l: &ListenerConfig, workers: usize) -> Result<BoundSockets, String> {
+/// Binds a listener's sockets; `ours`: ringlb's own listener holds the
+/// address (see [`bind_tcp_for_workers`]).
+fn bind_listener(l: &ListenerConfig, workers: usize, ours: bool) -> Result<BoundSockets, String> {
     Ok(match l.protocol {
-        Protocol::Tcp => BoundSockets::Tcp(bind_tcp_for_workers(&l.name, l.bind, l.backlog, workers)?),
-        Protocol::Udp => BoundSockets::Udp(bind_udp_for_workers(&l.name, l.bind, workers)?),
+        Protocol::Tcp => BoundSockets::Tcp(bind_tcp_for_workers(&l.name, l.bind, l.backlog, workers, ours)?),
+        Protocol::Udp => BoundSockets::Udp(bind_udp_for_workers(&l.name, l.bind, workers, ours)?),
     })
 }
 
@@ -187,7 +197,7 @@ pub fn run(config: Config) -> Result<(), String> {
     // taken never half-starts.
     let mut bound = Vec::new();
     for l in &config.listeners {
-        bound.push((l.clone(), bind_listener(l, workers)?));
+        bound.push((l.clone(), bind_listener(l, workers, false)?));
     }
     let endpoints = ControlEndpoints {
         socket: config

@@ -648,3 +648,40 @@ fn ctl_refuses_to_leave_a_pool_with_no_usable_backend_unless_forced() {
     let (code, v) = ctl_json(&s.sock, &["remove", "web", &a_s, "--force"]);
     assert_eq!(code, 0, "{v}");
 }
+
+#[test]
+fn reload_swaps_and_renames_listeners_on_ringlbs_own_ports() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let b = Backend::start("b", Behaviour::TagEcho);
+    let dir = TempDir::new("swap");
+    let sock = dir.0.join("ctl.sock");
+    let (p1, p2) = (lb_addr(), lb_addr());
+    let pools = pool_block("pa", &[a.addr], "") + &pool_block("pb", &[b.addr], "");
+    let body = |l1: &str, l2: &str| listener_block(l1, p1, "pb") + &listener_block(l2, p2, "pa") + &pools;
+    let first = listener_block("la", p1, "pa") + &listener_block("lb", p2, "pb") + &pools;
+    let mut lb = Ringlb::start(&config_with_control("auto", &sock, &first), p1);
+    lb.wait_listening(p2);
+    assert_eq!(read_tag(p1, None).unwrap(), "a");
+    assert_eq!(read_tag(p2, None).unwrap(), "b");
+    // la moves to p2 and lb to p1; then lb is renamed, keeping p1.
+    for (l1, l2) in [("lb", "la"), ("renamed", "la")] {
+        std::fs::write(&lb.config, config_with_control("auto", &sock, &body(l1, l2))).unwrap();
+        let (code, v) = ctl_json(&sock, &["reload"]);
+        assert_eq!(code, 0, "{v}");
+        let switched = || read_tag(p1, None).is_ok_and(|t| t == "b") && read_tag(p2, None).is_ok_and(|t| t == "a");
+        assert!(wait_until(Duration::from_secs(3), switched), "ports moved");
+        for _ in 0..20 {
+            assert_eq!(read_tag(p1, None).unwrap(), "b");
+            assert_eq!(read_tag(p2, None).unwrap(), "a");
+        }
+        let status = ctl_json(&sock, &["status"]).1;
+        let names: Vec<&str> = status["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{status}");
+        assert!(names.contains(&l1) && names.contains(&l2), "{status}");
+    }
+}

@@ -721,7 +721,7 @@ pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
 /// port and family, and the same address or a wildcard (`0.0.0.0`, `::`)
 /// on either side, which takes the port on every address of its family.
 /// (IPv6 sockets are v6-only, so `0.0.0.0` and `::` do not overlap.)
-fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+pub fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port()
         && a.is_ipv4() == b.is_ipv4()
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
