@@ -119,29 +119,32 @@ impl Server {
             .await
             .map_err(|e| format!("reading the config failed: {e}"))?
             .map_err(|e| e.to_string())?;
-        // Bind what is new before touching anything.
-        let mut sockets: HashMap<String, BoundSockets> = HashMap::new();
-        {
+        // Bind what is new before touching anything; which listeners those
+        // are is read under the model lock, the binding (whose probe may
+        // wait for orphaned sockets) is done without it.
+        let to_bind: Vec<(&ListenerConfig, bool)> = {
             let model = self.model.lock();
-            for l in &new.listeners {
-                let kept = model.listeners.iter().any(|s| {
-                    s.retire_deadline.is_none()
-                        && s.config.name == l.name
-                        && s.config.bind == l.bind
-                        && s.config.protocol == l.protocol
-                });
-                if !kept {
+            let live = || model.listeners.iter().filter(|s| s.retire_deadline.is_none());
+            new.listeners
+                .iter()
+                .filter(|l| {
+                    !live()
+                        .any(|s| s.config.name == l.name && s.config.bind == l.bind && s.config.protocol == l.protocol)
+                })
+                .map(|l| {
                     // A port moved or kept under a new name: ringlb holds it
                     // itself, through a listener this reload retires (the
                     // new config has no two overlapping listeners).
-                    let ours = model.listeners.iter().any(|s| {
-                        s.retire_deadline.is_none()
-                            && s.config.protocol == l.protocol
-                            && crate::config::addresses_overlap(s.config.bind, l.bind)
+                    let ours = live().any(|s| {
+                        s.config.protocol == l.protocol && crate::config::addresses_overlap(s.config.bind, l.bind)
                     });
-                    sockets.insert(l.name.clone(), bind_listener(l, self.workers.len(), ours)?);
-                }
-            }
+                    (l, ours)
+                })
+                .collect()
+        };
+        let mut sockets: HashMap<String, BoundSockets> = HashMap::new();
+        for (l, ours) in to_bind {
+            sockets.insert(l.name.clone(), bind_listener(l, self.workers.len(), ours)?);
         }
         let mut model = self.model.lock();
         let (changes, to_start) = model.apply_config(new, Instant::now());
