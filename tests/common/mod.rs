@@ -119,10 +119,12 @@ impl Ringlb {
             if is_listening(wait_for) {
                 break;
             }
-            assert!(
-                Instant::now() < deadline,
-                "ringlb did not listen on {wait_for} within 10s"
-            );
+            if Instant::now() >= deadline {
+                // Not left running (and holding the test's stdout) after the panic.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("ringlb did not listen on {wait_for} within 10s");
+            }
             thread::sleep(Duration::from_millis(20));
         }
         Ringlb {
