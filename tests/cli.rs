@@ -230,6 +230,17 @@ fn check_refuses_what_run_would_refuse() {
             "control.socket: longer than the 107 bytes a Unix socket path may have".to_string(),
         ),
         (
+            "listener on an IPv4-mapped IPv6 address",
+            tcp_config(
+                "auto",
+                format!("[::ffff:127.0.0.1]:{port}").parse().unwrap(),
+                "",
+                &[(backend, 1)],
+                "",
+            ),
+            format!("listener \"t\": bind: [::ffff:127.0.0.1]:{port}: an IPv4-mapped address; use 127.0.0.1:{port}"),
+        ),
+        (
             "listener on an address this host does not have",
             tcp_config("auto", "192.0.2.1:8080".parse().unwrap(), "", &[(backend, 1)], ""),
             "listener \"t\": bind: 192.0.2.1:8080: cannot bind here:".to_string(),

@@ -741,7 +741,21 @@ fn address_conflict(addr: SocketAddr, other: &ListenerConfig) -> String {
 fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Option<ListenerConfig> {
     let place = format!("{label}: ");
     let name = c.name(&place, &l.name);
-    let bind = c.addr(&place, "bind", &l.bind);
+    let mut bind = c.addr(&place, "bind", &l.bind);
+    // Listener sockets on IPv6 are IPv6-only (IPv4 has its own listeners),
+    // and such a socket cannot bind an IPv4-mapped address.
+    if let Some(SocketAddr::V6(v6)) = bind {
+        if let Some(v4) = v6.ip().to_ipv4_mapped() {
+            c.err(
+                &format!("{place}bind"),
+                format!(
+                    "{v6}: an IPv4-mapped address; use {v4}:{} (IPv6 listeners are IPv6-only)",
+                    v6.port()
+                ),
+            );
+            bind = None;
+        }
+    }
     let protocol = match l.protocol.as_deref() {
         None | Some("tcp") => Protocol::Tcp,
         Some("udp") => Protocol::Udp,
