@@ -67,11 +67,23 @@ enum CtlCommand {
         pool: Option<String>,
     },
     /// Take no new connections; open ones may finish within the pool's drain_timeout.
-    Drain { pool: String, addr: String },
+    Drain {
+        pool: String,
+        addr: String,
+        /// Do it even if it leaves the pool with no usable backend (refused otherwise).
+        #[arg(long)]
+        force: bool,
+    },
     /// Put a drained or disabled backend back in service.
     Enable { pool: String, addr: String },
     /// Out of service at once: no new connections, open ones closed after drain_timeout.
-    Disable { pool: String, addr: String },
+    Disable {
+        pool: String,
+        addr: String,
+        /// Do it even if it leaves the pool with no usable backend (refused otherwise).
+        #[arg(long)]
+        force: bool,
+    },
     /// Change a backend's weight.
     Weight {
         pool: String,
@@ -79,6 +91,9 @@ enum CtlCommand {
         /// New weight (0..=1000000; checked by ringlb with the config's rules).
         #[arg(allow_negative_numbers = true)]
         weight: i64,
+        /// Do it even if it leaves the pool with no usable backend (refused otherwise).
+        #[arg(long)]
+        force: bool,
     },
     /// Add a backend to a pool.
     Add {
@@ -87,9 +102,18 @@ enum CtlCommand {
         /// Weight (default 1).
         #[arg(long)]
         weight: Option<i64>,
+        /// Do it even if it leaves the pool with no usable backend (refused otherwise).
+        #[arg(long)]
+        force: bool,
     },
     /// Drain a backend, then remove it.
-    Remove { pool: String, addr: String },
+    Remove {
+        pool: String,
+        addr: String,
+        /// Do it even if it leaves the pool with no usable backend (refused otherwise).
+        #[arg(long)]
+        force: bool,
+    },
     /// Re-read the config file (same as SIGHUP).
     Reload,
     /// Counters: accepted, active, refused by reason, bytes, table generations.
@@ -108,21 +132,41 @@ impl CtlCommand {
         match self {
             CtlCommand::Status => json!({"cmd": "status"}),
             CtlCommand::Backends { pool } => json!({"cmd": "backends", "pool": pool}),
-            CtlCommand::Drain { pool, addr } => json!({"cmd": "drain", "pool": pool, "addr": addr}),
+            CtlCommand::Drain { pool, addr, force } => {
+                json!({"cmd": "drain", "pool": pool, "addr": addr, "force": force})
+            }
             CtlCommand::Enable { pool, addr } => json!({"cmd": "enable", "pool": pool, "addr": addr}),
-            CtlCommand::Disable { pool, addr } => json!({"cmd": "disable", "pool": pool, "addr": addr}),
-            CtlCommand::Weight { pool, addr, weight } => {
-                json!({"cmd": "weight", "pool": pool, "addr": addr, "weight": weight})
+            CtlCommand::Disable { pool, addr, force } => {
+                json!({"cmd": "disable", "pool": pool, "addr": addr, "force": force})
             }
-            CtlCommand::Add { pool, addr, weight } => {
-                json!({"cmd": "add", "pool": pool, "addr": addr, "weight": weight})
+            CtlCommand::Weight {
+                pool,
+                addr,
+                weight,
+                force,
+            } => json!({"cmd": "weight", "pool": pool, "addr": addr, "weight": weight, "force": force}),
+            CtlCommand::Add {
+                pool,
+                addr,
+                weight,
+                force,
+            } => json!({"cmd": "add", "pool": pool, "addr": addr, "weight": weight, "force": force}),
+            CtlCommand::Remove { pool, addr, force } => {
+                json!({"cmd": "remove", "pool": pool, "addr": addr, "force": force})
             }
-            CtlCommand::Remove { pool, addr } => json!({"cmd": "remove", "pool": pool, "addr": addr}),
             CtlCommand::Reload => json!({"cmd": "reload"}),
             CtlCommand::Stats => json!({"cmd": "stats"}),
             CtlCommand::Route { listener, client } => json!({"cmd": "route", "listener": listener, "client": client}),
         }
     }
+}
+
+/// Loads and validates `path`, then checks it against this host: `check`
+/// and `run` refuse the same configs.
+fn load_checked(path: &std::path::Path) -> Result<Config, ringlb::config::ConfigErrors> {
+    let config = Config::load(path)?;
+    config.check_host()?;
+    Ok(config)
 }
 
 fn main() -> ExitCode {
@@ -140,7 +184,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run { config } => match Config::load(&config) {
+        Command::Run { config } => match load_checked(&config) {
             Err(errors) => {
                 eprintln!("{errors}");
                 eprintln!(
@@ -158,7 +202,7 @@ fn main() -> ExitCode {
                 }
             },
         },
-        Command::Check { config } => match Config::load(&config) {
+        Command::Check { config } => match load_checked(&config) {
             Err(errors) => {
                 eprintln!("{errors}");
                 eprintln!("ringlb: {} error(s) in {}", errors.0.len(), config.display());

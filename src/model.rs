@@ -58,6 +58,20 @@ impl BackendState {
         self.active.is_up() && !self.outlier.is_ejected(now)
     }
 
+    /// Takes a backend that is leaving its pool (removed, still draining)
+    /// back into service with `config`: one entry per address, so its open
+    /// connections and counters carry on, and the table never holds the
+    /// same address twice (which it cannot build).
+    fn take_back(&mut self, config: BackendConfig, reason: &str, now: Instant) {
+        self.config = config;
+        self.remove_when_drained = false;
+        self.admin = AdminState::Enabled;
+        self.drain_deadline = None;
+        self.shared.closing.store(false, Ordering::SeqCst);
+        self.healthy_since = Some(now);
+        self.reason = reason.into();
+    }
+
     /// The state shown to operators.
     pub fn state_label(&self, now: Instant) -> &'static str {
         match self.admin {
@@ -171,13 +185,10 @@ impl Model {
         PoolState {
             config: config.clone(),
             backends,
-            published: Arc::new(PoolSnapshot::build(
-                &config.name,
-                0,
-                config.table_size,
-                Vec::new(),
-                Vec::new(),
-            )),
+            published: Arc::new(
+                PoolSnapshot::build(&config.name, 0, config.table_size, Vec::new(), Vec::new())
+                    .expect("an empty pool has a (missing) table"),
+            ),
             panic: false,
             next_slow_start_step: None,
             retired: false,
@@ -254,6 +265,55 @@ impl Model {
             .position(|b| b.config.addr == addr && !b.remove_when_drained)
             .ok_or_else(|| format!("pool \"{pool}\" has no backend {addr}"))?;
         Ok((p, b))
+    }
+
+    /// Refuses a control command that would leave pool `p` breaking the
+    /// pool rules the file is held to ([`crate::config::pool_rule_problems`]),
+    /// checked on the pool as the command would leave it: `change` is the
+    /// backend it touches and what that backend becomes (`None`: it leaves
+    /// the pool), or a new backend (index past the end). `force` lets an
+    /// operator who means it leave a pool with nothing usable; it never
+    /// bypasses `table_size`, which the table could not be built past.
+    fn check_pool_rules(
+        &self,
+        p: usize,
+        change: (usize, Option<crate::config::PoolMember>),
+        force: bool,
+    ) -> Result<(), String> {
+        use crate::config::PoolMember;
+        let pool = &self.pools[p];
+        let (target, after) = change;
+        let members: Vec<PoolMember> = pool
+            .backends
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                if i == target {
+                    return after;
+                }
+                (!b.remove_when_drained).then_some(PoolMember {
+                    weight: b.config.weight,
+                    in_service: b.admin == AdminState::Enabled,
+                })
+            })
+            .chain((target >= pool.backends.len()).then_some(after).flatten())
+            .collect();
+        let name = &pool.config.name;
+        let problems = crate::config::pool_rule_problems(&members, pool.config.table_size);
+        let (forceable, hard): (Vec<_>, Vec<_>) = problems.into_iter().partition(|(key, _)| *key == "backend");
+        if let Some((key, problem)) = hard.first() {
+            return Err(format!("pool \"{name}\": {key}: {problem}; nothing changed"));
+        }
+        match forceable.first() {
+            None => Ok(()),
+            Some((key, problem)) if force => {
+                log::warn!("pool \"{name}\": {key}: {problem}: forced by operator");
+                Ok(())
+            }
+            Some((key, problem)) => Err(format!(
+                "pool \"{name}\": {key}: {problem}; nothing changed (ringlb ctl --force, or \"force\": true, does it anyway)"
+            )),
+        }
     }
 
     /// Builds the snapshot to publish.
@@ -345,23 +405,41 @@ impl Model {
         pool.next_slow_start_step = next_step;
         let generation = pool.published.generation + 1;
         let started = Instant::now();
-        let mut snapshot = PoolSnapshot::build(
+        let built = PoolSnapshot::build(
             &cfg.name,
             generation,
             cfg.table_size,
             pool.backends.iter().map(|b| b.shared.clone()).collect(),
             plan.weights.clone(),
-        );
-        if let Some(pool_geo) = &cfg.geo {
-            snapshot.geo = Some(build_geo_tables(
-                pool_geo,
-                geo_cfg,
-                &pool.backends,
-                &plan.weights,
-                cfg.table_size,
-            ));
-            snapshot.build_time = started.elapsed();
-        }
+        )
+        .and_then(|mut snapshot| {
+            if let Some(pool_geo) = &cfg.geo {
+                snapshot.geo = Some(build_geo_tables(
+                    pool_geo,
+                    geo_cfg,
+                    &pool.backends,
+                    &plan.weights,
+                    cfg.table_size,
+                )?);
+                snapshot.build_time = started.elapsed();
+            }
+            Ok(snapshot)
+        });
+        let snapshot = match built {
+            Ok(s) => s,
+            Err(e) => {
+                // A table that cannot be built is a bug upstream of it (the
+                // model let in a state the validator should have refused).
+                // Publishing no table would refuse every client of a pool
+                // that may well have healthy backends: keep the last one.
+                log::error!(
+                    "pool \"{}\": cannot build its table ({e}); keeping table generation {}",
+                    cfg.name,
+                    pool.published.generation
+                );
+                return;
+            }
+        };
         if snapshot.table.is_none() && !pool.backends.is_empty() {
             log::warn!("pool \"{}\": no usable backend; new connections are refused", cfg.name);
         }
@@ -376,8 +454,14 @@ impl Model {
     // === control commands ===
 
     /// `drain POOL ADDR` / `disable POOL ADDR`.
-    pub fn drain(&mut self, pool: &str, addr: &str, admin: AdminState, now: Instant) -> CmdResult {
+    pub fn drain(&mut self, pool: &str, addr: &str, admin: AdminState, force: bool, now: Instant) -> CmdResult {
         let (p, b) = self.find(pool, addr)?;
+        let weight = self.pools[p].backends[b].config.weight;
+        let after = crate::config::PoolMember {
+            weight,
+            in_service: false,
+        };
+        self.check_pool_rules(p, (b, Some(after)), force)?;
         let timeout = self.pools[p].config.drain_timeout;
         let be = &mut self.pools[p].backends[b];
         be.admin = admin;
@@ -414,9 +498,14 @@ impl Model {
     }
 
     /// `weight POOL ADDR W`.
-    pub fn set_weight(&mut self, pool: &str, addr: &str, weight: i64, now: Instant) -> CmdResult {
+    pub fn set_weight(&mut self, pool: &str, addr: &str, weight: i64, force: bool, now: Instant) -> CmdResult {
         let checked = crate::config::validate_backend_request(addr, Some(weight)).map_err(|e| e.to_string())?;
         let (p, b) = self.find(pool, addr)?;
+        let after = crate::config::PoolMember {
+            weight: checked.weight,
+            in_service: self.pools[p].backends[b].admin == AdminState::Enabled,
+        };
+        self.check_pool_rules(p, (b, Some(after)), force)?;
         let be = &mut self.pools[p].backends[b];
         let old = be.config.weight;
         be.config.weight = checked.weight;
@@ -429,7 +518,7 @@ impl Model {
     }
 
     /// `add POOL ADDR [--weight W]`.
-    pub fn add_backend(&mut self, pool: &str, addr: &str, weight: Option<i64>, now: Instant) -> CmdResult {
+    pub fn add_backend(&mut self, pool: &str, addr: &str, weight: Option<i64>, force: bool, now: Instant) -> CmdResult {
         let checked = crate::config::validate_backend_request(addr, weight).map_err(|e| e.to_string())?;
         let p = self
             .pool_index(pool)
@@ -441,11 +530,28 @@ impl Model {
         {
             return Err(format!("pool \"{pool}\" already has backend {}", checked.addr));
         }
-        if self.pools[p].backends.len() + 1 > self.pools[p].config.table_size {
-            return Err(format!(
-                "pool \"{pool}\": table_size {} is too small for another backend",
-                self.pools[p].config.table_size
-            ));
+        // A backend still draining from a removal is taken back in its place.
+        let draining = self.pools[p]
+            .backends
+            .iter()
+            .position(|b| b.config.addr == checked.addr && b.remove_when_drained);
+        let after = crate::config::PoolMember {
+            weight: checked.weight,
+            in_service: true,
+        };
+        let target = draining.unwrap_or(self.pools[p].backends.len());
+        self.check_pool_rules(p, (target, Some(after)), force)?;
+        if let Some(be) = draining.map(|i| &mut self.pools[p].backends[i]) {
+            // Still draining from a removal: it comes back as it is.
+            let remaining = be.shared.stats.conns.current();
+            be.take_back(checked.clone(), "re-added by operator", now);
+            log::info!(
+                "pool \"{pool}\": backend {} re-added by operator (weight {}) while draining; its {remaining} open connection(s) continue",
+                checked.addr,
+                checked.weight
+            );
+            self.rebuild(p, now);
+            return Ok(json!({"addr": checked.addr.to_string(), "weight": checked.weight}));
         }
         let cfg = self.pools[p].config.clone();
         let state = self.new_backend(&cfg, checked.clone(), None, now);
@@ -460,8 +566,9 @@ impl Model {
     }
 
     /// `remove POOL ADDR`: drains first, leaves once drained.
-    pub fn remove_backend(&mut self, pool: &str, addr: &str, now: Instant) -> CmdResult {
+    pub fn remove_backend(&mut self, pool: &str, addr: &str, force: bool, now: Instant) -> CmdResult {
         let (p, b) = self.find(pool, addr)?;
+        self.check_pool_rules(p, (b, None), force)?;
         let timeout = self.pools[p].config.drain_timeout;
         let be = &mut self.pools[p].backends[b];
         be.remove_when_drained = true;
@@ -658,13 +765,18 @@ impl Model {
                     let mut backends = std::mem::take(&mut self.pools[i].backends);
                     let mut next = Vec::new();
                     for bc in &pc.backends {
-                        match backends
-                            .iter()
-                            .position(|b| b.config.addr == bc.addr && !b.remove_when_drained)
-                        {
+                        // A backend still draining from a removal is taken
+                        // back (one entry per address, see take_back).
+                        match backends.iter().position(|b| b.config.addr == bc.addr) {
                             Some(j) => {
                                 let mut b = backends.remove(j);
-                                if b.config.weight != bc.weight {
+                                if b.remove_when_drained {
+                                    changes.push(format!(
+                                        "pool \"{}\": backend {} added back (was draining)",
+                                        pc.name, bc.addr
+                                    ));
+                                    b.take_back(bc.clone(), "back in the config file", now);
+                                } else if b.config.weight != bc.weight {
                                     changes.push(format!(
                                         "pool \"{}\": backend {} weight {} -> {}",
                                         pc.name, bc.addr, b.config.weight, bc.weight
@@ -837,7 +949,7 @@ fn build_geo_tables(
     backends: &[BackendState],
     plan: &[u32],
     table_size: usize,
-) -> crate::snapshot::GeoTables {
+) -> Result<crate::snapshot::GeoTables, crate::maglev::MaglevError> {
     use crate::geo::{effective_weights, GeoBackend, RegionId, RegionNames};
     let inputs: Vec<GeoBackend> = backends
         .iter()
@@ -880,7 +992,7 @@ fn build_geo_tables(
                     })
                     .collect();
                 let pairs: Vec<(&str, u32)> = ids.iter().map(|s| s.as_str()).zip(scaled.iter().copied()).collect();
-                tables.push(crate::maglev::MaglevTable::build(&pairs, table_size).ok());
+                tables.push(crate::snapshot::build_or_none(&pairs, table_size)?);
                 weights.push(scaled);
                 rows.push(row);
                 rows.len() - 1
@@ -888,13 +1000,13 @@ fn build_geo_tables(
         };
         by_region.push(index as u16);
     }
-    crate::snapshot::GeoTables {
+    Ok(crate::snapshot::GeoTables {
         map: geo_cfg.map.clone(),
         names: geo_cfg.names.clone(),
         tables,
         by_region,
         weights,
-    }
+    })
 }
 
 /// One active check to run.
@@ -939,6 +1051,38 @@ mod tests {
                     [[pool.backend]]\naddr = \"127.0.0.1:2\"\n";
         let config = Config::parse(text, std::path::Path::new("t.toml")).unwrap();
         Model::new(config, 1, now)
+    }
+
+    #[test]
+    fn a_table_that_cannot_be_built_keeps_the_previous_one() {
+        let now = Instant::now();
+        let mut m = model_with_checked_backend(now);
+        let before = m.pools[0].published.clone();
+        assert!(before.table.is_some());
+        // The same address twice: MaglevTable::build refuses it.
+        let cfg = m.pools[0].config.clone();
+        let dup = m.new_backend(&cfg, cfg.backends[0].clone(), None, now);
+        m.pools[0].backends.push(dup);
+        m.rebuild(0, now);
+        assert!(Arc::ptr_eq(&before, &m.pools[0].published), "previous table kept");
+    }
+
+    #[test]
+    fn re_adding_a_draining_backend_takes_its_entry_over() {
+        let now = Instant::now();
+        let mut m = model_with_checked_backend(now);
+        m.add_backend("p", "127.0.0.1:3", None, false, now).unwrap();
+        let shared = m.pools[0].backends[1].shared.clone();
+        m.remove_backend("p", "127.0.0.1:3", false, now).unwrap();
+        m.add_backend("p", "127.0.0.1:3", Some(4), false, now).unwrap();
+        assert_eq!(m.pools[0].backends.len(), 2, "one entry per address");
+        let b = &m.pools[0].backends[1];
+        assert!(Arc::ptr_eq(&shared, &b.shared), "same counters");
+        assert_eq!(
+            (b.state_label(now), b.remove_when_drained, b.config.weight),
+            ("active", false, 4)
+        );
+        assert!(m.pools[0].published.table.is_some());
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub struct Server {
     pub model: Mutex<Model>,
     /// Command queues of the workers.
     pub workers: Vec<WorkerHandle>,
+    /// Held while a reload runs: one at a time, and a second one is refused
+    /// rather than queued behind a file that is slow to read.
+    pub reloading: tokio::sync::Mutex<()>,
 }
 
 impl Server {
@@ -94,7 +97,16 @@ impl Server {
 
     /// Re-reads the config file and applies it. A config that fails
     /// validation, or whose new listeners can't be bound, changes nothing.
-    pub fn reload(&self) -> Result<Vec<String>, String> {
+    ///
+    /// The files (the config and its prefixes file) are read and validated
+    /// on a blocking-pool thread, never on the control thread itself: a slow
+    /// or stuck read delays only this reply, while other control clients,
+    /// health checks and drain deadlines carry on.
+    pub async fn reload(&self) -> Result<Vec<String>, String> {
+        let _one = self
+            .reloading
+            .try_lock()
+            .map_err(|_| "a reload is already in progress; try again when it has finished".to_string())?;
         let path = self
             .model
             .lock()
@@ -102,23 +114,39 @@ impl Server {
             .source
             .clone()
             .ok_or("this ringlb runs an embedded config; nothing to reload")?;
-        let new = Config::load(&path).map_err(|e| e.to_string())?;
-        // Bind what is new before touching anything.
-        let mut sockets: HashMap<String, BoundSockets> = HashMap::new();
-        {
+        let new = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| format!("reading the config failed: {e}"))?
+            .map_err(|e| e.to_string())?;
+        // Bind what is new before touching anything; which listeners those
+        // are is read under the model lock, the binding (whose probe may
+        // wait for orphaned sockets) is done without it.
+        let to_bind: Vec<(&ListenerConfig, bool)> = {
             let model = self.model.lock();
-            for l in &new.listeners {
-                let kept = model.listeners.iter().any(|s| {
-                    s.retire_deadline.is_none()
-                        && s.config.name == l.name
-                        && s.config.bind == l.bind
-                        && s.config.protocol == l.protocol
-                });
-                if !kept {
-                    let steer = self.shared.pin_workers;
-                    sockets.insert(l.name.clone(), bind_listener(l, self.workers.len(), steer)?);
-                }
-            }
+            let live = || model.listeners.iter().filter(|s| s.retire_deadline.is_none());
+            new.listeners
+                .iter()
+                .filter(|l| {
+                    !live()
+                        .any(|s| s.config.name == l.name && s.config.bind == l.bind && s.config.protocol == l.protocol)
+                })
+                .map(|l| {
+                    // A port moved or kept under a new name: ringlb holds it
+                    // itself, through a listener this reload retires (the
+                    // new config has no two overlapping listeners).
+                    let ours = live().any(|s| {
+                        s.config.protocol == l.protocol && crate::config::addresses_overlap(s.config.bind, l.bind)
+                    });
+                    (l, ours)
+                })
+                .collect()
+        };
+        let mut sockets: HashMap<String, BoundSockets> = HashMap::new();
+        for (l, ours) in to_bind {
+            sockets.insert(
+                l.name.clone(),
+                bind_listener(l, self.workers.len(), ours, self.shared.pin_workers)?,
+            );
         }
         let mut model = self.model.lock();
         let (changes, to_start) = model.apply_config(new, Instant::now());
@@ -144,20 +172,21 @@ enum BoundSockets {
     Udp(Vec<std::net::UdpSocket>),
 }
 
-/// Binds a listener's sockets in worker order; with `steer` (pinned
-/// workers), a TCP listener's new connections then go to the worker on the
-/// CPU that received them (UDP keeps the kernel's hash: see
+/// Binds a listener's sockets in worker order; `ours`: ringlb's own
+/// listener holds the address (see [`bind_tcp_for_workers`]). With `steer`
+/// (pinned workers), a TCP listener's new connections then go to the worker
+/// on the CPU that received them (UDP keeps the kernel's hash: see
 /// [`crate::engine::steering::program`]).
-fn bind_listener(l: &ListenerConfig, workers: usize, steer: bool) -> Result<BoundSockets, String> {
+fn bind_listener(l: &ListenerConfig, workers: usize, ours: bool, steer: bool) -> Result<BoundSockets, String> {
     Ok(match l.protocol {
         Protocol::Tcp => {
-            let sockets = bind_tcp_for_workers(&l.name, l.bind, l.backlog, workers)?;
+            let sockets = bind_tcp_for_workers(&l.name, l.bind, l.backlog, workers, ours)?;
             if steer {
                 crate::engine::steering::steer_by_cpu(&l.name, &sockets);
             }
             BoundSockets::Tcp(sockets)
         }
-        Protocol::Udp => BoundSockets::Udp(bind_udp_for_workers(&l.name, l.bind, workers)?),
+        Protocol::Udp => BoundSockets::Udp(bind_udp_for_workers(&l.name, l.bind, workers, ours)?),
     })
 }
 
@@ -184,7 +213,7 @@ pub fn run(config: Config) -> Result<(), String> {
     // taken never half-starts.
     let mut bound = Vec::new();
     for l in &config.listeners {
-        bound.push((l.clone(), bind_listener(l, workers, config.runtime.pin_workers)?));
+        bound.push((l.clone(), bind_listener(l, workers, false, config.runtime.pin_workers)?));
     }
     let endpoints = ControlEndpoints {
         socket: config
@@ -219,6 +248,7 @@ pub fn run(config: Config) -> Result<(), String> {
         shared,
         model: Mutex::new(model),
         workers: senders,
+        reloading: tokio::sync::Mutex::new(()),
     });
     {
         let mut model = server.model.lock();

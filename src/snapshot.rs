@@ -163,14 +163,17 @@ impl PoolSnapshot {
 
 impl PoolSnapshot {
     /// Builds the table from `backends` and their effective weights.
-    /// Backends with weight 0 get no slots; all zero gives no table.
+    /// Backends with weight 0 get no slots; all zero gives no table (the
+    /// normal "nothing usable" case: fail fast). Any other failure (two
+    /// backends with one identity, a table too small) is an error, so the
+    /// caller can keep the table it has rather than publish none.
     pub fn build(
         name: &str,
         generation: u64,
         table_size: usize,
         backends: Vec<Arc<Backend>>,
         weights: Vec<u32>,
-    ) -> PoolSnapshot {
+    ) -> Result<PoolSnapshot, crate::maglev::MaglevError> {
         let start = std::time::Instant::now();
         // The identity hashed is the address text: stable across processes and
         // machines, so every ringlb instance builds the same table.
@@ -179,17 +182,8 @@ impl PoolSnapshot {
             .zip(&weights)
             .map(|(b, w)| (b.addr.to_string(), *w))
             .collect();
-        let table = match MaglevTable::build(&ids, table_size) {
-            Ok(t) => Some(t),
-            // No weight at all is the normal "nothing usable" case (fail fast);
-            // anything else is a bug upstream of the table, so say it.
-            Err(crate::maglev::MaglevError::NoWeight) => None,
-            Err(e) => {
-                log::error!("pool \"{name}\": cannot build its table: {e}");
-                None
-            }
-        };
-        PoolSnapshot {
+        let table = build_or_none(&ids, table_size)?;
+        Ok(PoolSnapshot {
             name: name.to_string(),
             generation,
             backends,
@@ -197,7 +191,20 @@ impl PoolSnapshot {
             table,
             build_time: start.elapsed(),
             geo: None,
-        }
+        })
+    }
+}
+
+/// A Maglev table of `ids`, `None` when no weight is left (fail fast), or the
+/// build's error.
+pub fn build_or_none<K: AsRef<[u8]>>(
+    ids: &[(K, u32)],
+    table_size: usize,
+) -> Result<Option<MaglevTable>, crate::maglev::MaglevError> {
+    match MaglevTable::build(ids, table_size) {
+        Ok(t) => Ok(Some(t)),
+        Err(crate::maglev::MaglevError::NoWeight) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

@@ -601,3 +601,224 @@ fn ctl_route_shows_configured_weights() {
         "{text}"
     );
 }
+
+/// Opens connections until `n` of them land on the backend tagged `tag`, and
+/// keeps those open (the others are closed).
+fn hold_connections_to(listen: SocketAddr, tag: &str, n: usize) -> Vec<std::net::TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..400 {
+        let mut c = connect_from(listen, None).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut line = [0u8; 2];
+        c.read_exact(&mut line).unwrap();
+        if line == [tag.as_bytes()[0], b'\n'] {
+            held.push(c);
+            if held.len() == n {
+                return held;
+            }
+        }
+    }
+    panic!("fewer than {n} connections reached backend {tag}");
+}
+
+/// A pool {a, b} with a 60 s drain timeout and three keep-alive connections
+/// open on b: the setting in which re-adding b used to take the pool down.
+fn readd_setup() -> (Backend, Backend, Setup, Vec<std::net::TcpStream>) {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let b = Backend::start("b", Behaviour::TagEcho);
+    let dir = TempDir::new("readd");
+    let sock = dir.0.join("ctl.sock");
+    let listen = lb_addr();
+    let body = listener_block("web", listen, "web")
+        + &pool_block("web", &[a.addr, b.addr], "").replace("drain_timeout = \"1s\"", "drain_timeout = \"60s\"");
+    let lb = Ringlb::start(&config_with_control("auto", &sock, &body), listen);
+    let s = Setup {
+        lb,
+        sock,
+        listen,
+        _socket_dir: dir,
+    };
+    let held = hold_connections_to(s.listen, "b", 3);
+    (a, b, s, held)
+}
+
+/// After b was removed and re-added: b is listed once and active, every new
+/// connection is served (some by b), b's open connections still relay, and
+/// b's counters went on from where they were.
+fn assert_readded(s: &Setup, b: SocketAddr, held: &mut [std::net::TcpStream], total_before: u64) {
+    let (code, v) = ctl_json(&s.sock, &["backends", "web"]);
+    assert_eq!(code, 0, "{v}");
+    let entries: Vec<&serde_json::Value> = v["pools"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["addr"] == b.to_string())
+        .collect();
+    assert_eq!(entries.len(), 1, "b listed once: {v}");
+    assert_eq!(entries[0]["state"], "active", "{v}");
+    assert_eq!(entries[0]["removing"], false, "{v}");
+    let mut to_b = 0;
+    for i in 0..100 {
+        match read_tag(s.listen, None) {
+            Ok(tag) => to_b += usize::from(tag == "b"),
+            Err(e) => panic!("new connection {i} after the re-add failed: {e}"),
+        }
+    }
+    assert!(to_b > 0, "the re-added backend takes new connections again");
+    for c in held.iter_mut() {
+        c.write_all(b"still").unwrap();
+        let mut echo = [0u8; 5];
+        c.read_exact(&mut echo).unwrap();
+        assert_eq!(&echo, b"still", "b's open connection continues");
+    }
+    let info = backend_info(&s.sock, "web", b);
+    assert_eq!(info["active"], held.len() as u64, "{info}");
+    assert!(
+        info["total"].as_u64().unwrap() >= total_before + to_b as u64,
+        "b's counters continue: {info} (before: {total_before})"
+    );
+}
+
+#[test]
+fn ctl_remove_then_add_of_a_draining_backend_takes_its_entry_over() {
+    let (_a, b, s, mut held) = readd_setup();
+    let total_before = backend_info(&s.sock, "web", b.addr)["total"].as_u64().unwrap();
+    let (code, v) = ctl_json(&s.sock, &["remove", "web", &b.addr.to_string()]);
+    assert_eq!(code, 0, "{v}");
+    let (code, v) = ctl_json(&s.sock, &["add", "web", &b.addr.to_string()]);
+    assert_eq!(code, 0, "{v}");
+    assert_readded(&s, b.addr, &mut held, total_before);
+}
+
+#[test]
+fn reload_without_then_with_a_draining_backend_takes_its_entry_over() {
+    let (a, b, s, mut held) = readd_setup();
+    let total_before = backend_info(&s.sock, "web", b.addr)["total"].as_u64().unwrap();
+    let full = std::fs::read_to_string(&s.lb.config).unwrap();
+    let without_b = full.replace(&format!("[[pool.backend]]\naddr = \"{}\"\n", b.addr), "");
+    assert!(without_b.contains(&a.addr.to_string()) && !without_b.contains(&b.addr.to_string()));
+    std::fs::write(&s.lb.config, without_b).unwrap();
+    let (code, v) = ctl_json(&s.sock, &["reload"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(backend_info(&s.sock, "web", b.addr)["state"], "draining");
+    std::fs::write(&s.lb.config, full).unwrap();
+    let (code, v) = ctl_json(&s.sock, &["reload"]);
+    assert_eq!(code, 0, "{v}");
+    assert_readded(&s, b.addr, &mut held, total_before);
+}
+
+#[test]
+fn reload_of_an_empty_or_truncated_file_is_rejected_and_the_listener_keeps_serving() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let s = setup(&[a.addr]);
+    let good = std::fs::read_to_string(&s.lb.config).unwrap();
+    let truncated = good[..good.find("[[listener]]").unwrap()].to_string();
+    for text in [String::new(), truncated] {
+        std::fs::write(&s.lb.config, &text).unwrap();
+        let (code, v) = ctl_json(&s.sock, &["reload"]);
+        assert_eq!(code, 1, "{v}");
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(&format!("{}: listener: no [[listener]]", s.lb.config.display())),
+            "{v}"
+        );
+        assert_eq!(
+            ctl_json(&s.sock, &["status"]).1["config_generation"],
+            1,
+            "nothing changed"
+        );
+        assert!(is_listening(s.listen), "the port stays open");
+        for _ in 0..10 {
+            assert_eq!(read_tag(s.listen, None).unwrap(), "a");
+        }
+    }
+}
+
+/// Runs a ctl command that must be refused: exit 1, an error naming the
+/// pool rule, and nothing changed (the pool still serves from `tag`).
+fn assert_refused(s: &Setup, args: &[&str], tag: &str) {
+    let (code, v) = ctl_json(&s.sock, args);
+    assert_eq!(code, 1, "{args:?} must be refused: {v}");
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("pool \"web\": backend: ")
+            && (error.contains("could never take a connection") || error.contains("needs at least one"))
+            && error.contains("nothing changed"),
+        "{args:?}: {v}"
+    );
+    assert!(error.contains("--force"), "{args:?} names the escape hatch: {v}");
+    for _ in 0..5 {
+        assert_eq!(read_tag(s.listen, None).unwrap(), tag, "{args:?} changed nothing");
+    }
+}
+
+#[test]
+fn ctl_refuses_to_leave_a_pool_with_no_usable_backend_unless_forced() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let b = Backend::start("b", Behaviour::TagEcho);
+    let s = setup(&[a.addr, b.addr]);
+    let (a_s, b_s) = (a.addr.to_string(), b.addr.to_string());
+    // One backend at weight 0 is fine; the last one is not.
+    assert_eq!(ctl_json(&s.sock, &["weight", "web", &b_s, "0"]).0, 0);
+    assert_refused(&s, &["weight", "web", &a_s, "0"], "a");
+    assert_refused(&s, &["drain", "web", &a_s], "a");
+    assert_refused(&s, &["disable", "web", &a_s], "a");
+    assert_refused(&s, &["remove", "web", &a_s], "a");
+    let info = backend_info(&s.sock, "web", a.addr);
+    assert_eq!(
+        (info["weight"].as_u64(), info["state"].as_str()),
+        (Some(1), Some("active")),
+        "{info}"
+    );
+    // Removing b (weight 0) leaves a: allowed. Then a is the last backend.
+    assert_eq!(ctl_json(&s.sock, &["remove", "web", &b_s]).0, 0);
+    assert_refused(&s, &["remove", "web", &a_s], "a");
+    // Adding at weight 0 is fine while a takes connections.
+    assert_eq!(ctl_json(&s.sock, &["add", "web", "127.0.0.1:9", "--weight", "0"]).0, 0);
+    // --force (JSON "force": true) does it anyway.
+    let (code, v) = ctl_json(&s.sock, &["weight", "--force", "web", &a_s, "0"]);
+    assert_eq!(code, 0, "{v}");
+    assert!(read_tag(s.listen, None).is_err(), "forced: the pool takes nothing");
+    // And weight > 0 brings it back without force.
+    assert_eq!(ctl_json(&s.sock, &["weight", "web", &a_s, "2"]).0, 0);
+    assert_eq!(read_tag(s.listen, None).unwrap(), "a");
+    let (code, v) = ctl_json(&s.sock, &["remove", "web", &a_s, "--force"]);
+    assert_eq!(code, 0, "{v}");
+}
+
+#[test]
+fn reload_swaps_and_renames_listeners_on_ringlbs_own_ports() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let b = Backend::start("b", Behaviour::TagEcho);
+    let dir = TempDir::new("swap");
+    let sock = dir.0.join("ctl.sock");
+    let (p1, p2) = (lb_addr(), lb_addr());
+    let pools = pool_block("pa", &[a.addr], "") + &pool_block("pb", &[b.addr], "");
+    let body = |l1: &str, l2: &str| listener_block(l1, p1, "pb") + &listener_block(l2, p2, "pa") + &pools;
+    let first = listener_block("la", p1, "pa") + &listener_block("lb", p2, "pb") + &pools;
+    let mut lb = Ringlb::start(&config_with_control("auto", &sock, &first), p1);
+    lb.wait_listening(p2);
+    assert_eq!(read_tag(p1, None).unwrap(), "a");
+    assert_eq!(read_tag(p2, None).unwrap(), "b");
+    // la moves to p2 and lb to p1; then lb is renamed, keeping p1.
+    for (l1, l2) in [("lb", "la"), ("renamed", "la")] {
+        std::fs::write(&lb.config, config_with_control("auto", &sock, &body(l1, l2))).unwrap();
+        let (code, v) = ctl_json(&sock, &["reload"]);
+        assert_eq!(code, 0, "{v}");
+        let switched = || read_tag(p1, None).is_ok_and(|t| t == "b") && read_tag(p2, None).is_ok_and(|t| t == "a");
+        assert!(wait_until(Duration::from_secs(3), switched), "ports moved");
+        for _ in 0..20 {
+            assert_eq!(read_tag(p1, None).unwrap(), "b");
+            assert_eq!(read_tag(p2, None).unwrap(), "a");
+        }
+        let status = ctl_json(&sock, &["status"]).1;
+        let names: Vec<&str> = status["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{status}");
+        assert!(names.contains(&l1) && names.contains(&l2), "{status}");
+    }
+}

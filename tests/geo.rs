@@ -175,3 +175,97 @@ fn prefix_loader_rejects_bad_lines_with_file_and_line() {
     assert!(err.contains("regions.csv:4:") && err.contains("host bits"), "{err}");
     assert!(err.contains("regions.csv:5:"), "{err}");
 }
+
+/// Prefixes files that must be refused: a character device that never ends,
+/// a FIFO nobody writes to, and a regular file over the size limit (sparse,
+/// so the test writes nothing). Returns (what, path, text the error must hold).
+fn hostile_prefix_files(dir: &TempDir) -> Vec<(&'static str, std::path::PathBuf, &'static str)> {
+    let big = dir.0.join("big.csv");
+    std::fs::File::create(&big).unwrap().set_len((64 << 20) + 1).unwrap();
+    let fifo = dir.0.join("regions.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    vec![
+        ("oversized file", big, "larger than the 64 MiB limit"),
+        ("fifo", fifo, "not a regular file"),
+        ("/dev/zero", "/dev/zero".into(), "not a regular file"),
+    ]
+}
+
+fn geo_config(
+    listen: SocketAddr,
+    backend: SocketAddr,
+    prefixes_file: &std::path::Path,
+    sock: Option<&std::path::Path>,
+) -> String {
+    let control = sock.map_or(String::new(), |s| {
+        format!("[control]\nsocket = \"{}\"\n\n", s.display())
+    });
+    format!(
+        "[runtime]\nworkers = 1\nshutdown_timeout = \"1s\"\n\n{control}[geo]\nprefixes_file = \"{}\"\n\n[[listener]]\nname = \"web\"\nbind = \"{listen}\"\npool = \"web\"\n\n[[pool]]\nname = \"web\"\n[[pool.backend]]\naddr = \"{backend}\"\n",
+        prefixes_file.display()
+    )
+}
+
+#[test]
+fn check_and_run_refuse_a_prefixes_file_that_is_not_a_bounded_regular_file() {
+    let dir = TempDir::new("geo-hostile");
+    for (what, path, problem) in hostile_prefix_files(&dir) {
+        let cfg = dir.file(
+            "c.toml",
+            &geo_config(lb_addr(), "127.0.0.1:9".parse().unwrap(), &path, None),
+        );
+        for cmd in ["check", "run"] {
+            let started = std::time::Instant::now();
+            let out = ringlb_cmd_within(&[cmd, "-c", path_str(&cfg)], Duration::from_secs(10));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{cmd} with {what}: {stderr}");
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{cmd} with {what} fails fast"
+            );
+            let expected = format!("c.toml: geo.prefixes_file: {}: {problem}", path.display());
+            assert!(stderr.contains(&expected), "{cmd} with {what}: {stderr}");
+        }
+    }
+}
+
+/// Sends one request on the control socket and waits at most `limit` for the reply.
+fn ctl_within(sock: &std::path::Path, request: &str, limit: Duration) -> serde_json::Value {
+    use std::io::{BufRead, Write};
+    let mut c = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    c.set_read_timeout(Some(limit)).unwrap();
+    c.write_all(format!("{request}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(c)
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("no reply to {request} within {limit:?}: {e}"));
+    serde_json::from_str(&line).unwrap()
+}
+
+#[test]
+fn reload_with_a_hostile_prefixes_file_is_refused_and_the_control_socket_keeps_answering() {
+    let backend = Backend::start("a", Behaviour::TagEcho);
+    let dir = TempDir::new("geo-reload");
+    let good = dir.file("regions.csv", REGIONS_CSV);
+    let sock = dir.0.join("ctl.sock");
+    let listen = lb_addr();
+    let lb = Ringlb::start(&geo_config(listen, backend.addr, &good, Some(&sock)), listen);
+    for (what, path, problem) in hostile_prefix_files(&dir) {
+        std::fs::write(&lb.config, geo_config(listen, backend.addr, &path, Some(&sock))).unwrap();
+        let started = std::time::Instant::now();
+        let v = ctl_within(&sock, r#"{"cmd":"reload"}"#, Duration::from_secs(2));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{what}: reply took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(v["ok"], false, "{what}: {v}");
+        let expected = format!("geo.prefixes_file: {}: {problem}", path.display());
+        assert!(v["error"].as_str().unwrap().contains(&expected), "{what}: {v}");
+        let status = ctl_within(&sock, r#"{"cmd":"status"}"#, Duration::from_secs(2));
+        assert_eq!(status["config_generation"], 1, "{what}: running config kept");
+        assert_eq!(read_tag(listen, None).unwrap(), "a", "{what}: still serving");
+    }
+}

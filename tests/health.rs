@@ -213,8 +213,11 @@ fn no_usable_backend_fails_fast_and_is_counted() {
     let lb = start(&[refusing], ACTIVE_TCP);
     assert!(wait_until(Duration::from_secs(3), || state(&lb, refusing) == "down"));
     // One backend down of one: panic mode keeps it in the table. Disable it to
-    // leave nothing usable at all.
-    assert_eq!(ctl_json(&lb.sock, &["disable", "web", &refusing.to_string()]).0, 0);
+    // leave nothing usable at all (--force: ctl refuses that otherwise).
+    assert_eq!(
+        ctl_json(&lb.sock, &["disable", "--force", "web", &refusing.to_string()]).0,
+        0
+    );
     let started = Instant::now();
     assert!(read_tag(lb.listen, None).is_err());
     let waited = started.elapsed();

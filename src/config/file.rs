@@ -208,3 +208,63 @@ pub struct BackendFile {
     /// Region the backend runs in (geo pools).
     pub region: Option<String>,
 }
+
+/// The largest file ringlb reads as configuration: the config file itself
+/// and `geo.prefixes_file`. A full GeoIP country CSV is a few MiB; the cap
+/// only stops a mistake (`/dev/zero`, a log file) from eating the memory.
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
+
+/// Reads a configuration input as text: a regular file of at most
+/// [`MAX_FILE_BYTES`], or an error in words (without the path; the caller
+/// names the file and the key).
+///
+/// The file is opened with `O_NONBLOCK` so that a FIFO nobody writes to
+/// cannot block the open (and with it the control plane on reload); fstat
+/// then refuses anything that is not a regular file (FIFOs, devices such as
+/// `/dev/zero`, directories, sockets). The cap is enforced while reading as
+/// well, so a file that grows while it is read stays capped.
+pub fn read_bounded(path: &std::path::Path) -> Result<String, String> {
+    String::from_utf8(read_bounded_bytes(path)?).map_err(|e| format!("not UTF-8 text: {e}"))
+}
+
+/// Like [`read_bounded`], without the UTF-8 check (the caller places the
+/// error).
+pub fn read_bounded_bytes(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let limit = format!("larger than the {} MiB limit", MAX_FILE_BYTES >> 20);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot open: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
+    let t = meta.file_type();
+    if !t.is_file() {
+        let what = if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_char_device() {
+            "a character device"
+        } else if t.is_block_device() {
+            "a block device"
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "a special file"
+        };
+        return Err(format!("not a regular file ({what})"));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(limit);
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(limit);
+    }
+    Ok(bytes)
+}

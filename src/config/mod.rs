@@ -10,7 +10,7 @@ pub mod file;
 pub use duration::{format_duration, parse_duration};
 pub use error::{ConfigError, ConfigErrors};
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -342,8 +342,8 @@ pub struct BackendConfig {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| ConfigErrors(vec![ConfigError::new(path, "file", format!("cannot read: {e}"))]))?;
+        let bytes =
+            file::read_bounded_bytes(path).map_err(|e| ConfigErrors(vec![ConfigError::new(path, "file", e)]))?;
         let text = String::from_utf8(bytes).map_err(|e| {
             // Placed like a TOML error: the line and column of the first bad byte.
             let valid = e.utf8_error().valid_up_to();
@@ -366,6 +366,49 @@ impl Config {
         validate(file, path)
     }
 
+    /// What can be known about this host without starting anything, for
+    /// `check` and `run` (after [`Config::load`]): every listener and the
+    /// metrics endpoint on an address this host has, the control socket
+    /// path usable (short enough, not some other file, its directory there
+    /// or creatable), and io_uring available when `io_engine = "uring"`.
+    /// Nothing is bound, created or kept. Ports are not probed: the running
+    /// ringlb a config is checked for usually holds them.
+    pub fn check_host(&self) -> Result<(), ConfigErrors> {
+        let file = self.source.as_deref().unwrap_or(Path::new("<embedded>"));
+        let mut errors = Vec::new();
+        let mut err = |place: String, problem: String| errors.push(ConfigError::new(file, place, problem));
+        for l in &self.listeners {
+            let ty = match l.protocol {
+                Protocol::Tcp => socket2::Type::STREAM,
+                Protocol::Udp => socket2::Type::DGRAM,
+            };
+            if let Err(e) = address_is_local(l.bind, ty) {
+                err(
+                    format!("listener \"{}\": bind", l.name),
+                    format!("{}: cannot bind here: {e}", l.bind),
+                );
+            }
+        }
+        if let Some(m) = self.control.metrics {
+            if let Err(e) = address_is_local(m, socket2::Type::STREAM) {
+                err("control.metrics".into(), format!("{m}: cannot bind here: {e}"));
+            }
+        }
+        if let Some(path) = &self.control.socket {
+            if let Err(problem) = control_socket_usable(path) {
+                err("control.socket".into(), problem);
+            }
+        }
+        if let Err(e) = crate::engine::resolve_engine(self.runtime.io_engine) {
+            err("runtime.io_engine".into(), e);
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
     /// The pool named `name`.
     pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
         self.pools.iter().find(|p| p.name == name)
@@ -382,6 +425,67 @@ impl Config {
             self.runtime.workers
         )
     }
+}
+
+/// Binds a throwaway socket to `addr`'s IP on an ephemeral port: fails
+/// (EADDRNOTAVAIL) when this host does not have the address, whoever holds
+/// the port itself.
+fn address_is_local(addr: SocketAddr, ty: socket2::Type) -> std::io::Result<()> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty, None)?;
+    s.bind(&SocketAddr::new(addr.ip(), 0).into())
+}
+
+/// Longest Unix socket path (`sun_path` holds 108 bytes with the NUL).
+const MAX_UNIX_PATH: usize = 107;
+
+/// Whether ringlb could create its control socket at `path` at start.
+fn control_socket_usable(path: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
+    if path.as_os_str().len() > MAX_UNIX_PATH {
+        return Err(format!(
+            "longer than the {MAX_UNIX_PATH} bytes a Unix socket path may have: {}",
+            path.display()
+        ));
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        // A stale socket is replaced at start; anything else would be deleted.
+        return if meta.file_type().is_socket() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: exists and is not a socket (ringlb only replaces a stale socket)",
+                path.display()
+            ))
+        };
+    }
+    // The directory is created at start when missing: the nearest existing
+    // ancestor must be a directory ringlb can create entries in.
+    let mut dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    loop {
+        match std::fs::metadata(dir) {
+            Ok(meta) if meta.is_dir() => break,
+            Ok(_) => return Err(format!("{}: not a directory", dir.display())),
+            Err(_) => match dir.parent().filter(|d| !d.as_os_str().is_empty()) {
+                Some(up) => dir = up,
+                None => return Ok(()),
+            },
+        }
+    }
+    let c_dir =
+        std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| "path contains a NUL byte".to_string())?;
+    // SAFETY: access() with a valid NUL-terminated path.
+    if unsafe { libc::access(c_dir.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        return Err(format!(
+            "{}: cannot create the socket there: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 fn line_col(text: &str, offset: usize) -> String {
@@ -561,9 +665,8 @@ pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
         }
     }
 
-    let mut listeners = Vec::new();
+    let mut listeners: Vec<ListenerConfig> = Vec::new();
     let mut names = HashSet::new();
-    let mut binds: HashMap<(SocketAddr, Protocol), String> = HashMap::new();
     for (i, l) in file.listener.iter().enumerate() {
         let label = l
             .name
@@ -575,16 +678,36 @@ pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
         if !names.insert(lc.name.clone()) {
             c.err(&format!("{label}: name"), "duplicate listener name");
         }
-        if let Some(other) = binds.insert((lc.bind, lc.protocol), lc.name.clone()) {
-            c.err(
-                &format!("{label}: bind"),
-                format!("{} is already used by listener \"{other}\"", lc.bind),
-            );
+        if let Some(other) = listeners
+            .iter()
+            .find(|o| o.protocol == lc.protocol && addresses_overlap(o.bind, lc.bind))
+        {
+            c.err(&format!("{label}: bind"), address_conflict(lc.bind, other));
         }
         if !pool_names.contains(&lc.pool) {
             c.err(&format!("{label}: pool"), format!("no pool named \"{}\"", lc.pool));
         }
         listeners.push(lc);
+    }
+
+    if let Some(m) = control.metrics {
+        // The metrics endpoint is a TCP listener of its own.
+        if let Some(other) = listeners
+            .iter()
+            .find(|o| o.protocol == Protocol::Tcp && addresses_overlap(o.bind, m))
+        {
+            c.err("control.metrics", address_conflict(m, other));
+        }
+    }
+
+    // Like HAProxy, a config that would serve nothing is an error: it is
+    // what an empty or truncated file looks like, and on reload it would
+    // close every port. (A pool that no listener uses is allowed.)
+    if file.listener.is_empty() {
+        c.err(
+            "listener",
+            "no [[listener]]: ringlb would serve nothing (is the file empty or cut short?)",
+        );
     }
 
     let geo = build_geo(&mut c, geo_entries);
@@ -602,10 +725,45 @@ pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
     }
 }
 
+/// Whether two sockets of one protocol could not both be bound: the same
+/// port and family, and the same address or a wildcard (`0.0.0.0`, `::`)
+/// on either side, which takes the port on every address of its family.
+/// (IPv6 sockets are v6-only, so `0.0.0.0` and `::` do not overlap.)
+pub fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+fn address_conflict(addr: SocketAddr, other: &ListenerConfig) -> String {
+    if addr == other.bind {
+        format!("{addr} is already used by listener \"{}\"", other.name)
+    } else {
+        format!(
+            "{addr} overlaps listener \"{}\" on {} (a wildcard address takes the port on every address of its family)",
+            other.name, other.bind
+        )
+    }
+}
+
 fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Option<ListenerConfig> {
     let place = format!("{label}: ");
     let name = c.name(&place, &l.name);
-    let bind = c.addr(&place, "bind", &l.bind);
+    let mut bind = c.addr(&place, "bind", &l.bind);
+    // Listener sockets on IPv6 are IPv6-only (IPv4 has its own listeners),
+    // and such a socket cannot bind an IPv4-mapped address.
+    if let Some(SocketAddr::V6(v6)) = bind {
+        if let Some(v4) = v6.ip().to_ipv4_mapped() {
+            c.err(
+                &format!("{place}bind"),
+                format!(
+                    "{v6}: an IPv4-mapped address; use {v4}:{} (IPv6 listeners are IPv6-only)",
+                    v6.port()
+                ),
+            );
+            bind = None;
+        }
+    }
     let protocol = match l.protocol.as_deref() {
         None | Some("tcp") => Protocol::Tcp,
         Some("udp") => Protocol::Udp,
@@ -751,9 +909,6 @@ fn validate_pool(c: &mut Checker<'_>, label: &str, p: &PoolFile) -> Option<PoolC
         None => OutlierConfig::default(),
         Some(o) => validate_outlier(c, &format!("{place}outlier."), o),
     };
-    if p.backend.is_empty() {
-        c.err(&format!("{place}backend"), "a pool needs at least one [[pool.backend]]");
-    }
     let mut backends = Vec::new();
     let mut seen = HashSet::new();
     for (i, b) in p.backend.iter().enumerate() {
@@ -768,17 +923,19 @@ fn validate_pool(c: &mut Checker<'_>, label: &str, p: &PoolFile) -> Option<PoolC
             backends.push(bc);
         }
     }
-    if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
-        c.err(
-            &format!("{place}backend"),
-            "every backend has weight 0: the pool could never take a connection",
-        );
-    }
-    if backends.len() > table_size {
-        c.err(
-            &format!("{place}table_size"),
-            format!("{table_size} is smaller than the {} backends", backends.len()),
-        );
+    // Backends that failed their own validation are reported already; the
+    // pool rules then look at the valid ones (none valid: nothing to add).
+    if p.backend.is_empty() || !backends.is_empty() {
+        let members: Vec<PoolMember> = backends
+            .iter()
+            .map(|b| PoolMember {
+                weight: b.weight,
+                in_service: true,
+            })
+            .collect();
+        for (key, problem) in pool_rule_problems(&members, table_size) {
+            c.err(&format!("{place}{key}"), problem);
+        }
     }
     let geo = p
         .geo
@@ -811,6 +968,42 @@ fn validate_pool(c: &mut Checker<'_>, label: &str, p: &PoolFile) -> Option<PoolC
         geo,
         backends,
     })
+}
+
+/// One backend as the pool rules see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolMember {
+    /// Configured weight.
+    pub weight: u32,
+    /// Takes new connections by operator intent (not drained or disabled;
+    /// health says nothing here: a backend that is down comes back by itself).
+    pub in_service: bool,
+}
+
+/// The rules on a pool's set of backends, as `(key, problem)` pairs: at
+/// least one backend, at least one with weight > 0 in service, no more than
+/// `table_size`. One function for the file and for control commands (applied
+/// to the pool as the command would leave it), so a pool that could never
+/// start can never be made at runtime by mistake either.
+pub fn pool_rule_problems(members: &[PoolMember], table_size: usize) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    if members.is_empty() {
+        problems.push(("backend", "a pool needs at least one [[pool.backend]]".to_string()));
+    } else if !members.iter().any(|m| m.weight > 0 && m.in_service) {
+        let problem = if members.iter().all(|m| m.in_service) {
+            "every backend has weight 0: the pool could never take a connection"
+        } else {
+            "every backend has weight 0 or is drained or disabled: the pool could never take a connection"
+        };
+        problems.push(("backend", problem.to_string()));
+    }
+    if members.len() > table_size {
+        problems.push((
+            "table_size",
+            format!("{table_size} is smaller than the {} backends", members.len()),
+        ));
+    }
+    problems
 }
 
 /// Validates one backend entry; shared with `ctl add`.
@@ -1043,8 +1236,8 @@ fn load_geo(
     let mut raw: Vec<(crate::geo::Cidr, String)> = Vec::new();
     if let Some(f) = &g.prefixes_file {
         let path = config_path.parent().unwrap_or(Path::new(".")).join(f);
-        match std::fs::read_to_string(&path) {
-            Err(e) => c.err("geo.prefixes_file", format!("cannot read {}: {e}", path.display())),
+        match file::read_bounded(&path) {
+            Err(e) => c.err("geo.prefixes_file", format!("{}: {e}", path.display())),
             Ok(text) => match crate::geo::parse_prefixes(&text, &path.display().to_string()) {
                 Ok(entries) => raw.extend(entries),
                 Err(errors) => {

@@ -61,7 +61,7 @@ pub fn run_control_plane(server: Arc<Server>, endpoints: ControlEndpoints) -> Re
                 _ = int.recv() => { log::info!("SIGINT received"); break; }
                 _ = hup.recv() => {
                     log::info!("SIGHUP received: reloading");
-                    if let Err(e) = server.reload() {
+                    if let Err(e) = server.reload().await {
                         log::warn!("reload rejected; running config unchanged:\n{e}");
                     }
                 }
@@ -159,7 +159,7 @@ async fn health_scheduler(server: Arc<Server>) {
 }
 
 /// Answers one control request.
-pub fn handle(server: &Arc<Server>, req: Request) -> Value {
+pub async fn handle(server: &Arc<Server>, req: Request) -> Value {
     let now = Instant::now();
     let change = |f: &dyn Fn(&mut crate::model::Model) -> Result<Value, String>| {
         let mut model = server.model.lock();
@@ -182,13 +182,23 @@ pub fn handle(server: &Arc<Server>, req: Request) -> Value {
             Ok(v) => ok(v),
             Err(e) => error(e),
         },
-        Request::Drain { pool, addr } => change(&|m| m.drain(&pool, &addr, AdminState::Draining, now)),
-        Request::Disable { pool, addr } => change(&|m| m.drain(&pool, &addr, AdminState::Disabled, now)),
+        Request::Drain { pool, addr, force } => change(&|m| m.drain(&pool, &addr, AdminState::Draining, force, now)),
+        Request::Disable { pool, addr, force } => change(&|m| m.drain(&pool, &addr, AdminState::Disabled, force, now)),
         Request::Enable { pool, addr } => change(&|m| m.enable(&pool, &addr, now)),
-        Request::Weight { pool, addr, weight } => change(&|m| m.set_weight(&pool, &addr, weight, now)),
-        Request::Add { pool, addr, weight } => change(&|m| m.add_backend(&pool, &addr, weight, now)),
-        Request::Remove { pool, addr } => change(&|m| m.remove_backend(&pool, &addr, now)),
-        Request::Reload {} => match server.reload() {
+        Request::Weight {
+            pool,
+            addr,
+            weight,
+            force,
+        } => change(&|m| m.set_weight(&pool, &addr, weight, force, now)),
+        Request::Add {
+            pool,
+            addr,
+            weight,
+            force,
+        } => change(&|m| m.add_backend(&pool, &addr, weight, force, now)),
+        Request::Remove { pool, addr, force } => change(&|m| m.remove_backend(&pool, &addr, force, now)),
+        Request::Reload {} => match server.reload().await {
             Ok(changes) => ok(json!({"changes": changes, "config_generation": server.model.lock().config_generation})),
             Err(e) => {
                 log::warn!("reload rejected; running config unchanged:\n{e}");

@@ -4,8 +4,10 @@
 //! `{"cmd":"drain","pool":"web","addr":"10.0.0.1:80"}`, `enable`, `disable`,
 //! `{"cmd":"weight","pool":..,"addr":..,"weight":5}`,
 //! `{"cmd":"add","pool":..,"addr":..,"weight":2}`, `remove`, `{"cmd":"reload"}`,
-//! `{"cmd":"stats"}`, `{"cmd":"route","listener":..,"client":..}`.
-//! Replies: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+//! `{"cmd":"stats"}`, `{"cmd":"route","listener":..,"client":..}`. `drain`,
+//! `disable`, `weight`, `add` and `remove` take `"force": true` to leave a
+//! pool with no usable backend. Replies: `{"ok":true,...}` or
+//! `{"ok":false,"error":"..."}`.
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -30,6 +32,9 @@ pub enum Request {
         pool: String,
         /// Backend address.
         addr: String,
+        /// Do it even if it leaves the pool with no usable backend.
+        #[serde(default)]
+        force: bool,
     },
     /// Back in service.
     Enable {
@@ -44,6 +49,9 @@ pub enum Request {
         pool: String,
         /// Backend address.
         addr: String,
+        /// Do it even if it leaves the pool with no usable backend.
+        #[serde(default)]
+        force: bool,
     },
     /// Change a weight.
     Weight {
@@ -53,6 +61,9 @@ pub enum Request {
         addr: String,
         /// New weight.
         weight: i64,
+        /// Do it even if it leaves the pool with no usable backend.
+        #[serde(default)]
+        force: bool,
     },
     /// Add a backend.
     Add {
@@ -63,6 +74,9 @@ pub enum Request {
         /// Weight (default 1).
         #[serde(default)]
         weight: Option<i64>,
+        /// Do it even if it leaves the pool with no usable backend.
+        #[serde(default)]
+        force: bool,
     },
     /// Drain, then remove a backend.
     Remove {
@@ -70,6 +84,9 @@ pub enum Request {
         pool: String,
         /// Backend address.
         addr: String,
+        /// Do it even if it leaves the pool with no usable backend.
+        #[serde(default)]
+        force: bool,
     },
     /// Re-read the config file.
     Reload {},

@@ -143,7 +143,7 @@ async fn serve_client(stream: tokio::net::UnixStream, server: &Arc<Server>) {
             Err(_) | Ok(Err(_)) | Ok(Ok(Line::Eof)) => return,
             Ok(Ok(Line::TooLong)) => error(format!("request line longer than {MAX_LINE} bytes")),
             Ok(Ok(Line::Complete(line))) => match parse_request(&line) {
-                Ok(req) => super::handle(server, req),
+                Ok(req) => super::handle(server, req).await,
                 Err(e) => error(e),
             },
         };

@@ -88,6 +88,23 @@ pub enum PrefixErrorKind {
     },
 }
 
+/// Longest field quoted back in an error.
+const MAX_SHOWN: usize = 64;
+
+/// A field as quoted in an error: cut at [`MAX_SHOWN`] bytes, so a file of
+/// garbage (one huge line) gives an error an operator can read, not the
+/// garbage again.
+fn shown(field: &str) -> String {
+    if field.len() <= MAX_SHOWN {
+        return field.to_owned();
+    }
+    let mut end = MAX_SHOWN;
+    while !field.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &field[..end], field.len())
+}
+
 /// Parses a prefix list; `file` is only used in error messages.
 ///
 /// Returns entries in file order (a repeated CIDR only once), or every error found in
@@ -118,17 +135,14 @@ pub fn parse_prefixes(text: &str, file: &str) -> Result<Vec<(Cidr, String)>, Vec
             continue;
         }
         let cidr = cidr_text.parse::<Cidr>().map_err(|error| PrefixErrorKind::BadCidr {
-            text: cidr_text.to_owned(),
+            text: shown(cidr_text),
             error,
         });
         let region = match fields.next() {
             None => Err(PrefixErrorKind::MissingRegion),
             Some(r) => validate_region_name(r)
                 .map(|()| r)
-                .map_err(|error| PrefixErrorKind::BadRegion {
-                    text: r.to_owned(),
-                    error,
-                }),
+                .map_err(|error| PrefixErrorKind::BadRegion { text: shown(r), error }),
         };
         // Report both columns' problems on one line rather than only the first.
         match (cidr, region) {
@@ -397,5 +411,14 @@ mod tests {
     fn empty_input_is_empty_list() {
         assert_eq!(parse_prefixes("", "f").unwrap(), vec![]);
         assert_eq!(parse_prefixes("# only\n\n", "f").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_huge_field_is_quoted_cut_short() {
+        let text = format!("{},eu\n", "9".repeat(100_000));
+        let errors = parse_prefixes(&text, "f.csv").unwrap_err();
+        let shown = errors[0].to_string();
+        assert!(shown.len() < 200, "{shown}");
+        assert!(shown.contains("... (100000 bytes)"), "{shown}");
     }
 }

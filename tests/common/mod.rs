@@ -119,10 +119,12 @@ impl Ringlb {
             if is_listening(wait_for) {
                 break;
             }
-            assert!(
-                Instant::now() < deadline,
-                "ringlb did not listen on {wait_for} within 10s"
-            );
+            if Instant::now() >= deadline {
+                // Not left running (and holding the test's stdout) after the panic.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("ringlb did not listen on {wait_for} within 10s");
+            }
             thread::sleep(Duration::from_millis(20));
         }
         Ringlb {
@@ -196,6 +198,40 @@ pub fn ringlb_cmd(args: &[&str]) -> Output {
         .env("RUST_LOG", "warn")
         .output()
         .expect("run ringlb")
+}
+
+/// Runs `ringlb ARGS...` and kills it if it has not exited within `limit`
+/// (a command that should fail fast must not hang a test run).
+pub fn ringlb_cmd_within(args: &[&str], limit: Duration) -> Output {
+    let child = Command::new(ringlb_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ringlb");
+    let pid = child.id() as i32;
+    // The output is collected on a thread so a chatty child never blocks on
+    // a full pipe while this one waits.
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("wait for ringlb"),
+        Err(_) => {
+            // SAFETY: signals the child started above (not yet reaped: its
+            // waiting thread has not returned).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let out = rx.recv().unwrap().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            panic!(
+                "ringlb {args:?} still running after {limit:?}: {}",
+                &stderr[..stderr.len().min(2000)]
+            );
+        }
+    }
 }
 
 /// How a test backend treats each connection.

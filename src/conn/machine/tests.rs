@@ -37,7 +37,7 @@ impl World {
             .map(|b| Arc::new(Backend::new(b.addr, 1)))
             .collect();
         let weights = vec![1; shared.len()];
-        let pool = Arc::new(PoolSnapshot::build("p", 1, 65537, shared, weights));
+        let pool = Arc::new(PoolSnapshot::build("p", 1, 65537, shared, weights).expect("distinct backends"));
         World {
             limits: Arc::new(ListenerLimits::new(&l)),
             config: Arc::new(l),
@@ -363,7 +363,8 @@ fn the_backend_slot_is_given_back_when_the_connection_ends() {
 #[test]
 fn an_empty_pool_refuses_with_no_backend() {
     let w = World::new("", 1);
-    let empty = Arc::new(PoolSnapshot::build("p", 2, 65537, w.pool.backends.clone(), vec![0]));
+    let empty =
+        Arc::new(PoolSnapshot::build("p", 2, 65537, w.pool.backends.clone(), vec![0]).expect("no weight is no table"));
     let mut out = Vec::new();
     let c = Conn::accept(
         ConnParams {
