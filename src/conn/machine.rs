@@ -454,15 +454,17 @@ impl Conn {
                     return self.refuse(RefuseReason::Overloaded, out);
                 }
                 let in_a_row = backend.connect_failed();
-                let why = if self.connect_cancelled || e == Errno::CANCELED {
-                    "timed out".to_string()
-                } else {
-                    e.to_string()
-                };
+                let timed_out = self.connect_cancelled || e == Errno::CANCELED;
+                // The reason is only formatted when debug logging is on.
                 log::debug!(
-                    "{} -> {}: connect failed ({in_a_row} in a row): {why}",
+                    "{} -> {}: connect failed ({in_a_row} in a row): {}",
                     self.peer,
-                    backend.addr
+                    backend.addr,
+                    if timed_out {
+                        "timed out".to_string()
+                    } else {
+                        e.to_string()
+                    }
                 );
                 self.connect_next(now, out);
             }
