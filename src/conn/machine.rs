@@ -510,12 +510,15 @@ impl Conn {
         match result {
             Ok(0) => {
                 d.eof = true;
+                if self.dirs[0].eof && self.dirs[1].eof {
+                    // Both ends are done: the close sends the last FIN (both
+                    // sockets were read to their end, so it is not a reset),
+                    // and a shutdown(2) first would be a syscall for nothing.
+                    return self.finish(End::Done, out);
+                }
                 // The half-close goes on at once: nothing is pending (a side
                 // is read only when its previous chunk is out).
                 out.push(Op::ShutdownWrite(from.other()));
-                if self.dirs[0].eof && self.dirs[1].eof {
-                    self.finish(End::Done, out);
-                }
             }
             Ok(n) => {
                 self.last_activity = now;

@@ -11,6 +11,18 @@ use crate::fd_reserve::{client_waiting, FdReserve};
 /// `TCP_NODELAY` (a balancer must not delay small request/response
 /// messages).
 pub fn backend_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let fd = tcp_socket(addr)?;
+    set_nodelay(&fd)?;
+    Ok(fd)
+}
+
+/// `TCP_NODELAY` on `fd`.
+pub fn set_nodelay(fd: &OwnedFd) -> io::Result<()> {
+    socket2::SockRef::from(fd).set_nodelay(true)
+}
+
+/// A new non-blocking, close-on-exec TCP socket for `addr`'s family.
+pub fn tcp_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
     let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: socket(2) with constant arguments; the result is checked.
     let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
@@ -18,9 +30,7 @@ pub fn backend_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `fd` was just created and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    socket2::SockRef::from(&fd).set_nodelay(true)?;
-    Ok(fd)
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// SO_LINGER 0: the next close of `fd` sends a reset instead of a FIN.

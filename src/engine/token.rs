@@ -29,6 +29,8 @@ pub enum Kind {
     PollOutClient,
     /// The backend socket became writable (splice on the ring).
     PollOutBackend,
+    /// Setting `TCP_NODELAY` on a backend socket on the ring failed.
+    SockOpt,
     /// A UDP listener socket has client datagrams.
     UdpIn,
     /// A UDP listener's flow sockets have replies (their epoll set is readable).
@@ -36,7 +38,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 14] = [
+    const ALL: [Kind; 15] = [
         Kind::Ignore,
         Kind::Waker,
         Kind::Accept,
@@ -49,6 +51,7 @@ impl Kind {
         Kind::PollInBackend,
         Kind::PollOutClient,
         Kind::PollOutBackend,
+        Kind::SockOpt,
         Kind::UdpIn,
         Kind::UdpReplies,
     ];

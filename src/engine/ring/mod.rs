@@ -33,7 +33,7 @@ use crate::worker::{Shared, WorkerCmd, WorkerInbox};
 use super::listener::{accept_client, TcpListener};
 use super::pipe::{Pipe, PipePool, SPLICE_CHUNK};
 use super::slab::Slab;
-use super::sockets::{backend_socket, errno, reset_on_close};
+use super::sockets::{errno, reset_on_close, set_nodelay, tcp_socket};
 use super::token::{Kind, Token};
 use buf_ring::BufRing;
 
@@ -124,7 +124,13 @@ pub struct RingWorker {
     /// Pending commands were seen.
     woken: bool,
     defer_taskrun: bool,
+    /// Set `TCP_NODELAY` with an SQE linked before the connect (kernel
+    /// 6.7+); cleared, for a syscall, the first time the kernel refuses it.
+    sockopt_on_ring: bool,
 }
+
+/// The value `TCP_NODELAY` is set to (read by the kernel when the SQE runs).
+static ONE: libc::c_int = 1;
 
 impl RingWorker {
     /// Sets up the ring, its buffers and its waker read.
@@ -164,6 +170,7 @@ impl RingWorker {
             waker_buf: Box::new(0),
             woken: true,
             defer_taskrun,
+            sockopt_on_ring: true,
         };
         w.arm_waker();
         Ok(w)
@@ -430,6 +437,20 @@ impl RingWorker {
                 };
                 let result = if res < 0 { Err(Errno(-res)) } else { Ok(res as usize) };
                 match kind {
+                    Kind::SockOpt => {
+                        // This kernel cannot set options on the ring: a
+                        // syscall here, and from now on.
+                        self.sockopt_on_ring = false;
+                        log::debug!(
+                            "worker {}: TCP_NODELAY on the ring: {}; using setsockopt(2)",
+                            self.id,
+                            Errno(-res)
+                        );
+                        if let Some(fd) = &slot.backend {
+                            let _ = set_nodelay(fd);
+                        }
+                        return;
+                    }
                     Kind::Connect => {
                         let r = result
                             .map(|_| ())
@@ -582,29 +603,47 @@ impl RingWorker {
         };
         match op {
             Op::Connect { addr, deadline } => {
-                let fd = match backend_socket(addr) {
+                let fd = match tcp_socket(addr) {
                     Ok(fd) => fd,
                     Err(e) => {
                         self.immediate.push_back(Immediate::Connected(Err(Errno(errno(&e)))));
                         return;
                     }
                 };
+                if !self.sockopt_on_ring {
+                    if let Err(e) = set_nodelay(&fd) {
+                        self.immediate.push_back(Immediate::Connected(Err(Errno(errno(&e)))));
+                        return;
+                    }
+                }
                 slot.backend_addr = socket2::SockAddr::from(addr);
                 slot.connect_timeout = types::Timespec::from(deadline.saturating_duration_since(Instant::now()));
-                let connect = opcode::Connect::new(
-                    types::Fd(fd.as_raw_fd()),
-                    slot.backend_addr.as_ptr().cast(),
-                    slot.backend_addr.len(),
-                )
-                .build()
-                .flags(squeue::Flags::IO_LINK)
-                .user_data(Token::new(Kind::Connect, index, gen).0);
+                let raw = types::Fd(fd.as_raw_fd());
+                let connect = opcode::Connect::new(raw, slot.backend_addr.as_ptr().cast(), slot.backend_addr.len())
+                    .build()
+                    .flags(squeue::Flags::IO_LINK)
+                    .user_data(Token::new(Kind::Connect, index, gen).0);
                 let timeout = opcode::LinkTimeout::new(&slot.connect_timeout)
                     .build()
                     .flags(squeue::Flags::SKIP_SUCCESS)
                     .user_data(Token::new(Kind::Ignore, index, gen).0);
                 slot.backend = Some(fd);
-                self.push(&[connect, timeout]);
+                if self.sockopt_on_ring {
+                    // Hard-linked: the connect runs whether or not it worked.
+                    let nodelay = opcode::SetSockOpt::new(
+                        raw,
+                        libc::IPPROTO_TCP as u32,
+                        libc::TCP_NODELAY as u32,
+                        (&ONE as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as u32,
+                    )
+                    .build()
+                    .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS)
+                    .user_data(Token::new(Kind::SockOpt, index, gen).0);
+                    self.push(&[nodelay, connect, timeout]);
+                } else {
+                    self.push(&[connect, timeout]);
+                }
             }
             Op::CancelConnect => {
                 let cancel =
@@ -836,4 +875,38 @@ pub fn run(id: usize, shared: Arc<Shared>, inbox: WorkerInbox) -> std::io::Resul
     shared.set_worker_setup(id, setup);
     worker.run();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel sets `TCP_NODELAY` from the ring (the connect path relies
+    /// on it, with a syscall fallback where it cannot).
+    #[test]
+    fn nodelay_set_on_the_ring_is_seen_by_getsockopt() {
+        let mut ring = IoUring::new(8).unwrap();
+        let fd = tcp_socket("127.0.0.1:1".parse().unwrap()).unwrap();
+        let sqe = opcode::SetSockOpt::new(
+            types::Fd(fd.as_raw_fd()),
+            libc::IPPROTO_TCP as u32,
+            libc::TCP_NODELAY as u32,
+            (&ONE as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+        .build()
+        .user_data(7);
+        // SAFETY: the option value is a static.
+        unsafe { ring.submission().push(&sqe).unwrap() };
+        ring.submit_and_wait(1).unwrap();
+        let cqe = ring.completion().next().unwrap();
+        if cqe.result() < 0 {
+            eprintln!(
+                "this kernel cannot set socket options on the ring ({}): the fallback is used",
+                Errno(-cqe.result())
+            );
+            return;
+        }
+        assert!(socket2::SockRef::from(&fd).nodelay().unwrap());
+    }
 }
