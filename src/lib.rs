@@ -7,6 +7,8 @@ pub mod demo;
 pub mod engine;
 pub mod fd_reserve;
 pub mod flow_key;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod geo;
 pub mod health;
 pub mod listen;

@@ -361,7 +361,23 @@ impl Config {
                 Some(span) => line_col(text, span.start),
                 None => "file".to_string(),
             };
-            ConfigErrors(vec![ConfigError::new(path, place, e.message().trim())])
+            let mut problem = e.message().trim().to_string();
+            if problem.is_empty() {
+                // toml gives no message for some syntax errors, e.g. a control character
+                // in a comment; name what is at the spot rather than print nothing.
+                let at = e
+                    .span()
+                    .and_then(|s| text.get(s.start..))
+                    .and_then(|t| t.chars().next());
+                problem = match at {
+                    Some(c) if c.is_control() => {
+                        format!("invalid character {c:?} (control characters are not allowed)")
+                    }
+                    Some(c) => format!("invalid TOML at {c:?}"),
+                    None => "invalid TOML".to_string(),
+                };
+            }
+            ConfigErrors(vec![ConfigError::new(path, place, problem)])
         })?;
         validate(file, path)
     }

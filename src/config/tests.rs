@@ -63,6 +63,15 @@ fn unknown_key_names_file_line_and_key() {
 }
 
 #[test]
+fn toml_error_without_a_message_still_says_what_is_wrong() {
+    // Found by fuzzing: toml reports a control character in a comment with an empty message.
+    assert_eq!(
+        errors("# demo\u{0}config\n[runtime]\n"),
+        vec!["test.toml: line 1, column 7: invalid character '\\0' (control characters are not allowed)"]
+    );
+}
+
+#[test]
 fn bad_address_names_pool_and_backend() {
     let e = errors(&GOOD.replace("[::1]:9002", "localhost:9002"));
     assert_eq!(e.len(), 1);
