@@ -197,6 +197,8 @@ pub fn check_control_request(data: &[u8]) {
                 None | Some(serde_json::Value::Null) => None,
                 Some(v) => Some(v.as_str().expect("string field")),
             };
+            // `force` is optional and false when absent.
+            let force = obj.get("force").and_then(|v| v.as_bool()).unwrap_or(false);
             let opt_i = |k: &str| match obj.get(k) {
                 None | Some(serde_json::Value::Null) => None,
                 Some(v) => Some(v.as_i64().expect("integer field")),
@@ -209,31 +211,47 @@ pub fn check_control_request(data: &[u8]) {
                     assert_eq!(pool.as_deref(), opt_s("pool"));
                     ("backends", &["pool"])
                 }
-                Request::Drain { pool, addr }
-                | Request::Enable { pool, addr }
-                | Request::Disable { pool, addr }
-                | Request::Remove { pool, addr } => {
+                Request::Enable { pool, addr } => {
                     assert_eq!(Some(pool.as_str()), s("pool"));
                     assert_eq!(Some(addr.as_str()), s("addr"));
+                    ("enable", &["pool", "addr"])
+                }
+                Request::Drain { pool, addr, force: f }
+                | Request::Disable { pool, addr, force: f }
+                | Request::Remove { pool, addr, force: f } => {
+                    assert_eq!(Some(pool.as_str()), s("pool"));
+                    assert_eq!(Some(addr.as_str()), s("addr"));
+                    assert_eq!(*f, force);
                     let cmd = match req {
                         Request::Drain { .. } => "drain",
-                        Request::Enable { .. } => "enable",
                         Request::Disable { .. } => "disable",
                         _ => "remove",
                     };
-                    (cmd, &["pool", "addr"])
+                    (cmd, &["pool", "addr", "force"])
                 }
-                Request::Weight { pool, addr, weight } => {
+                Request::Weight {
+                    pool,
+                    addr,
+                    weight,
+                    force: f,
+                } => {
                     assert_eq!(Some(pool.as_str()), s("pool"));
                     assert_eq!(Some(addr.as_str()), s("addr"));
                     assert_eq!(Some(*weight), i("weight"));
-                    ("weight", &["pool", "addr", "weight"])
+                    assert_eq!(*f, force);
+                    ("weight", &["pool", "addr", "weight", "force"])
                 }
-                Request::Add { pool, addr, weight } => {
+                Request::Add {
+                    pool,
+                    addr,
+                    weight,
+                    force: f,
+                } => {
                     assert_eq!(Some(pool.as_str()), s("pool"));
                     assert_eq!(Some(addr.as_str()), s("addr"));
                     assert_eq!(*weight, opt_i("weight"));
-                    ("add", &["pool", "addr", "weight"])
+                    assert_eq!(*f, force);
+                    ("add", &["pool", "addr", "weight", "force"])
                 }
                 Request::Route { listener, client } => {
                     assert_eq!(Some(listener.as_str()), s("listener"));
