@@ -68,13 +68,19 @@ pub fn run_control_plane(server: Arc<Server>, endpoints: ControlEndpoints) -> Re
             }
         }
         let timeout = server.model.lock().config.runtime.shutdown_timeout;
-        // A second signal exits at once.
-        let forced = tokio::select! {
-            closed = graceful_shutdown(&server, timeout) => closed,
-            _ = term.recv() => { log::warn!("second signal: exiting now"); 0 }
-            _ = int.recv() => { log::warn!("second signal: exiting now"); 0 }
+        // A second signal exits at once: the connections still open then
+        // are closed by the exit, and that is the number reported.
+        let second = |server: &Server| {
+            let open = server.active_connections();
+            log::warn!("second signal: exiting now; {open} connection(s) still open are closed");
+            open
         };
-        log::info!("ringlb stopped ({forced} connection(s) closed at the shutdown timeout)");
+        let (closed, when) = tokio::select! {
+            closed = graceful_shutdown(&server, timeout) => (closed, "at the shutdown timeout"),
+            _ = term.recv() => (second(&server), "by the second signal"),
+            _ = int.recv() => (second(&server), "by the second signal"),
+        };
+        log::info!("ringlb stopped ({closed} connection(s) closed {when})");
         Ok(())
     })
 }
