@@ -65,6 +65,12 @@ enum CtlCommand {
     Backends {
         /// Only this pool.
         pool: Option<String>,
+        /// At most this many backends per pool (a page; all by default).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Skip this many backends of each pool first.
+        #[arg(long)]
+        offset: Option<usize>,
     },
     /// Take no new connections; open ones may finish within the pool's drain_timeout.
     Drain {
@@ -131,7 +137,9 @@ impl CtlCommand {
         use serde_json::json;
         match self {
             CtlCommand::Status => json!({"cmd": "status"}),
-            CtlCommand::Backends { pool } => json!({"cmd": "backends", "pool": pool}),
+            CtlCommand::Backends { pool, limit, offset } => {
+                json!({"cmd": "backends", "pool": pool, "limit": limit, "offset": offset})
+            }
             CtlCommand::Drain { pool, addr, force } => {
                 json!({"cmd": "drain", "pool": pool, "addr": addr, "force": force})
             }

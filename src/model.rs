@@ -1,7 +1,9 @@
 //! The control plane's model: pools, backends and listeners as configured and
 //! changed at runtime (control commands, health, reloads). It is the only
-//! writer of the routing snapshot; every change ends in one rebuild of the
-//! affected pool tables and one publish.
+//! writer of the routing snapshot. A control command or reload ends in one
+//! rebuild of the affected pool tables and one publish; health changes only
+//! mark their pool dirty, and the control plane's tick rebuilds each dirty
+//! pool once ([`Model::rebuild_dirty`]), however many backends changed.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -98,6 +100,72 @@ pub struct PoolState {
     pub next_slow_start_step: Option<Instant>,
     /// Pool removed by a reload: kept only until its connections are gone.
     pub retired: bool,
+    /// Its backends changed state since the last rebuild: health results
+    /// only mark the pool, and [`Model::rebuild_dirty`] rebuilds it once
+    /// for however many changes came in (one rebuild per pool per tick).
+    pub dirty: bool,
+    /// State changes since the last rebuild, logged together by it (one
+    /// line each when few, a summary line per kind when many).
+    pending_log: Vec<StateChange>,
+}
+
+/// One backend state change waiting to be logged.
+struct StateChange {
+    /// What happened, for the summary ("down", "up", "ejected", ...).
+    kind: &'static str,
+    addr: SocketAddr,
+    /// Why (the summary quotes the first one's).
+    reason: String,
+    /// The line logged when it is one of few.
+    line: String,
+}
+
+/// More state changes than this in one pool and tick are summarised.
+const LOG_EACH_UP_TO: usize = 3;
+/// Addresses named in a summary line.
+const SUMMARY_NAMES: usize = 3;
+/// State-change log lines (single or summary) per second, over all pools;
+/// the rest are counted and reported in one line.
+const STATE_LOG_LINES_PER_SEC: u32 = 20;
+
+/// Caps state-change log lines per second.
+#[derive(Debug)]
+struct LogCap {
+    window: Instant,
+    used: u32,
+    suppressed: u64,
+}
+
+impl LogCap {
+    /// Whether one more line may be logged at `now`.
+    fn allow(&mut self, now: Instant) -> bool {
+        self.roll(now);
+        if self.used < STATE_LOG_LINES_PER_SEC {
+            self.used += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    /// Starts a new window once a second has passed, reporting what the
+    /// last ones suppressed.
+    fn roll(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.window) >= Duration::from_secs(1) {
+            if self.suppressed > 0 {
+                log::warn!(
+                    "{} backend state-change log line(s) suppressed (more than {STATE_LOG_LINES_PER_SEC} a second); ctl backends shows every backend's state and reason",
+                    self.suppressed
+                );
+            }
+            *self = LogCap {
+                window: now,
+                used: 0,
+                suppressed: 0,
+            };
+        }
+    }
 }
 
 /// A listener as the control plane tracks it.
@@ -147,6 +215,7 @@ pub struct Model {
     next_slot: usize,
     next_epoch: u64,
     generation: u64,
+    log_cap: LogCap,
 }
 
 /// A control-command error (shown to the operator as is).
@@ -164,6 +233,11 @@ impl Model {
             next_slot: 0,
             next_epoch: 0,
             generation: 0,
+            log_cap: LogCap {
+                window: now,
+                used: 0,
+                suppressed: 0,
+            },
         };
         for p in &config.pools {
             let pool = model.new_pool(p, now);
@@ -192,6 +266,8 @@ impl Model {
             panic: false,
             next_slow_start_step: None,
             retired: false,
+            dirty: false,
+            pending_log: Vec::new(),
         }
     }
 
@@ -349,10 +425,13 @@ impl Model {
     /// stays one hash and one index with no per-lookup health check, and a
     /// backend that is down gets no slots, so connect retries are spent on
     /// live backends. The cost of a flapping backend lands on this thread
-    /// only (a build is ~1-3 ms for 100 backends at M = 65537), and rise/fall
-    /// damp flapping so rebuilds are at most one per check interval per
-    /// backend; workers only ever load the finished table.
+    /// only (a build is ~1-3 ms for 100 backends at M = 65537), rise/fall
+    /// damp flapping, and health changes are coalesced: at most one rebuild
+    /// per pool per control tick (100 ms), however many backends changed;
+    /// workers only ever load the finished table.
     pub fn rebuild(&mut self, i: usize, now: Instant) {
+        self.flush_state_log(i, now);
+        self.pools[i].dirty = false;
         let geo_cfg = &self.config.geo;
         let pool = &mut self.pools[i];
         let cfg = &pool.config;
@@ -583,11 +662,14 @@ impl Model {
 
     // === health ===
 
-    /// Records an active check result for backend `addr` (incarnation `epoch`).
-    /// Returns true when the table changed.
+    /// Records an active check result for backend `epoch` of pool `pool`,
+    /// found at `index` when its check started (`CheckJob::index`).
+    /// A change of state marks the pool dirty (rebuilt by
+    /// [`Model::rebuild_dirty`], once for every change up to then) and
+    /// returns true.
     pub fn record_check(
         &mut self,
-        pool: usize,
+        (pool, index): (usize, usize),
         epoch: u64,
         passed: Option<bool>,
         latency: Duration,
@@ -597,7 +679,13 @@ impl Model {
         let Some(p) = self.pools.get_mut(pool) else {
             return false;
         };
-        let Some(be) = p.backends.iter_mut().find(|b| b.epoch == epoch) else {
+        // `index` is where the backend was when its check started: one
+        // lookup, not a scan of the pool per result (removals shift it).
+        let at = match p.backends.get(index) {
+            Some(b) if b.epoch == epoch => Some(index),
+            _ => p.backends.iter().position(|b| b.epoch == epoch),
+        };
+        let Some(be) = at.map(|i| &mut p.backends[i]) else {
             return false;
         };
         be.check_in_flight = false;
@@ -618,25 +706,115 @@ impl Model {
         let transition = be.active.record(ok);
         be.last_check = Some((Some(ok), latency, detail.clone()));
         let Some(t) = transition else { return false };
-        let name = p.config.name.clone();
-        match t {
+        let name = &p.config.name;
+        let change = match t {
             Transition::WentDown => {
                 be.reason = format!("{} consecutive failed checks: {detail}", be.active.fall());
-                log::info!("pool \"{name}\": backend {} is down: {}", be.config.addr, be.reason);
+                StateChange {
+                    kind: "down",
+                    addr: be.config.addr,
+                    reason: be.reason.clone(),
+                    line: format!("pool \"{name}\": backend {} is down: {}", be.config.addr, be.reason),
+                }
             }
             Transition::WentUp => {
                 be.reason = format!("{} consecutive passed checks", be.active.rise());
                 be.healthy_since = Some(now);
-                log::info!("pool \"{name}\": backend {} is up: {}", be.config.addr, be.reason);
+                StateChange {
+                    kind: "up",
+                    addr: be.config.addr,
+                    reason: be.reason.clone(),
+                    line: format!("pool \"{name}\": backend {} is up: {}", be.config.addr, be.reason),
+                }
+            }
+        };
+        p.pending_log.push(change);
+        p.dirty = true;
+        true
+    }
+
+    /// Rebuilds every pool marked dirty, once each; true when any was
+    /// (the caller publishes one snapshot for all of them).
+    pub fn rebuild_dirty(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        for i in 0..self.pools.len() {
+            if self.pools[i].dirty {
+                any = true;
+                if self.pools[i].retired {
+                    self.flush_state_log(i, now);
+                    self.pools[i].dirty = false;
+                } else {
+                    self.rebuild(i, now);
+                }
             }
         }
-        self.rebuild(pool, now);
-        true
+        any
+    }
+
+    /// Whether some pool waits for a rebuild.
+    pub fn any_dirty(&self) -> bool {
+        self.pools.iter().any(|p| p.dirty)
+    }
+
+    /// Logs pool `i`'s pending state changes: each as its own line when
+    /// there are few, otherwise one summary line per kind ("pool "p": 37
+    /// backend(s) down (a, b, c and 34 more; first: reason)"), all under the
+    /// per-second cap.
+    fn flush_state_log(&mut self, i: usize, now: Instant) {
+        let pending = std::mem::take(&mut self.pools[i].pending_log);
+        if pending.is_empty() {
+            return;
+        }
+        if pending.len() <= LOG_EACH_UP_TO {
+            for c in pending {
+                if self.log_cap.allow(now) {
+                    log::info!("{}", c.line);
+                }
+            }
+            return;
+        }
+        let mut kinds: Vec<&'static str> = Vec::new();
+        for c in &pending {
+            if !kinds.contains(&c.kind) {
+                kinds.push(c.kind);
+            }
+        }
+        let parts: Vec<String> = kinds
+            .iter()
+            .map(|kind| {
+                let of_kind: Vec<&StateChange> = pending.iter().filter(|c| c.kind == *kind).collect();
+                let names: Vec<String> = of_kind.iter().take(SUMMARY_NAMES).map(|c| c.addr.to_string()).collect();
+                let more = of_kind.len().saturating_sub(SUMMARY_NAMES);
+                let more = if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                };
+                let first = &of_kind[0].reason;
+                format!(
+                    "{} backend(s) {kind} ({}{more}; first: {first})",
+                    of_kind.len(),
+                    names.join(", ")
+                )
+            })
+            .collect();
+        if self.log_cap.allow(now) {
+            log::info!("pool \"{}\": {}", self.pools[i].config.name, parts.join(", "));
+        }
     }
 
     /// Periodic work: passive ejections and their ends, slow-start steps,
     /// drain deadlines, removals, retired listeners and pools.
     pub fn tick(&mut self, now: Instant) -> Effects {
+        let mut fx = self.tick_state(now);
+        fx.publish |= self.rebuild_dirty(now);
+        fx
+    }
+
+    /// [`Model::tick`] without the rebuild: changed pools are only marked
+    /// dirty, for [`Model::rebuild_dirty`].
+    pub fn tick_state(&mut self, now: Instant) -> Effects {
+        self.log_cap.roll(now);
         let mut fx = Effects::default();
         for i in 0..self.pools.len() {
             fx.merge(self.tick_pool(i, now));
@@ -673,10 +851,15 @@ impl Model {
         for be in &mut pool.backends {
             if be.outlier.tick(now) {
                 be.reason = "ejection time over".into();
-                log::info!(
-                    "pool \"{name}\": backend {} returns after its ejection time",
-                    be.config.addr
-                );
+                pool.pending_log.push(StateChange {
+                    kind: "back from ejection",
+                    addr: be.config.addr,
+                    reason: be.reason.clone(),
+                    line: format!(
+                        "pool \"{name}\": backend {} returns after its ejection time",
+                        be.config.addr
+                    ),
+                });
                 be.healthy_since = Some(now);
                 ejected = ejected.saturating_sub(1);
                 changed = true;
@@ -692,12 +875,17 @@ impl Model {
                     .eject(now, outlier.ejection_time, outlier.max_ejection_time, allowed)
                 {
                     be.reason = format!("{failures} consecutive connect failures");
-                    log::info!(
-                        "pool \"{name}\": backend {} ejected for {:?}: {}",
-                        be.config.addr,
-                        until.saturating_duration_since(now),
-                        be.reason
-                    );
+                    pool.pending_log.push(StateChange {
+                        kind: "ejected",
+                        addr: be.config.addr,
+                        reason: be.reason.clone(),
+                        line: format!(
+                            "pool \"{name}\": backend {} ejected for {:?}: {}",
+                            be.config.addr,
+                            until.saturating_duration_since(now),
+                            be.reason
+                        ),
+                    });
                     ejected += 1;
                     changed = true;
                 } else if !allowed {
@@ -733,8 +921,7 @@ impl Model {
             changed = true;
         }
         if changed && !pool.retired {
-            self.rebuild(i, now);
-            fx.publish = true;
+            pool.dirty = true;
         }
         fx
     }
@@ -912,7 +1099,7 @@ impl Model {
             if hc.kind == CheckKind::None || p.retired {
                 continue;
             }
-            for b in &mut p.backends {
+            for (bi, b) in p.backends.iter_mut().enumerate() {
                 if b.check_in_flight || now < b.next_check || b.remove_when_drained {
                     continue;
                 }
@@ -926,6 +1113,7 @@ impl Model {
                 });
                 jobs.push(CheckJob {
                     pool: pi,
+                    index: bi,
                     pool_name: p.config.name.clone(),
                     epoch: b.epoch,
                     target,
@@ -1014,6 +1202,8 @@ fn build_geo_tables(
 pub struct CheckJob {
     /// Pool index.
     pub pool: usize,
+    /// Backend index when the check started (a hint: the epoch decides).
+    pub index: usize,
     /// Pool name (for the concurrency limit).
     pub pool_name: String,
     /// Backend incarnation.
@@ -1094,7 +1284,7 @@ mod tests {
             let now = t0 + Duration::from_secs(i + 1);
             let jobs = m.due_checks(now);
             assert_eq!(jobs.len(), 1, "a check is due every interval, not-run or not");
-            let changed = m.record_check(0, jobs[0].epoch, None, ms, "not run: EMFILE".into(), now);
+            let changed = m.record_check((0, 0), jobs[0].epoch, None, ms, "not run: EMFILE".into(), now);
             assert!(!changed);
         }
         let b = &m.pools[0].backends[0];
@@ -1104,7 +1294,7 @@ mod tests {
         for i in 10..12 {
             let now = t0 + Duration::from_secs(i + 1);
             let epoch = m.due_checks(now)[0].epoch;
-            m.record_check(0, epoch, Some(false), ms, "connection refused".into(), now);
+            m.record_check((0, 0), epoch, Some(false), ms, "connection refused".into(), now);
         }
         assert_eq!(m.pools[0].backends[0].state_label(t0), "down");
     }

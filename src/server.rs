@@ -27,6 +27,10 @@ pub struct Server {
     /// Held while a reload runs: one at a time, and a second one is refused
     /// rather than queued behind a file that is slow to read.
     pub reloading: tokio::sync::Mutex<()>,
+    /// Woken when a pool is marked dirty (a health check changed a
+    /// backend's state): the control plane's ticker rebuilds dirty pools
+    /// then, at most once per tick, instead of once per change.
+    pub rebuild_soon: tokio::sync::Notify,
 }
 
 impl Server {
@@ -249,6 +253,7 @@ pub fn run(config: Config) -> Result<(), String> {
         model: Mutex::new(model),
         workers: senders,
         reloading: tokio::sync::Mutex::new(()),
+        rebuild_soon: tokio::sync::Notify::new(),
     });
     {
         let mut model = server.model.lock();

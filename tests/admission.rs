@@ -273,6 +273,7 @@ fn start_with_fd_limit(cfg: &std::path::Path, limit: u64) -> Ringlb {
     Ringlb {
         child: cmd.spawn().unwrap(),
         dir: TempDir::new("fdlimit"),
+        log: None,
         config: cfg.to_path_buf(),
     }
 }

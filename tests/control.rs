@@ -465,6 +465,33 @@ fn shutdown_timeout_closes_stragglers_and_second_signal_exits_at_once() {
     assert!(started.elapsed() < Duration::from_secs(1));
 }
 
+/// Issue 17 item 11: after a second SIGTERM the log said "0 connection(s)
+/// closed"; it reports the connections the exit closes.
+#[test]
+fn second_signal_logs_the_connections_it_closes() {
+    let a = Backend::start("a", Behaviour::Stall);
+    let dir = TempDir::new("ctl");
+    let sock = dir.0.join("ctl.sock");
+    let listen = lb_addr();
+    let body = listener_block("web", listen, "web") + &pool_block("web", &[a.addr], "");
+    let config =
+        config_with_control("auto", &sock, &body).replace("shutdown_timeout = \"2s\"", "shutdown_timeout = \"30s\"");
+    let mut lb = Ringlb::start_logged(&config, listen, &[("RUST_LOG", "info")]);
+    let _open: Vec<_> = (0..2).map(|_| connect_from(listen, None).unwrap()).collect();
+    assert!(wait_until(Duration::from_secs(3), || a.accepted() == 2));
+    lb.signal(libc::SIGTERM);
+    assert!(wait_until(Duration::from_secs(3), || lb
+        .log_text()
+        .contains("shutting down")));
+    lb.signal(libc::SIGTERM);
+    assert_eq!(lb.wait_exit(Duration::from_secs(2)), Some(0));
+    let log = lb.log_text();
+    assert!(
+        log.contains("ringlb stopped (2 connection(s) closed by the second signal)"),
+        "{log}"
+    );
+}
+
 /// A full control socket: `ringlb ctl` prints the server's "too many control
 /// clients" reply (exit 1), not the broken pipe of a request nobody reads.
 #[test]

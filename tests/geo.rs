@@ -97,13 +97,14 @@ fn draining_half_of_eu_moves_its_share_to_us_and_losing_all_of_eu_moves_everythi
         .zip(["eu-1", "eu-2"])
         .map(|(a, t)| Backend::start_on(*a, t, Behaviour::TagEcho))
         .collect();
-    assert!(wait_until(Duration::from_secs(3), || backend_info(
-        &lb.sock,
-        "web",
-        eu_addrs[0]
-    )["state"]
-        == "active"
-        && backend_info(&lb.sock, "web", eu_addrs[1])["state"] == "active"));
+    // Up by their checks and back in the published table: health changes
+    // are rebuilt at the next control tick (at most 100 ms after the state).
+    let in_table = |a: SocketAddr| {
+        let b = backend_info(&lb.sock, "web", a);
+        b["state"] == "active" && b["effective_weight"].as_u64().unwrap_or(0) > 0
+    };
+    assert!(wait_until(Duration::from_secs(3), || in_table(eu_addrs[0])
+        && in_table(eu_addrs[1])));
     let m = region_share(&lb, 1, 300);
     assert!(m.get("eu").copied().unwrap_or(0) >= 297, "after recovery: {m:?}");
     drop((us_backends, back));

@@ -253,3 +253,124 @@ fn slow_start_ramps_a_recovered_backends_share() {
     assert!((150..=250).contains(&late), "b's full share after the ramp: {late}/400");
     drop(b);
 }
+
+/// Accepts and closes connections on 0.0.0.0:port until dropped: one socket
+/// stands in for many backends at 127.x.y.z (all of 127/8 routes to lo).
+struct AcceptAll {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl AcceptAll {
+    fn start() -> AcceptAll {
+        let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                match l.accept() {
+                    Ok(_) => {}
+                    Err(_) => thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        AcceptAll {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for AcceptAll {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Issue 17 finding 5 at a small scale: half of 500 checked backends die at
+/// once. Health changes only mark the pool; it is rebuilt at most once per
+/// tick, so the table generation grows by a handful (it grew by one per
+/// backend, 250); the log has summary lines, not a line per backend; and
+/// `ctl backends` returns every backend, whole or paged.
+#[test]
+fn half_of_500_checked_backends_going_down_costs_a_handful_of_rebuilds_and_summary_lines() {
+    let alive = AcceptAll::start();
+    let doomed = AcceptAll::start();
+    let listen = lb_addr();
+    let dir = TempDir::new("many");
+    let sock = dir.0.join("ctl.sock");
+    let mut body = format!(
+        "[[listener]]\nname = \"web\"\nbind = \"{listen}\"\npool = \"web\"\n\n[[pool]]\nname = \"web\"\n\
+         [pool.health_check]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2\njitter = \"50ms\"\nmax_concurrent = 100\n"
+    );
+    let mut addrs = Vec::new();
+    for i in 0..500u32 {
+        let addr = if i % 2 == 0 {
+            format!("127.2.{}.{}:{}", i / 200, i % 200 + 1, alive.port)
+        } else {
+            format!("127.3.{}.{}:{}", i / 200, i % 200 + 1, doomed.port)
+        };
+        body.push_str(&format!("[[pool.backend]]\naddr = \"{addr}\"\n"));
+        addrs.push(addr);
+    }
+    let lb = Ringlb::start_logged(
+        &config_with_control("auto", &sock, &body),
+        listen,
+        &[("RUST_LOG", "info")],
+    );
+    let generation = || {
+        ctl_json(&sock, &["stats"]).1["pools"][0]["table_generation"]
+            .as_u64()
+            .unwrap()
+    };
+    let down = || {
+        ctl_json(&sock, &["backends", "web"]).1["pools"][0]["backends"]
+            .as_array()
+            .map_or(0, |b| b.iter().filter(|b| b["state"] == "down").count())
+    };
+    // A few check rounds, all passing.
+    thread::sleep(Duration::from_millis(800));
+    assert_eq!(down(), 0);
+    let before = generation();
+    drop(doomed);
+    assert!(wait_until(Duration::from_secs(5), || down() == 250), "{} down", down());
+    thread::sleep(Duration::from_millis(300));
+    let published = generation() - before;
+    println!("250 backends down: {published} table generation(s)");
+    assert!(published <= 15, "{published} table generations for one storm");
+
+    let log = lb.log_text();
+    let summaries = log.lines().filter(|l| l.contains(" backend(s) down (")).count();
+    let singles = log.lines().filter(|l| l.contains(" is down: ")).count();
+    println!("{summaries} summary line(s), {singles} single line(s)");
+    assert!(summaries >= 1, "{log}");
+    assert!(summaries + singles <= 20, "{log}");
+
+    // Every backend, complete.
+    let (code, v) = ctl_json(&sock, &["backends"]);
+    assert_eq!(code, 0);
+    let got: Vec<&str> = v["pools"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["addr"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, addrs.iter().map(String::as_str).collect::<Vec<_>>());
+    // And paged.
+    let (code, v) = ctl_json(&sock, &["backends", "web", "--limit", "100", "--offset", "450"]);
+    assert_eq!(code, 0);
+    let page = &v["pools"][0];
+    assert_eq!(page["total_backends"], 500);
+    assert_eq!(page["backends"].as_array().unwrap().len(), 50);
+    assert_eq!(page["backends"][0]["addr"], addrs[450].as_str());
+    let (code, text, _) = ctl_text(&sock, &["backends", "web", "--limit", "10"]);
+    assert_eq!(code, 0);
+    assert!(text.contains("backends 1-10 of 500"), "{text}");
+}

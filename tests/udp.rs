@@ -94,6 +94,7 @@ fn start(engine: &str, workers: usize, backends: &[(SocketAddr, u32)], listener_
     let lb = Ringlb {
         child,
         dir: dir2,
+        log: None,
         config: path,
     };
     assert!(

@@ -157,9 +157,21 @@ pub fn human(cmd: &str, r: &Value) -> String {
                 } else {
                     ""
                 };
+                let shown = p["backends"].as_array().map_or(0, Vec::len) as u64;
+                let total = p["total_backends"].as_u64().unwrap_or(shown);
+                let offset = p["offset"].as_u64().unwrap_or(0);
+                let page = if shown < total {
+                    format!(
+                        ", backends {}-{} of {total}",
+                        (offset + 1).min(offset + shown),
+                        offset + shown
+                    )
+                } else {
+                    String::new()
+                };
                 let _ = writeln!(
                     out,
-                    "pool {} (table generation {}){panic}",
+                    "pool {} (table generation {}{page}){panic}",
                     s(p, "pool"),
                     s(p, "table_generation")
                 );

@@ -1,6 +1,7 @@
 //! The control protocol: one JSON request per line, one JSON reply per line.
 //!
-//! Requests: `{"cmd":"status"}`, `{"cmd":"backends","pool":"web"}`,
+//! Requests: `{"cmd":"status"}`, `{"cmd":"backends","pool":"web"}` (paged
+//! with `"limit"` and `"offset"`: backends per pool),
 //! `{"cmd":"drain","pool":"web","addr":"10.0.0.1:80"}`, `enable`, `disable`,
 //! `{"cmd":"weight","pool":..,"addr":..,"weight":5}`,
 //! `{"cmd":"add","pool":..,"addr":..,"weight":2}`, `remove`, `{"cmd":"reload"}`,
@@ -25,6 +26,12 @@ pub enum Request {
         /// Only this pool.
         #[serde(default)]
         pool: Option<String>,
+        /// At most this many backends per pool (paging; all by default).
+        #[serde(default)]
+        limit: Option<usize>,
+        /// Skip this many backends of each pool first.
+        #[serde(default)]
+        offset: Option<usize>,
     },
     /// No new connections; existing ones finish within drain_timeout.
     Drain {
@@ -135,7 +142,7 @@ mod tests {
         assert!(matches!(parse_request(r#"{"cmd":"status"}"#), Ok(Request::Status {})));
         assert!(matches!(
             parse_request(r#"{"cmd":"backends"}"#),
-            Ok(Request::Backends { pool: None })
+            Ok(Request::Backends { pool: None, .. })
         ));
         assert!(matches!(
             parse_request(r#"{"cmd":"weight","pool":"p","addr":"127.0.0.1:1","weight":3}"#),

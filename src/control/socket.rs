@@ -2,7 +2,8 @@
 //!
 //! Bounded everywhere: at most [`MAX_CLIENTS`] clients at once (more are told
 //! so and closed), a request line is at most [`MAX_LINE`] bytes, and a client
-//! that sends nothing for [`IDLE_TIMEOUT`] is closed. Each client runs in its
+//! that sends nothing for [`IDLE_TIMEOUT`], or reads none of its reply for
+//! [`WRITE_STALL`], is closed. Each client runs in its
 //! own task, so a slow one never holds up another, and the data plane never
 //! runs here at all.
 
@@ -26,6 +27,8 @@ pub const MAX_LINE: usize = 64 * 1024;
 pub const MAX_CLIENTS: usize = 32;
 /// A client that sends no complete line for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that reads none of its reply for this long is closed.
+pub const WRITE_STALL: Duration = Duration::from_secs(5);
 /// Descriptors kept back so control clients are served when the data plane
 /// has used all the others.
 const RESERVED_FDS: usize = 2;
@@ -139,25 +142,43 @@ async fn serve_client(stream: tokio::net::UnixStream, server: &Arc<Server>) {
     let mut reader = BufReader::with_capacity(8192, read);
     let mut buf = Vec::new();
     loop {
-        let reply = match tokio::time::timeout(IDLE_TIMEOUT, read_line_capped(&mut reader, &mut buf)).await {
+        let (reply, close) = match tokio::time::timeout(IDLE_TIMEOUT, read_line_capped(&mut reader, &mut buf)).await {
             Err(_) | Ok(Err(_)) | Ok(Ok(Line::Eof)) => return,
-            Ok(Ok(Line::TooLong)) => error(format!("request line longer than {MAX_LINE} bytes")),
+            Ok(Ok(Line::TooLong)) => (
+                error(format!("request line longer than {MAX_LINE} bytes")).to_string(),
+                true,
+            ),
             Ok(Ok(Line::Complete(line))) => match parse_request(&line) {
-                Ok(req) => super::handle(server, req).await,
-                Err(e) => error(e),
+                Ok(req) => (super::handle_line(server, req).await, false),
+                Err(e) => (error(e).to_string(), false),
             },
         };
-        let close = reply
-            .get("error")
-            .and_then(|e| e.as_str())
-            .is_some_and(|e| e.starts_with("request line longer"));
-        let text = format!("{reply}\n");
-        if !matches!(
-            tokio::time::timeout(Duration::from_secs(5), write.write_all(text.as_bytes())).await,
-            Ok(Ok(()))
-        ) || close
-        {
+        let text = reply + "\n";
+        let started = std::time::Instant::now();
+        let written = write_reply(&mut write, text.as_bytes()).await;
+        log::debug!(
+            "control reply of {} bytes written in {:?}{}",
+            text.len(),
+            started.elapsed(),
+            if written { "" } else { " (client gone or stalled: cut)" }
+        );
+        if !written || close {
             return;
         }
     }
+}
+
+/// Writes a whole reply, however large (`ctl backends` of 10,000 backends
+/// is megabytes): the client is dropped only when a write makes no progress
+/// for [`WRITE_STALL`], never for the total time, which a big reply on a
+/// busy control thread may well exceed. A cut reply is a broken one (the
+/// client cannot parse half a JSON line), so it is the last thing to do.
+async fn write_reply(write: &mut tokio::net::unix::OwnedWriteHalf, mut buf: &[u8]) -> bool {
+    while !buf.is_empty() {
+        match tokio::time::timeout(WRITE_STALL, write.write(buf)).await {
+            Ok(Ok(n)) if n > 0 => buf = &buf[n..],
+            _ => return false,
+        }
+    }
+    true
 }

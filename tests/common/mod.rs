@@ -11,9 +11,11 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// The binary under test.
+/// The binary under test: this build's, or `RINGLB_TEST_BIN` (to run a
+/// test against another build, e.g. one from before a fix).
 pub fn ringlb_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_ringlb")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| std::env::var("RINGLB_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ringlb").to_string()))
 }
 
 /// A port for a ringlb listener: free for TCP and UDP on 127.0.0.1 and ::1
@@ -91,6 +93,8 @@ pub struct Ringlb {
     pub child: Child,
     pub dir: TempDir,
     pub config: PathBuf,
+    /// Where its stderr goes, when started with [`Ringlb::start_logged`].
+    pub log: Option<PathBuf>,
 }
 
 impl Ringlb {
@@ -100,10 +104,32 @@ impl Ringlb {
     }
 
     pub fn start_with(config: &str, wait_for: SocketAddr, env: &[(&str, &str)]) -> Ringlb {
+        Self::start_inner(config, wait_for, env, false)
+    }
+
+    /// Like [`Ringlb::start_with`], with stderr (the log) to a file: see
+    /// [`Ringlb::log_text`].
+    pub fn start_logged(config: &str, wait_for: SocketAddr, env: &[(&str, &str)]) -> Ringlb {
+        Self::start_inner(config, wait_for, env, true)
+    }
+
+    /// The log so far (empty unless started with [`Ringlb::start_logged`]).
+    pub fn log_text(&self) -> String {
+        self.log
+            .as_ref()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    fn start_inner(config: &str, wait_for: SocketAddr, env: &[(&str, &str)], logged: bool) -> Ringlb {
         let dir = TempDir::new("lb");
         let path = dir.file("ringlb.toml", config);
         let mut cmd = Command::new(ringlb_bin());
         cmd.arg("run").arg("-c").arg(&path).stdin(Stdio::null());
+        let log = logged.then(|| dir.0.join("ringlb.log"));
+        if let Some(log) = &log {
+            cmd.stderr(std::fs::File::create(log).expect("create the log file"));
+        }
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
         }
@@ -131,6 +157,7 @@ impl Ringlb {
             child,
             dir,
             config: path,
+            log,
         }
     }
 
