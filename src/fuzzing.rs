@@ -207,9 +207,11 @@ pub fn check_control_request(data: &[u8]) {
                 Request::Status {} => ("status", &[]),
                 Request::Reload {} => ("reload", &[]),
                 Request::Stats {} => ("stats", &[]),
-                Request::Backends { pool } => {
+                Request::Backends { pool, limit, offset } => {
                     assert_eq!(pool.as_deref(), opt_s("pool"));
-                    ("backends", &["pool"])
+                    assert_eq!(limit.map(|n| n as i64), opt_i("limit"));
+                    assert_eq!(offset.map(|n| n as i64), opt_i("offset"));
+                    ("backends", &["pool", "limit", "offset"])
                 }
                 Request::Enable { pool, addr } => {
                     assert_eq!(Some(pool.as_str()), s("pool"));

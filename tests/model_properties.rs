@@ -882,7 +882,7 @@ impl Harness {
                         .get(job.pool)
                         .is_some_and(|p| p.backends.iter().any(|b| b.epoch == job.epoch));
                     let changed = self.model.record_check(
-                        job.pool,
+                        (job.pool, job.index),
                         job.epoch,
                         *passed,
                         Duration::from_millis(1),
@@ -927,6 +927,12 @@ impl Harness {
 
     fn check(&mut self) -> Check {
         let now = self.now;
+        if matches!(self.inv, Inv::OnlyUsable | Inv::NeverEmpty | Inv::UsableWeighted) && self.model.any_dirty() {
+            // Health results only mark their pool; the control plane's
+            // ticker rebuilds it within one tick (100 ms), at the latest.
+            // The table invariants hold of the tables it publishes then.
+            self.model.rebuild_dirty(now);
+        }
         match self.inv {
             Inv::OnlyUsable => check_only_usable(&mut self.model, now),
             Inv::NeverEmpty | Inv::UsableWeighted => check_never_empty(&mut self.model, now, self.inv),
