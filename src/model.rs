@@ -928,6 +928,40 @@ impl Model {
 
     // === reload ===
 
+    /// The pool rules ([`crate::config::pool_rule_problems`]) applied to
+    /// each pool of `new` as [`Model::apply_config`] would leave it: the
+    /// operator states of backends that stay are kept, so a drained or
+    /// disabled one is not in service (a new or re-added one is). A file
+    /// whose kept backends are all drained or disabled would otherwise leave
+    /// the pool taking nothing, which `ctl` refuses without `--force`.
+    pub fn reload_rule_problems(&self, new: &Config) -> Vec<String> {
+        let mut problems = Vec::new();
+        for pc in &new.pools {
+            let Some(i) = self.pool_index(&pc.name) else { continue };
+            let members: Vec<crate::config::PoolMember> = pc
+                .backends
+                .iter()
+                .map(|bc| {
+                    let kept = self.pools[i]
+                        .backends
+                        .iter()
+                        .find(|b| b.config.addr == bc.addr && !b.remove_when_drained);
+                    crate::config::PoolMember {
+                        weight: bc.weight,
+                        in_service: kept.is_none_or(|b| b.admin == AdminState::Enabled),
+                    }
+                })
+                .collect();
+            for (key, problem) in crate::config::pool_rule_problems(&members, pc.table_size) {
+                problems.push(format!(
+                    "pool \"{}\": {key}: {problem} (drained and disabled states are kept on reload: enable one first)",
+                    pc.name
+                ));
+            }
+        }
+        problems
+    }
+
     /// Applies a new, already validated config: pools and backends in place,
     /// listeners updated in place or retired. New listeners are returned for
     /// the caller to bind (it bound their sockets before calling, so a bind

@@ -153,6 +153,17 @@ impl Server {
             );
         }
         let mut model = self.model.lock();
+        // Checked under the lock that applies it: no ctl command in between.
+        let problems = model.reload_rule_problems(&new);
+        if !problems.is_empty() {
+            let file = model
+                .config
+                .source
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            return Err(format!("{file}: {}; nothing changed", problems.join("; ")));
+        }
         let (changes, to_start) = model.apply_config(new, Instant::now());
         for l in to_start {
             let s = sockets.remove(&l.name).expect("bound above");

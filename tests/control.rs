@@ -849,3 +849,46 @@ fn reload_swaps_and_renames_listeners_on_ringlbs_own_ports() {
         assert!(names.contains(&l1) && names.contains(&l2), "{status}");
     }
 }
+
+/// A reload is held to the pool rules with the operator states it keeps:
+/// found by the chaos run (tests/chaos.rs). With a disabled and b active,
+/// a file listing only a used to be applied: b was removed, a stayed
+/// disabled, and the pool refused every client (`no_backend`).
+#[test]
+fn reload_that_leaves_only_disabled_or_drained_backends_is_rejected() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let b = Backend::start("b", Behaviour::TagEcho);
+    let s = setup(&[a.addr, b.addr]);
+    let full = std::fs::read_to_string(&s.lb.config).unwrap();
+    let only_a = full.replace(&format!("[[pool.backend]]\naddr = \"{}\"\n", b.addr), "");
+    for op in ["disable", "drain"] {
+        assert_eq!(ctl_json(&s.sock, &[op, "web", &a.addr.to_string()]).0, 0);
+        std::fs::write(&s.lb.config, &only_a).unwrap();
+        let (code, v) = ctl_json(&s.sock, &["reload"]);
+        assert_eq!(
+            code, 1,
+            "{op}: a reload leaving only {op}d backends must be rejected: {v}"
+        );
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("pool \"web\"") && error.contains("drained or disabled"),
+            "{op}: {v}"
+        );
+        assert_eq!(
+            ctl_json(&s.sock, &["status"]).1["config_generation"],
+            1,
+            "nothing changed"
+        );
+        assert_eq!(backend_info(&s.sock, "web", b.addr)["state"], "active", "b stays");
+        for _ in 0..10 {
+            assert_eq!(read_tag(s.listen, None).unwrap(), "b");
+        }
+        // With a back in service the same file is fine.
+        assert_eq!(ctl_json(&s.sock, &["enable", "web", &a.addr.to_string()]).0, 0);
+        std::fs::write(&s.lb.config, &full).unwrap();
+    }
+    std::fs::write(&s.lb.config, &only_a).unwrap();
+    let (code, v) = ctl_json(&s.sock, &["reload"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(read_tag(s.listen, None).unwrap(), "a");
+}
