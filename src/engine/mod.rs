@@ -3,6 +3,7 @@
 //! ([`readiness`]) are the only code that differs between the engines;
 //! everything about a connection is decided once, in [`crate::conn`].
 
+pub mod driver;
 pub mod listener;
 pub mod pipe;
 pub mod probe;

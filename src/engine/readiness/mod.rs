@@ -10,18 +10,18 @@
 //! Sends are tried at once and only wait for EPOLLOUT when the socket's
 //! buffer is full.
 
-use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::conn::{Conn, Data, Errno, Op, Side, TimerWheel, Via};
+use crate::conn::{Conn, Data, Errno, Op, Side, Via};
 use crate::fd_reserve::FdReserve;
 use crate::proxy::buffers::BufPool;
 use crate::udp::proxy::UdpListener;
 use crate::worker::{Shared, WorkerCmd, WorkerInbox};
 
+use super::driver::{check_close, drive, fire_timers, ConnSlot, Driver, Immediate, Shell};
 use super::listener::{accept_client, TcpListener};
 use super::pipe::{Pipe, PipePool, SPLICE_CHUNK};
 use super::slab::Slab;
@@ -35,7 +35,7 @@ const EVENTS: usize = 256;
 const ACCEPT_BATCH: usize = 64;
 
 /// A proxied connection's sockets and readiness, around its machine.
-struct Slot {
+pub(crate) struct Slot {
     conn: Conn,
     fds: [Option<OwnedFd>; 2],
     /// The kernel said the socket may have data / room (cleared on EAGAIN
@@ -63,12 +63,6 @@ impl Slot {
     }
 }
 
-enum Immediate {
-    Connected(Result<(), Errno>),
-    Received(Side, Result<usize, Errno>, usize),
-    Sent(Side, Result<usize, Errno>),
-}
-
 /// One worker's epoll loop.
 struct EpollWorker {
     epoll: OwnedFd,
@@ -80,13 +74,10 @@ struct EpollWorker {
     udp: Slab<UdpListener>,
     /// Listeners with clients left over from the last batch.
     accept_ready: Vec<usize>,
-    wheel: TimerWheel,
+    driver: Driver,
     bufs: BufPool,
     pipes: PipePool,
     fd_reserve: FdReserve,
-    out: Vec<Op>,
-    immediate: VecDeque<Immediate>,
-    fired: Vec<u64>,
 }
 
 fn epoll_ctl(epoll: &OwnedFd, op: i32, fd: RawFd, events: u32, token: Token) -> std::io::Result<()> {
@@ -99,6 +90,28 @@ fn epoll_ctl(epoll: &OwnedFd, op: i32, fd: RawFd, events: u32, token: Token) -> 
 }
 
 const SOCKET_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+
+impl ConnSlot for Slot {
+    fn conn(&mut self) -> &mut Conn {
+        &mut self.conn
+    }
+
+    fn armed(&mut self) -> &mut Option<Instant> {
+        &mut self.armed
+    }
+}
+
+impl Shell for EpollWorker {
+    type Slot = Slot;
+
+    fn parts(&mut self) -> (&mut Slab<Slot>, &mut Driver) {
+        (&mut self.conns, &mut self.driver)
+    }
+
+    fn execute(&mut self, index: u32, gen: u32, op: Op) {
+        EpollWorker::execute(self, index, gen, op)
+    }
+}
 
 impl EpollWorker {
     fn new(id: usize, shared: Arc<Shared>, inbox: WorkerInbox) -> std::io::Result<EpollWorker> {
@@ -125,13 +138,10 @@ impl EpollWorker {
             listeners: Vec::new(),
             udp: Slab::default(),
             accept_ready: Vec::new(),
-            wheel: TimerWheel::new(Instant::now()),
+            driver: Driver::new(Instant::now()),
             bufs: BufPool::default(),
             pipes: PipePool::default(),
             fd_reserve: FdReserve::new(1),
-            out: Vec::with_capacity(8),
-            immediate: VecDeque::new(),
-            fired: Vec::new(),
         })
     }
 
@@ -145,7 +155,7 @@ impl EpollWorker {
                 self.handle_commands(now);
             }
             self.resume_listeners(now);
-            self.fire_timers(now);
+            fire_timers(&mut self, now);
             for u in self.udp.iter_mut() {
                 if u.next_expiry() <= now {
                     u.expire(now);
@@ -158,7 +168,7 @@ impl EpollWorker {
                 0
             } else {
                 let next = [
-                    self.wheel.next_due(),
+                    self.driver.wheel.next_due(),
                     self.listeners.iter().flatten().filter_map(|l| l.resume_at).min(),
                     self.udp.iter().map(|u| u.next_expiry()).min(),
                 ]
@@ -245,7 +255,10 @@ impl EpollWorker {
                         log::error!("worker {}: udp listener \"{name}\": {e}", self.id);
                     }
                 }
-                WorkerCmd::CheckClose => self.check_close(),
+                WorkerCmd::CheckClose => {
+                    let force = self.shared.force_close.load(Ordering::Relaxed);
+                    check_close(self, force);
+                }
             }
         }
         for (i, g) in self.udp.keys() {
@@ -326,8 +339,9 @@ impl EpollWorker {
             }
             // SAFETY: accept4 returned a new descriptor nobody else owns.
             let client = unsafe { OwnedFd::from_raw_fd(fd) };
-            let Some(conn) = accept_client(&self.shared, &self.fd_reserve, l, &client, now, &mut self.out) else {
-                self.out.clear();
+            let Some(conn) = accept_client(&self.shared, &self.fd_reserve, l, &client, now, &mut self.driver.out)
+            else {
+                self.driver.out.clear();
                 continue;
             };
             let (i, g) = self.conns.insert(Slot {
@@ -344,7 +358,7 @@ impl EpollWorker {
                 armed: None,
             });
             let slot = self.conns.get_mut(i, g).expect("just inserted");
-            if !slot.conn.is_finished() || !self.out.is_empty() {
+            if !slot.conn.is_finished() || !self.driver.out.is_empty() {
                 let fd = slot.fd(Side::Client);
                 if let Err(e) = epoll_ctl(
                     &self.epoll,
@@ -356,34 +370,10 @@ impl EpollWorker {
                     log::warn!("worker {}: epoll add: {e}", self.id);
                 }
             }
-            self.drive(i, g);
+            drive(self, i, g);
         }
         // More may be waiting: continue next turn, after other events.
         self.accept_ready.push(index);
-    }
-
-    fn check_close(&mut self) {
-        let force = self.shared.force_close.load(Ordering::Relaxed);
-        for (index, gen) in self.conns.keys() {
-            if let Some(slot) = self.conns.get_mut(index, gen) {
-                slot.conn.check_close(force, &mut self.out);
-                self.drive(index, gen);
-            }
-        }
-    }
-
-    fn fire_timers(&mut self, now: Instant) {
-        let mut fired = std::mem::take(&mut self.fired);
-        self.wheel.advance(now, &mut fired);
-        for key in fired.drain(..) {
-            let t = Token(key);
-            if let Some(slot) = self.conns.get_mut(t.index(), t.gen()) {
-                slot.armed = None;
-                slot.conn.on_timer(now, &mut self.out);
-                self.drive(t.index(), t.gen());
-            }
-        }
-        self.fired = fired;
     }
 
     /// A socket of a connection reported readiness.
@@ -410,11 +400,11 @@ impl EpollWorker {
                 Ok(Some(e)) => Err(Errno(errno(&e))),
                 Err(e) => Err(Errno(errno(&e))),
             };
-            slot.conn.on_connected(r, now, &mut self.out);
-            self.drive(index, gen);
+            slot.conn.on_connected(r, now, &mut self.driver.out);
+            drive(self, index, gen);
         }
         self.progress(index, gen, side);
-        self.drive(index, gen);
+        drive(self, index, gen);
     }
 
     /// Runs the receive and send of `side` that wait for readiness it now has.
@@ -437,45 +427,6 @@ impl EpollWorker {
         }
     }
 
-    /// Carries out the machine's ops, feeding back the results known at
-    /// once, until nothing is left; then arms the timer.
-    fn drive(&mut self, index: u32, gen: u32) {
-        loop {
-            let mut ops = std::mem::take(&mut self.out);
-            for op in ops.drain(..) {
-                self.execute(index, gen, op);
-            }
-            if self.out.is_empty() {
-                self.out = ops;
-            }
-            let Some(ev) = self.immediate.pop_front() else {
-                if self.out.is_empty() {
-                    break;
-                }
-                continue;
-            };
-            let Some(slot) = self.conns.get_mut(index, gen) else {
-                self.immediate.clear();
-                break;
-            };
-            let now = Instant::now();
-            match ev {
-                Immediate::Connected(r) => slot.conn.on_connected(r, now, &mut self.out),
-                Immediate::Received(side, r, cap) => slot.conn.on_received(side, r, cap, now, &mut self.out),
-                Immediate::Sent(side, r) => slot.conn.on_sent(side, r, now, &mut self.out),
-            }
-        }
-        let Some(slot) = self.conns.get_mut(index, gen) else {
-            return;
-        };
-        if let Some(d) = slot.conn.deadline() {
-            if slot.armed.is_none_or(|a| d < a) {
-                slot.armed = Some(d);
-                self.wheel.insert(Token::new(Kind::Ignore, index, gen).0, d);
-            }
-        }
-    }
-
     fn execute(&mut self, index: u32, gen: u32, op: Op) {
         let Some(slot) = self.conns.get_mut(index, gen) else {
             return;
@@ -484,12 +435,22 @@ impl EpollWorker {
             Op::Connect { addr, .. } => {
                 let fd = match backend_socket(addr) {
                     Ok(fd) => fd,
-                    Err(e) => return self.immediate.push_back(Immediate::Connected(Err(Errno(errno(&e))))),
+                    Err(e) => {
+                        return self
+                            .driver
+                            .immediate
+                            .push_back(Immediate::Connected(Err(Errno(errno(&e)))))
+                    }
                 };
                 match socket2::SockRef::from(&fd).connect(&addr.into()) {
                     Ok(()) => {}
                     Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-                    Err(e) => return self.immediate.push_back(Immediate::Connected(Err(Errno(errno(&e))))),
+                    Err(e) => {
+                        return self
+                            .driver
+                            .immediate
+                            .push_back(Immediate::Connected(Err(Errno(errno(&e)))))
+                    }
                 }
                 if let Err(e) = epoll_ctl(
                     &self.epoll,
@@ -498,7 +459,10 @@ impl EpollWorker {
                     SOCKET_EVENTS,
                     Token::new(Kind::RecvBackend, index, gen),
                 ) {
-                    return self.immediate.push_back(Immediate::Connected(Err(Errno(errno(&e)))));
+                    return self
+                        .driver
+                        .immediate
+                        .push_back(Immediate::Connected(Err(Errno(errno(&e)))));
                 }
                 slot.fds[1] = Some(fd);
                 slot.readable[1] = false;
@@ -510,7 +474,9 @@ impl EpollWorker {
                 if std::mem::take(&mut slot.connecting) {
                     // Closing the socket abandons the connect (and leaves the set).
                     slot.fds[1] = None;
-                    self.immediate.push_back(Immediate::Connected(Err(Errno::CANCELED)));
+                    self.driver
+                        .immediate
+                        .push_back(Immediate::Connected(Err(Errno::CANCELED)));
                 }
             }
             Op::Recv { from, via } => {
@@ -525,6 +491,7 @@ impl EpollWorker {
                         Ok(p) => slot.pipe[from as usize] = Some(p),
                         Err(e) => {
                             return self
+                                .driver
                                 .immediate
                                 .push_back(Immediate::Received(from, Err(Errno(errno(&e))), 0))
                         }
@@ -551,15 +518,20 @@ impl EpollWorker {
             Op::Abort => {
                 // Nothing is in the kernel: the waits are the loop's own.
                 if std::mem::take(&mut slot.connecting) {
-                    self.immediate.push_back(Immediate::Connected(Err(Errno::CANCELED)));
+                    self.driver
+                        .immediate
+                        .push_back(Immediate::Connected(Err(Errno::CANCELED)));
                 }
                 for side in [Side::Client, Side::Backend] {
                     if slot.want_recv[side as usize].take().is_some() {
-                        self.immediate
+                        self.driver
+                            .immediate
                             .push_back(Immediate::Received(side, Err(Errno::CANCELED), 0));
                     }
                     if slot.want_send[side as usize].take().is_some() {
-                        self.immediate.push_back(Immediate::Sent(side, Err(Errno::CANCELED)));
+                        self.driver
+                            .immediate
+                            .push_back(Immediate::Sent(side, Err(Errno::CANCELED)));
                     }
                 }
             }
@@ -623,13 +595,14 @@ impl EpollWorker {
                     slot.readable[from as usize] = false;
                 }
                 let cap = if via == Via::Buffer { cap } else { 0 };
-                self.immediate.push_back(Immediate::Received(from, Ok(n), cap));
+                self.driver.immediate.push_back(Immediate::Received(from, Ok(n), cap));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 slot.readable[from as usize] = false;
                 slot.want_recv[from as usize] = Some(via);
             }
             Err(e) => self
+                .driver
                 .immediate
                 .push_back(Immediate::Received(from, Err(Errno(errno(&e))), 0)),
         }
@@ -674,13 +647,16 @@ impl EpollWorker {
                     // The send buffer is full: the rest waits for EPOLLOUT.
                     slot.writable[to as usize] = false;
                 }
-                self.immediate.push_back(Immediate::Sent(to, Ok(n)));
+                self.driver.immediate.push_back(Immediate::Sent(to, Ok(n)));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 slot.writable[to as usize] = false;
                 slot.want_send[to as usize] = Some((data, offset, len));
             }
-            Err(e) => self.immediate.push_back(Immediate::Sent(to, Err(Errno(errno(&e))))),
+            Err(e) => self
+                .driver
+                .immediate
+                .push_back(Immediate::Sent(to, Err(Errno(errno(&e))))),
         }
     }
 }

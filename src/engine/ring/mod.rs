@@ -25,11 +25,12 @@ use std::time::Instant;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-use crate::conn::{Conn, Data, Errno, Op, Side, TimerWheel, Via};
+use crate::conn::{Conn, Data, Errno, Op, Side, Via};
 use crate::fd_reserve::FdReserve;
 use crate::udp::proxy::UdpListener;
 use crate::worker::{Shared, WorkerCmd, WorkerInbox};
 
+use super::driver::{check_close, drive, fire_timers, ConnSlot, Driver, Immediate, Shell};
 use super::listener::{accept_client, TcpListener};
 use super::pipe::{Pipe, PipePool, SPLICE_CHUNK};
 use super::slab::Slab;
@@ -61,7 +62,7 @@ pub fn describe_flags(defer_taskrun: bool) -> &'static str {
 }
 
 /// A proxied connection's sockets and buffers, around its machine.
-struct Slot {
+pub(crate) struct Slot {
     conn: Conn,
     client: Option<OwnedFd>,
     backend: Option<OwnedFd>,
@@ -89,14 +90,6 @@ impl Slot {
     }
 }
 
-/// A result reported by the shell itself, not by a completion (a splice
-/// that finished at once, a socket that could not be created).
-enum Immediate {
-    Connected(Result<(), Errno>),
-    Received(Side, Result<usize, Errno>),
-    Sent(Side, Result<usize, Errno>),
-}
-
 /// One worker's io_uring loop.
 pub struct RingWorker {
     // Dropped first: unregistering the ring happens before the buffer
@@ -109,13 +102,9 @@ pub struct RingWorker {
     conns: Slab<Slot>,
     listeners: Vec<Option<TcpListener>>,
     udp: Slab<UdpListener>,
-    wheel: TimerWheel,
+    driver: Driver,
     pipes: PipePool,
     fd_reserve: FdReserve,
-    /// Ops returned by the machine, carried out in order.
-    out: Vec<Op>,
-    immediate: VecDeque<Immediate>,
-    fired: Vec<u64>,
     cqes: Vec<(u64, i32, u32)>,
     /// Receives waiting for a provided buffer, oldest first.
     starved: VecDeque<(u32, u32, Side)>,
@@ -131,6 +120,28 @@ pub struct RingWorker {
 
 /// The value `TCP_NODELAY` is set to (read by the kernel when the SQE runs).
 static ONE: libc::c_int = 1;
+
+impl ConnSlot for Slot {
+    fn conn(&mut self) -> &mut Conn {
+        &mut self.conn
+    }
+
+    fn armed(&mut self) -> &mut Option<Instant> {
+        &mut self.armed
+    }
+}
+
+impl Shell for RingWorker {
+    type Slot = Slot;
+
+    fn parts(&mut self) -> (&mut Slab<Slot>, &mut Driver) {
+        (&mut self.conns, &mut self.driver)
+    }
+
+    fn execute(&mut self, index: u32, gen: u32, op: Op) {
+        RingWorker::execute(self, index, gen, op)
+    }
+}
 
 impl RingWorker {
     /// Sets up the ring, its buffers and its waker read.
@@ -159,12 +170,9 @@ impl RingWorker {
             conns: Slab::default(),
             listeners: Vec::new(),
             udp: Slab::default(),
-            wheel: TimerWheel::new(Instant::now()),
+            driver: Driver::new(Instant::now()),
             pipes: PipePool::default(),
             fd_reserve: FdReserve::new(1),
-            out: Vec::with_capacity(8),
-            immediate: VecDeque::new(),
-            fired: Vec::new(),
             cqes: Vec::with_capacity(1024),
             starved: VecDeque::new(),
             waker_buf: Box::new(0),
@@ -190,7 +198,7 @@ impl RingWorker {
                 self.handle_commands(now);
             }
             self.resume_listeners(now);
-            self.fire_timers(now);
+            fire_timers(&mut self, now);
             self.expire_udp(now);
             self.wait(now);
             self.reap();
@@ -200,7 +208,7 @@ impl RingWorker {
     /// Submits what is queued and waits for a completion or the next timer.
     fn wait(&mut self, now: Instant) {
         let next = [
-            self.wheel.next_due(),
+            self.driver.wheel.next_due(),
             self.listeners.iter().flatten().filter_map(|l| l.resume_at).min(),
             self.udp.iter().map(|u| u.next_expiry()).min(),
         ]
@@ -294,7 +302,10 @@ impl RingWorker {
                         Err(e) => log::error!("worker {}: udp listener \"{name}\": {e}", self.id),
                     }
                 }
-                WorkerCmd::CheckClose => self.check_close(),
+                WorkerCmd::CheckClose => {
+                    let force = self.shared.force_close.load(Ordering::Relaxed);
+                    check_close(self, force);
+                }
             }
         }
         for (i, g) in self.udp.keys() {
@@ -384,30 +395,6 @@ impl RingWorker {
         }
     }
 
-    fn check_close(&mut self) {
-        let force = self.shared.force_close.load(Ordering::Relaxed);
-        for (index, gen) in self.conns.keys() {
-            if let Some(slot) = self.conns.get_mut(index, gen) {
-                slot.conn.check_close(force, &mut self.out);
-                self.drive(index, gen);
-            }
-        }
-    }
-
-    fn fire_timers(&mut self, now: Instant) {
-        let mut fired = std::mem::take(&mut self.fired);
-        self.wheel.advance(now, &mut fired);
-        for key in fired.drain(..) {
-            let t = Token(key);
-            if let Some(slot) = self.conns.get_mut(t.index(), t.gen()) {
-                slot.armed = None;
-                slot.conn.on_timer(now, &mut self.out);
-                self.drive(t.index(), t.gen());
-            }
-        }
-        self.fired = fired;
-    }
-
     fn complete(&mut self, t: Token, res: i32, flags: u32, now: Instant) {
         match t.kind() {
             Kind::Ignore => {}
@@ -455,7 +442,7 @@ impl RingWorker {
                         let r = result
                             .map(|_| ())
                             .map_err(|e| if e.0 == libc::ETIME { Errno::CANCELED } else { e });
-                        slot.conn.on_connected(r, now, &mut self.out);
+                        slot.conn.on_connected(r, now, &mut self.driver.out);
                     }
                     Kind::RecvClient | Kind::RecvBackend => {
                         let side = if kind == Kind::RecvClient {
@@ -473,7 +460,7 @@ impl RingWorker {
                             slot.buffer[side as usize] = Some(id);
                         }
                         slot.conn
-                            .on_received(side, result, self.bufs.size(), now, &mut self.out);
+                            .on_received(side, result, self.bufs.size(), now, &mut self.driver.out);
                     }
                     Kind::SendClient | Kind::SendBackend => {
                         let side = if kind == Kind::SendClient {
@@ -481,7 +468,7 @@ impl RingWorker {
                         } else {
                             Side::Backend
                         };
-                        slot.conn.on_sent(side, result, now, &mut self.out);
+                        slot.conn.on_sent(side, result, now, &mut self.driver.out);
                     }
                     Kind::PollInClient | Kind::PollInBackend => {
                         let side = if kind == Kind::PollInClient {
@@ -490,7 +477,7 @@ impl RingWorker {
                             Side::Backend
                         };
                         match result {
-                            Err(e) => slot.conn.on_received(side, Err(e), 0, now, &mut self.out),
+                            Err(e) => slot.conn.on_received(side, Err(e), 0, now, &mut self.driver.out),
                             Ok(_) => self.splice_in(index, gen, side),
                         }
                     }
@@ -501,13 +488,13 @@ impl RingWorker {
                             Side::Backend
                         };
                         match result {
-                            Err(e) => slot.conn.on_sent(side, Err(e), now, &mut self.out),
+                            Err(e) => slot.conn.on_sent(side, Err(e), now, &mut self.driver.out),
                             Ok(_) => self.splice_out(index, gen, side),
                         }
                     }
                     _ => {}
                 }
-                self.drive(index, gen);
+                drive(self, index, gen);
             }
         }
     }
@@ -521,7 +508,7 @@ impl RingWorker {
             let Some(l) = self.listeners.get(index).and_then(|l| l.as_ref()) else {
                 return;
             };
-            if let Some(conn) = accept_client(&self.shared, &self.fd_reserve, l, &client, now, &mut self.out) {
+            if let Some(conn) = accept_client(&self.shared, &self.fd_reserve, l, &client, now, &mut self.driver.out) {
                 let (i, g) = self.conns.insert(Slot {
                     conn,
                     client: Some(client),
@@ -533,9 +520,9 @@ impl RingWorker {
                     starved: [false, false],
                     armed: None,
                 });
-                self.drive(i, g);
+                drive(self, i, g);
             } else {
-                self.out.clear();
+                self.driver.out.clear();
             }
         }
         let Some(l) = self.listeners.get_mut(index).and_then(|l| l.as_mut()) else {
@@ -557,46 +544,6 @@ impl RingWorker {
         }
     }
 
-    /// Carries out the ops the machine returned, feeding back results the
-    /// shell knows at once, until nothing is left; then frees the slot if
-    /// the connection is over, or arms its timer.
-    fn drive(&mut self, index: u32, gen: u32) {
-        loop {
-            let mut ops = std::mem::take(&mut self.out);
-            for op in ops.drain(..) {
-                self.execute(index, gen, op);
-            }
-            if self.out.is_empty() {
-                self.out = ops;
-            }
-            let Some(ev) = self.immediate.pop_front() else {
-                if self.out.is_empty() {
-                    break;
-                }
-                continue;
-            };
-            let Some(slot) = self.conns.get_mut(index, gen) else {
-                self.immediate.clear();
-                break;
-            };
-            let now = Instant::now();
-            match ev {
-                Immediate::Connected(r) => slot.conn.on_connected(r, now, &mut self.out),
-                Immediate::Received(side, r) => slot.conn.on_received(side, r, 0, now, &mut self.out),
-                Immediate::Sent(side, r) => slot.conn.on_sent(side, r, now, &mut self.out),
-            }
-        }
-        let Some(slot) = self.conns.get_mut(index, gen) else {
-            return;
-        };
-        if let Some(d) = slot.conn.deadline() {
-            if slot.armed.is_none_or(|a| d < a) {
-                slot.armed = Some(d);
-                self.wheel.insert(Token::new(Kind::Ignore, index, gen).0, d);
-            }
-        }
-    }
-
     fn execute(&mut self, index: u32, gen: u32, op: Op) {
         let Some(slot) = self.conns.get_mut(index, gen) else {
             return;
@@ -606,13 +553,17 @@ impl RingWorker {
                 let fd = match tcp_socket(addr) {
                     Ok(fd) => fd,
                     Err(e) => {
-                        self.immediate.push_back(Immediate::Connected(Err(Errno(errno(&e)))));
+                        self.driver
+                            .immediate
+                            .push_back(Immediate::Connected(Err(Errno(errno(&e)))));
                         return;
                     }
                 };
                 if !self.sockopt_on_ring {
                     if let Err(e) = set_nodelay(&fd) {
-                        self.immediate.push_back(Immediate::Connected(Err(Errno(errno(&e)))));
+                        self.driver
+                            .immediate
+                            .push_back(Immediate::Connected(Err(Errno(errno(&e)))));
                         return;
                     }
                 }
@@ -673,8 +624,11 @@ impl RingWorker {
                             match self.pipes.take() {
                                 Ok(p) => slot.pipe[from as usize] = Some(p),
                                 Err(e) => {
-                                    self.immediate
-                                        .push_back(Immediate::Received(from, Err(Errno(errno(&e)))));
+                                    self.driver.immediate.push_back(Immediate::Received(
+                                        from,
+                                        Err(Errno(errno(&e))),
+                                        0,
+                                    ));
                                     return;
                                 }
                             }
@@ -692,7 +646,9 @@ impl RingWorker {
                         Some(id) => unsafe { self.bufs.ptr(id).add(offset) },
                         None => {
                             debug_assert!(false, "send with no buffer");
-                            self.immediate.push_back(Immediate::Sent(to, Err(Errno(libc::EINVAL))));
+                            self.driver
+                                .immediate
+                                .push_back(Immediate::Sent(to, Err(Errno(libc::EINVAL))));
                             return;
                         }
                     },
@@ -720,8 +676,9 @@ impl RingWorker {
                 // Receives parked for a buffer are the shell's: end them here.
                 for side in [Side::Client, Side::Backend] {
                     if std::mem::take(&mut slot.starved[side as usize]) {
-                        self.immediate
-                            .push_back(Immediate::Received(side, Err(Errno::CANCELED)));
+                        self.driver
+                            .immediate
+                            .push_back(Immediate::Received(side, Err(Errno::CANCELED), 0));
                     }
                 }
                 let mut cancels = Vec::with_capacity(2);
@@ -773,7 +730,7 @@ impl RingWorker {
         let fd = slot.fd(from);
         let pipe = slot.pipe[from as usize].as_mut().expect("splice with a pipe");
         match pipe.fill_from(fd, SPLICE_CHUNK) {
-            Ok(n) => self.immediate.push_back(Immediate::Received(from, Ok(n))),
+            Ok(n) => self.driver.immediate.push_back(Immediate::Received(from, Ok(n), 0)),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 let sqe = opcode::PollAdd::new(types::Fd(fd), (libc::POLLIN | libc::POLLRDHUP) as u32)
                     .build()
@@ -781,8 +738,9 @@ impl RingWorker {
                 self.push(&[sqe]);
             }
             Err(e) => self
+                .driver
                 .immediate
-                .push_back(Immediate::Received(from, Err(Errno(errno(&e))))),
+                .push_back(Immediate::Received(from, Err(Errno(errno(&e))), 0)),
         }
     }
 
@@ -803,14 +761,17 @@ impl RingWorker {
         let fd = slot.fd(to);
         let pipe = slot.pipe[to.other() as usize].as_mut().expect("splice with a pipe");
         match pipe.drain_to(fd, len) {
-            Ok(n) => self.immediate.push_back(Immediate::Sent(to, Ok(n))),
+            Ok(n) => self.driver.immediate.push_back(Immediate::Sent(to, Ok(n))),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
                     .build()
                     .user_data(Token::new(poll_out_kind(to), index, gen).0);
                 self.push(&[sqe]);
             }
-            Err(e) => self.immediate.push_back(Immediate::Sent(to, Err(Errno(errno(&e))))),
+            Err(e) => self
+                .driver
+                .immediate
+                .push_back(Immediate::Sent(to, Err(Errno(errno(&e))))),
         }
     }
 
