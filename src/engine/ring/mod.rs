@@ -336,7 +336,6 @@ impl RingWorker {
                 }
             }
         }
-        let _ = now;
     }
 
     /// Waits (once) for a UDP listener's socket, or its flows' epoll set,
