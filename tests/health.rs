@@ -374,3 +374,27 @@ fn half_of_500_checked_backends_going_down_costs_a_handful_of_rebuilds_and_summa
     assert_eq!(code, 0);
     assert!(text.contains("backends 1-10 of 500"), "{text}");
 }
+
+/// A TCP connect check ends with a reset, not a FIN exchange (as HAProxy's
+/// checks do): one packet instead of four and no TIME_WAIT entry per check
+/// on ringlb's side. A backend reading such a connection sees the reset.
+#[test]
+fn tcp_connect_checks_end_with_a_reset() {
+    use std::io::Read;
+    let server = listen("127.0.0.1:0".parse().unwrap());
+    let backend = server.local_addr().unwrap();
+    let lb = start(&[backend], ACTIVE_TCP);
+    server.set_nonblocking(false).unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let (mut conn, _) = server.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut buf = [0u8; 16];
+        seen.push(match conn.read(&mut buf) {
+            Err(e) => format!("{:?}", e.kind()),
+            Ok(n) => format!("read {n}"),
+        });
+    }
+    assert!(seen.iter().all(|s| s == "ConnectionReset"), "the backend saw {seen:?}");
+    drop(lb);
+}
