@@ -127,6 +127,23 @@ fn ask(c: &UdpSocket, to: SocketAddr, msg: &str) -> Option<String> {
     Some(tag.to_string())
 }
 
+/// Every datagram that opened a flow or was refused has one outcome:
+/// `accepted = relayed + Σ refused`, as for TCP connections.
+fn assert_one_outcome_each(stats: &serde_json::Value) {
+    let l = &stats["listeners"][0];
+    let refused: u64 = l["refused"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        l["accepted"].as_u64().unwrap(),
+        l["relayed"].as_u64().unwrap() + refused,
+        "accepted = relayed + refused: {l}"
+    );
+}
+
 fn flows_spread_by_weight(engine: &str) {
     let bs: Vec<UdpBackend> = ["a", "b", "c"].iter().map(|t| UdpBackend::start(t)).collect();
     let weights = [1u32, 1, 2];
@@ -237,6 +254,7 @@ fn full_flow_table_drops_new_flows_only(engine: &str) {
         stats["listeners"][0]["refused"]["flow_table_full"].as_u64().unwrap() >= 1,
         "{stats}"
     );
+    assert_one_outcome_each(&stats);
 }
 
 fn backend_going_down_moves_its_flows_on_the_next_datagram(engine: &str) {
@@ -408,6 +426,7 @@ fn per_source_packet_rate_drops_only_the_noisy_source(engine: &str) {
         limited,
         "{stats}"
     );
+    assert_one_outcome_each(&stats);
 }
 
 macro_rules! on_both_engines {

@@ -290,6 +290,15 @@ struct Ctx<'a> {
     forwarder: &'a mut Forwarder,
 }
 
+/// Refuses a datagram under `reason`. For UDP, `accepted` counts the
+/// datagrams that opened a flow or were refused, so that, as for TCP,
+/// `accepted = relayed + Σ refused` (relayed = flows opened).
+fn refuse(stats: &ListenerStats, reason: RefuseReason) {
+    stats.accepted.inc();
+    stats.refuse(reason);
+    stats.datagrams_dropped.inc();
+}
+
 /// Handles one client datagram: find or open its flow, forward it.
 fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, data: &[u8]) {
     let Ctx {
@@ -310,8 +319,7 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, data: &[u8]) {
     let source = listener.limits.source_key(client.ip());
     if let Err(reason) = listener.limits.check_packet(source, now) {
         // Refused under its real reason, and a datagram dropped all the same.
-        stats.refuse(reason);
-        stats.datagrams_dropped.inc();
+        refuse(stats, reason);
         return;
     }
     if let Some(flow) = flows.get(&client, now) {
@@ -328,20 +336,17 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, data: &[u8]) {
         flows.remove(&client);
     }
     if let Err(reason) = listener.limits.check_flow(source, now) {
-        stats.refuse(reason);
-        stats.datagrams_dropped.inc();
+        refuse(stats, reason);
         return;
     }
     let pool = &snapshot.pools[listener.pool];
     // The same selection as TCP connects and `ctl route`.
     let Some(selection) = crate::conn::select(pool, client, listener.config.hash_key, 4) else {
-        stats.refuse(RefuseReason::NoBackend);
-        stats.datagrams_dropped.inc();
+        refuse(stats, RefuseReason::NoBackend);
         return;
     };
     if flows.len() >= flows.capacity() {
-        stats.refuse(RefuseReason::FlowTableFull);
-        stats.datagrams_dropped.inc();
+        refuse(stats, RefuseReason::FlowTableFull);
         return;
     }
     let Some(backend) = selection
@@ -350,16 +355,14 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, data: &[u8]) {
         .map(|&i| &pool.backends[i as usize])
         .find(|b| usable(b))
     else {
-        stats.refuse(RefuseReason::NoBackend);
-        stats.datagrams_dropped.inc();
+        refuse(stats, RefuseReason::NoBackend);
         return;
     };
     let socket = match connect_udp(backend.addr).and_then(|s| poller.add(s.as_raw_fd()).map(|()| s)) {
         Ok(s) => s,
         Err(e) => {
             log::debug!("udp flow {client} -> {}: {e}", backend.addr);
-            stats.refuse(RefuseReason::Overloaded);
-            stats.datagrams_dropped.inc();
+            refuse(stats, RefuseReason::Overloaded);
             return;
         }
     };
@@ -372,7 +375,10 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, data: &[u8]) {
         stats: stats.clone(),
     };
     let Ok(flow) = flows.insert(client, flow, now) else {
-        stats.refuse(RefuseReason::FlowTableFull);
+        // Not reached (the table's room was checked above). The flow was
+        // opened and is closed on drop, so it counts as relayed, not refused:
+        // every accepted datagram still has exactly one outcome.
+        stats.accepted.inc();
         stats.datagrams_dropped.inc();
         return;
     };
