@@ -124,6 +124,17 @@ enum CtlCommand {
     Reload,
     /// Counters: accepted, active, refused by reason, bytes, table generations.
     Stats,
+    /// Live view in the terminal: listeners (rates, refusals by reason), pools and
+    /// backends (state, share of the Maglev table, connections, bytes/s, last check),
+    /// refreshed in place; plain text, frame after frame, when stdout is not a terminal.
+    Top {
+        /// Print one frame (after one interval: rates need two samples) and exit.
+        #[arg(long)]
+        once: bool,
+        /// Seconds between samples (at least 0.2).
+        #[arg(long, default_value_t = 1.0, value_name = "SECS")]
+        interval: f64,
+    },
     /// Explain where a client goes: its region, the table used, the chosen backend, the next candidates.
     Route {
         listener: String,
@@ -165,6 +176,8 @@ impl CtlCommand {
             CtlCommand::Reload => json!({"cmd": "reload"}),
             CtlCommand::Stats => json!({"cmd": "stats"}),
             CtlCommand::Route { listener, client } => json!({"cmd": "route", "listener": listener, "client": client}),
+            // Not one request: `ctl top` asks for stats and backends itself.
+            CtlCommand::Top { .. } => json!({"cmd": "top"}),
         }
     }
 }
@@ -233,7 +246,17 @@ fn main() -> ExitCode {
                     eprintln!("ringlb ctl: {e}");
                     ExitCode::from(ctl::EXIT_UNREACHABLE as u8)
                 }
-                Ok(path) => ExitCode::from(ctl::run(&path, command.request(), json) as u8),
+                Ok(path) => match command {
+                    CtlCommand::Top { once, interval } => {
+                        if !(interval.is_finite() && interval > 0.0) {
+                            eprintln!("ringlb ctl top: --interval must be a positive number of seconds");
+                            return ExitCode::from(ringlb::output::EXIT_USAGE as u8);
+                        }
+                        let interval = std::time::Duration::from_secs_f64(interval.min(3600.0));
+                        ExitCode::from(ringlb::control::top::run(&path, once, interval) as u8)
+                    }
+                    _ => ExitCode::from(ctl::run(&path, command.request(), json) as u8),
+                },
             }
         }
         Command::Demo { connections } => match ringlb::demo::run(connections) {

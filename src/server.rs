@@ -243,7 +243,14 @@ pub fn run(config: Config) -> Result<(), String> {
                 let l = std::net::TcpListener::bind(addr)
                     .map_err(|e| format!("control.metrics: cannot bind {addr}: {e}"))?;
                 l.set_nonblocking(true).map_err(|e| e.to_string())?;
-                log::info!("metrics on http://{addr}/metrics");
+                log::info!("metrics on http://{addr}/metrics, status page on http://{addr}/");
+                if !addr.ip().is_loopback() {
+                    // Read-only, but it shows every backend and its traffic to
+                    // whoever can reach it.
+                    log::warn!(
+                        "control.metrics {addr} is not a loopback address: the metrics and the status page are readable by anyone who can reach it"
+                    );
+                }
                 Some(l)
             }
         },

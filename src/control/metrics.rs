@@ -1,14 +1,7 @@
-//! Prometheus text exposition (format 0.0.4) and its tiny HTTP endpoint.
+//! Prometheus text exposition (format 0.0.4), served at `/metrics` by `control::http`.
 
 use std::fmt::Write as _;
-use std::os::fd::AsRawFd;
-use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Semaphore;
-
-use crate::fd_reserve::FdReserve;
 use crate::server::Server;
 use crate::stats::{RefuseReason, LATENCY_BUCKETS};
 
@@ -241,69 +234,4 @@ pub fn render(server: &Server) -> String {
     let n = family(&mut out, "ringlb_uptime_seconds", "gauge", "Seconds since start.");
     let _ = writeln!(out, "{n} {}", server.shared.started.elapsed().as_secs_f64());
     out
-}
-
-/// Scrapers served at once; a connection beyond them is closed at once.
-pub const MAX_SCRAPERS: usize = 64;
-
-/// Time a scraper has to send its request head. A scraper on the same network sends it
-/// right after connecting; an idle client holds a slot for at most this long, so idle
-/// clients can keep scrapes out only by holding all [`MAX_SCRAPERS`] slots, and then
-/// for at most this long after they stop reconnecting.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Time to write the response.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Serves `GET /metrics` on `listener` (HTTP/1.0-style: one response, then close).
-pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) {
-    let slots = Arc::new(Semaphore::new(MAX_SCRAPERS));
-    // Scrapes go on when the data plane has used every other descriptor.
-    let reserve = Arc::new(FdReserve::new(2));
-    loop {
-        let stream = reserve.accept(listener.as_raw_fd(), || listener.accept()).await.0;
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
-        let server = server.clone();
-        let reserve = reserve.clone();
-        tokio::spawn(async move {
-            answer_scrape(stream, &server).await;
-            drop(permit);
-            reserve.refill();
-        });
-    }
-}
-
-/// Reads one request head within [`HEAD_TIMEOUT`] and answers it within
-/// [`WRITE_TIMEOUT`].
-async fn answer_scrape(mut stream: tokio::net::TcpStream, server: &Server) {
-    let mut head = vec![0u8; 8192];
-    let mut len = 0;
-    let read = tokio::time::timeout(HEAD_TIMEOUT, async {
-        while len < head.len() {
-            let n = stream.read(&mut head[len..]).await?;
-            if n == 0 {
-                break;
-            }
-            len += n;
-            if head[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                break;
-            }
-        }
-        Ok::<_, std::io::Error>(())
-    })
-    .await;
-    if !matches!(read, Ok(Ok(()))) {
-        return;
-    }
-    let request = String::from_utf8_lossy(&head[..len]);
-    let response = if request.starts_with("GET /metrics ") || request.starts_with("GET /metrics?") {
-        let body = render(server);
-        format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
-    } else {
-        "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 21\r\nConnection: close\r\n\r\ntry GET /metrics\r\n\r\n".to_string()
-    };
-    let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(response.as_bytes())).await;
-    let _ = stream.shutdown().await;
 }
