@@ -54,6 +54,15 @@ enum Command {
         /// Connections to send through the balancer.
         #[arg(long, default_value_t = 400)]
         connections: usize,
+        /// Then keep the backends and a gentle load going, with one backend failing
+        /// and recovering every --fail-every seconds, until Ctrl-C: something to
+        /// watch on the status page (its address is printed) or with `ctl top`.
+        #[arg(long)]
+        keep_running: bool,
+        /// With --keep-running: seconds of one fail-and-recover cycle (the backend
+        /// is down for the second half).
+        #[arg(long, default_value_t = 30.0, value_name = "SECS", requires = "keep_running")]
+        fail_every: f64,
     },
 }
 
@@ -259,12 +268,30 @@ fn main() -> ExitCode {
                 },
             }
         }
-        Command::Demo { connections } => match ringlb::demo::run(connections) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("demo failed: {e}");
-                ExitCode::FAILURE
+        Command::Demo {
+            connections,
+            keep_running,
+            fail_every,
+        } => {
+            if !(fail_every.is_finite() && (1.0..=86_400.0).contains(&fail_every)) {
+                eprintln!("ringlb demo: --fail-every must be between 1 and 86400 seconds");
+                return ExitCode::from(ringlb::output::EXIT_USAGE as u8);
             }
-        },
+            let keep = keep_running.then(|| ringlb::demo::KeepRunning {
+                fail_every: std::time::Duration::from_secs_f64(fail_every),
+                rate: 20,
+            });
+            demo(connections, keep)
+        }
+    }
+}
+
+fn demo(connections: usize, keep: Option<ringlb::demo::KeepRunning>) -> ExitCode {
+    match ringlb::demo::run(connections, keep) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("demo failed: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

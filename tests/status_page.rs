@@ -511,3 +511,99 @@ fn browser_watches_a_failover() {
     println!("browser: {n} connections during the test, {failed} failed around the kill");
     drop((a, b));
 }
+
+/// `ringlb demo --keep-running` prints the page's address, keeps a load going with
+/// one backend failing and recovering on its cycle (a short one here), all visible on
+/// /status.json, and stops cleanly on Ctrl-C (SIGINT), ringlb with it.
+#[test]
+fn demo_keep_running_until_ctrl_c() {
+    // The demo's addresses are fixed (config/demo.toml).
+    let page: SocketAddr = "127.0.0.1:18081".parse().unwrap();
+    let listen: SocketAddr = "127.0.0.1:18080".parse().unwrap();
+    let busy: Vec<u16> = [18080, 18081, 19001, 19002, 19003]
+        .into_iter()
+        .filter(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_err())
+        .collect();
+    if !busy.is_empty() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the demo's ports {busy:?} are taken by another process"
+        );
+        println!(
+            "SKIPPED demo_keep_running_until_ctrl_c: the demo's ports {busy:?} are in use (another demo running?)"
+        );
+        return;
+    }
+    let out_path = std::env::temp_dir().join(format!("ringlb-test-demo-{}.out", std::process::id()));
+    let mut child = Command::new(ringlb_bin())
+        .args(["demo", "--connections", "40", "--keep-running", "--fail-every", "6"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            if let Ok(None) = self.0.try_wait() {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+    }
+    let child = Kill(&mut child);
+    let output = || std::fs::read_to_string(&out_path).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(20), || output().contains("keeping it running")),
+        "{}",
+        output()
+    );
+    assert!(
+        output().contains("status page on http://127.0.0.1:18081/"),
+        "{}",
+        output()
+    );
+    // Traffic keeps flowing, and 127.0.0.1:19002 goes down, then comes back.
+    let state = |s: &Value| -> String { s["pools"][0]["backends"][1]["state"].as_str().unwrap_or("").to_string() };
+    let mut seen_down = false;
+    let mut seen_back = false;
+    let mut max_rate: f64 = 0.0;
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while Instant::now() < deadline && !(seen_down && seen_back) {
+        let s = status_json(page);
+        assert_eq!(s["pools"][0]["backends"][1]["addr"], "127.0.0.1:19002");
+        max_rate = max_rate.max(s["listeners"][0]["rates"]["accepted"].as_f64().unwrap_or(0.0));
+        let st = state(&s);
+        if st == "down" || st == "ejected" {
+            seen_down = true;
+        } else if seen_down && st == "active" {
+            seen_back = true;
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        seen_down && seen_back,
+        "down {seen_down}, back {seen_back}: {}",
+        output()
+    );
+    assert!(max_rate >= 5.0, "the gentle load: {max_rate}/s");
+    // Ctrl-C: the demo and its ringlb stop.
+    unsafe {
+        libc::kill(child.0.id() as i32, libc::SIGINT);
+    }
+    let started = Instant::now();
+    let status = loop {
+        if let Ok(Some(st)) = child.0.try_wait() {
+            break st;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "demo still running 10 s after SIGINT"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}: {}", output());
+    assert!(wait_until(Duration::from_secs(5), || !is_listening(listen) && !is_listening(page)));
+    let _ = std::fs::remove_file(&out_path);
+}
