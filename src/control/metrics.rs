@@ -233,5 +233,91 @@ pub fn render(server: &Server) -> String {
     let _ = writeln!(out, "{n} {}", model.generation());
     let n = family(&mut out, "ringlb_uptime_seconds", "gauge", "Seconds since start.");
     let _ = writeln!(out, "{n} {}", server.shared.started.elapsed().as_secs_f64());
+
+    // Saturation and failure families for the dashboard and the alert rules
+    // (config/grafana-dashboard.json, config/prometheus-alerts.yml); added after the
+    // families above, which keep their order and text.
+    let tcp = |l: &&crate::model::ListenerState| l.config.protocol == crate::config::Protocol::Tcp;
+    let n = family(
+        &mut out,
+        "ringlb_listener_connections_max",
+        "gauge",
+        "TCP listener max_connections (0 = no limit).",
+    );
+    for l in model.listeners.iter().filter(tcp) {
+        let _ = writeln!(
+            out,
+            "{n}{{listener=\"{}\"}} {}",
+            l.config.name, l.config.max_connections
+        );
+    }
+    let n = family(
+        &mut out,
+        "ringlb_listener_flows_max",
+        "gauge",
+        "UDP listener max_flows: the flow table's size across workers (its fill is ringlb_listener_connections_active).",
+    );
+    for l in model.listeners.iter().filter(|l| !tcp(l)) {
+        let _ = writeln!(out, "{n}{{listener=\"{}\"}} {}", l.config.name, l.config.max_flows);
+    }
+    let n = family(
+        &mut out,
+        "ringlb_listener_sources_tracked",
+        "gauge",
+        "Sources in the listener's per-source rate-limit table.",
+    );
+    for l in &model.listeners {
+        if let Some(st) = l.limits.source_stats() {
+            let _ = writeln!(out, "{n}{{listener=\"{}\"}} {}", l.config.name, st.len);
+        }
+    }
+    let n = family(
+        &mut out,
+        "ringlb_listener_sources_capacity",
+        "gauge",
+        "Size of the per-source rate-limit table (max_sources).",
+    );
+    for l in &model.listeners {
+        if let Some(t) = &l.limits.connections {
+            let _ = writeln!(out, "{n}{{listener=\"{}\"}} {}", l.config.name, t.capacity());
+        }
+    }
+    each_backend!(
+        "ringlb_backend_connections_max",
+        "gauge",
+        "Backend max_connections (0 = no limit).",
+        |b| b.config.max_connections
+    );
+    let n = family(
+        &mut out,
+        "ringlb_pool_table_build_failures_total",
+        "counter",
+        "Table builds that failed; the pool kept its last table.",
+    );
+    for p in &model.pools {
+        let _ = writeln!(out, "{n}{{pool=\"{}\"}} {}", p.config.name, p.build_failures);
+    }
+    let n = family(
+        &mut out,
+        "ringlb_config_reloads_rejected_total",
+        "counter",
+        "Reloads (SIGHUP, ctl reload) rejected; the running config was kept.",
+    );
+    let _ = writeln!(
+        out,
+        "{n} {}",
+        server.reloads.rejected.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let n = family(
+        &mut out,
+        "ringlb_config_last_reload_successful",
+        "gauge",
+        "1 when the last reload was applied (or none was tried), 0 when it was rejected.",
+    );
+    let _ = writeln!(
+        out,
+        "{n} {}",
+        u8::from(server.reloads.last_ok.load(std::sync::atomic::Ordering::Relaxed))
+    );
     out
 }
