@@ -73,7 +73,7 @@ fn status_json(addr: SocketAddr) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
-fn backend<'a>(s: &'a Value, addr: SocketAddr) -> &'a Value {
+fn backend(s: &Value, addr: SocketAddr) -> &Value {
     s["pools"][0]["backends"]
         .as_array()
         .unwrap()
