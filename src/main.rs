@@ -256,6 +256,10 @@ fn main() -> ExitCode {
                     ExitCode::from(ctl::EXIT_UNREACHABLE as u8)
                 }
                 Ok(path) => match command {
+                    CtlCommand::Top { .. } if json => {
+                        eprintln!("ringlb ctl top: --json does not apply; /status.json on the metrics address, or ctl stats --json, is the machine-readable view");
+                        ExitCode::from(ringlb::output::EXIT_USAGE as u8)
+                    }
                     CtlCommand::Top { once, interval } => {
                         if !(interval.is_finite() && interval > 0.0) {
                             eprintln!("ringlb ctl top: --interval must be a positive number of seconds");
