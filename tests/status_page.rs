@@ -607,3 +607,46 @@ fn demo_keep_running_until_ctrl_c() {
     assert!(wait_until(Duration::from_secs(5), || !is_listening(listen) && !is_listening(page)));
     let _ = std::fs::remove_file(&out_path);
 }
+
+/// A geo pool's status has one table per distinct client-region row, each with every
+/// backend's share of it; the page renders them.
+#[test]
+fn geo_pools_show_their_region_tables() {
+    let eu = Backend::start("eu", Behaviour::TagEcho);
+    let us = Backend::start("us", Behaviour::TagEcho);
+    let dir = TempDir::new("status-geo");
+    let sock = dir.0.join("ctl.sock");
+    let (listen, page) = (lb_addr(), lb_addr());
+    let body = format!(
+        "[geo]\nprefixes = {{ \"10.1.0.0/16\" = \"eu\", \"10.2.0.0/16\" = \"us\" }}\n\n[[listener]]\nname = \"web\"\nbind = \"{listen}\"\npool = \"web\"\n\n[[pool]]\nname = \"web\"\ntable_size = 65537\n[pool.geo]\neu = {{ eu = 1000, us = 1 }}\nus = {{ us = 1000, eu = 1 }}\ndefault = {{ eu = 1, us = 1 }}\n\n[[pool.backend]]\naddr = \"{}\"\nregion = \"eu\"\n[[pool.backend]]\naddr = \"{}\"\nregion = \"us\"\n",
+        eu.addr, us.addr
+    );
+    let cfg = config_with_control("auto", &sock, &body)
+        .replace("[control]\n", &format!("[control]\nmetrics = \"{page}\"\n"));
+    let mut lb = Ringlb::start(&cfg, listen);
+    lb.wait_listening(page);
+    let s = status_json(page);
+    let p = &s["pools"][0];
+    assert_eq!(p["backends"][0]["region"], "eu", "{p}");
+    assert_eq!(p["backends"][1]["region"], "us", "{p}");
+    // The default region's table is the pool's main share: half each.
+    assert!((p["backends"][0]["share"].as_f64().unwrap() - 0.5).abs() < 0.01, "{p}");
+    let table = |region: &str| -> Vec<f64> {
+        p["regions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["client_regions"].as_array().unwrap().iter().any(|r| r == region))
+            .unwrap_or_else(|| panic!("no table for {region}: {p}"))["shares"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_f64().unwrap())
+            .collect()
+    };
+    assert!(table("eu")[0] > 0.99 && table("eu")[1] < 0.01, "{p}");
+    assert!(table("us")[1] > 0.99 && table("us")[0] < 0.01, "{p}");
+    assert!((table("default")[0] - 0.5).abs() < 0.01, "{p}");
+    assert_eq!(p["regions"].as_array().unwrap().len(), 3, "{p}");
+    drop((eu, us));
+}
