@@ -621,8 +621,8 @@ fn geo_pools_show_their_region_tables() {
         "[geo]\nprefixes = {{ \"10.1.0.0/16\" = \"eu\", \"10.2.0.0/16\" = \"us\" }}\n\n[[listener]]\nname = \"web\"\nbind = \"{listen}\"\npool = \"web\"\n\n[[pool]]\nname = \"web\"\ntable_size = 65537\n[pool.geo]\neu = {{ eu = 1000, us = 1 }}\nus = {{ us = 1000, eu = 1 }}\ndefault = {{ eu = 1, us = 1 }}\n\n[[pool.backend]]\naddr = \"{}\"\nregion = \"eu\"\n[[pool.backend]]\naddr = \"{}\"\nregion = \"us\"\n",
         eu.addr, us.addr
     );
-    let cfg = config_with_control("auto", &sock, &body)
-        .replace("[control]\n", &format!("[control]\nmetrics = \"{page}\"\n"));
+    let cfg =
+        config_with_control("auto", &sock, &body).replace("[control]\n", &format!("[control]\nmetrics = \"{page}\"\n"));
     let mut lb = Ringlb::start(&cfg, listen);
     lb.wait_listening(page);
     let s = status_json(page);
