@@ -650,3 +650,27 @@ fn geo_pools_show_their_region_tables() {
     assert_eq!(p["regions"].as_array().unwrap().len(), 3, "{p}");
     drop((eu, us));
 }
+
+/// Loopback by default; `[control] metrics` on another address logs a warning that the
+/// page is readable by anyone who reaches it (and it is still read-only).
+#[test]
+fn metrics_off_loopback_logs_a_warning() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let listen = lb_addr();
+    let port = free_port();
+    let body = format!(
+        "[runtime]\nworkers = 1\n\n[control]\nmetrics = \"0.0.0.0:{port}\"\n\n[[listener]]\nname = \"web\"\nbind = \"{listen}\"\npool = \"web\"\n\n[[pool]]\nname = \"web\"\ntable_size = 1021\n[[pool.backend]]\naddr = \"{}\"\n",
+        a.addr
+    );
+    let mut lb = Ringlb::start_logged(&body, listen, &[("RUST_LOG", "warn")]);
+    let page = SocketAddr::from(([127, 0, 0, 1], port));
+    lb.wait_listening(page);
+    let log = lb.log_text();
+    assert!(
+        log.contains(&format!("control.metrics 0.0.0.0:{port} is not a loopback address")),
+        "{log}"
+    );
+    let (status, _, _) = http(page, "POST", "/", Some("{}"));
+    assert!(status.starts_with("HTTP/1.1 405"), "{status}");
+    drop(a);
+}
