@@ -2,13 +2,17 @@
 //!
 //! Starts the demo backends (threads answering with their own address),
 //! runs the real `ringlb run` binary in front of them as a child process,
-//! sends connections through it and prints how they spread.
+//! sends connections through it and prints how they spread. With
+//! `--keep-running` it then keeps a gentle load going and makes one backend fail
+//! and recover on a cycle, until Ctrl-C, so the status page has something to show.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
@@ -37,33 +41,104 @@ impl Drop for ChildGuard {
     }
 }
 
-/// A backend that writes its own address to every client, then echoes.
-fn start_backend(addr: SocketAddr) -> Result<(), String> {
-    let listener = TcpListener::bind(addr).map_err(|e| format!("demo backend {addr}: {e}"))?;
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut stream = stream;
-                let _ = stream.write_all(format!("{addr}\n").as_bytes());
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = stream.read(&mut buf) {
-                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
+/// A demo backend: writes its own address to every client, then echoes. While
+/// `down` is set it is as good as crashed: its port refuses connections and its open
+/// connections are closed.
+fn start_backend(addr: SocketAddr, down: Arc<AtomicBool>) -> Result<(), String> {
+    let bind = move || -> std::io::Result<TcpListener> {
+        let l = TcpListener::bind(addr)?;
+        // Polled, so that a failure is noticed within a few milliseconds.
+        l.set_nonblocking(true)?;
+        Ok(l)
+    };
+    let mut listener = Some(bind().map_err(|e| format!("demo backend {addr}: {e}"))?);
+    std::thread::spawn(move || loop {
+        if down.load(Ordering::Relaxed) {
+            listener = None;
+        } else if listener.is_none() {
+            listener = bind().ok();
+        }
+        match listener.as_ref().map(TcpListener::accept) {
+            Some(Ok((stream, _))) => {
+                let down = down.clone();
+                std::thread::spawn(move || serve(stream, addr, &down));
+            }
+            _ => std::thread::sleep(Duration::from_millis(10)),
         }
     });
     Ok(())
 }
 
-/// Runs the demo, sending `connections` connections through ringlb.
-pub fn run(connections: usize) -> Result<(), String> {
+fn serve(mut stream: TcpStream, addr: SocketAddr, down: &AtomicBool) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let _ = stream.write_all(format!("{addr}\n").as_bytes());
+    let mut buf = [0u8; 4096];
+    while !down.load(Ordering::Relaxed) {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
+}
+
+/// One demo connection: the backend's address line, then a 4-byte echo.
+fn exchange(listen: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&listen, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while s.read(&mut byte)? == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    s.write_all(b"ping")?;
+    let mut echo = [0u8; 4];
+    s.read_exact(&mut echo)?;
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// Set by SIGINT/SIGTERM while the demo keeps running.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// What `ringlb demo --keep-running` does after the first report.
+#[derive(Debug, Clone, Copy)]
+pub struct KeepRunning {
+    /// One backend fails this often (and recovers half-way through the period).
+    pub fail_every: Duration,
+    /// New connections per second of the gentle load.
+    pub rate: u32,
+}
+
+/// Runs the demo, sending `connections` connections through ringlb; with `keep`,
+/// keeps everything going afterwards until SIGINT/SIGTERM.
+pub fn run(connections: usize, keep: Option<KeepRunning>) -> Result<(), String> {
     let config = Config::parse(DEMO_CONFIG, Path::new("config/demo.toml")).map_err(|e| e.to_string())?;
     let pool = &config.pools[0];
     let listen = config.listeners[0].bind;
+    let mut downs = Vec::new();
     for b in &pool.backends {
-        start_backend(b.addr)?;
+        let down = Arc::new(AtomicBool::new(false));
+        start_backend(b.addr, down.clone())?;
+        downs.push(down);
+    }
+    if keep.is_some() {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe;
+        // it is installed before any thread of ours could depend on the default.
+        unsafe {
+            libc::signal(libc::SIGINT, on_stop_signal as *const () as libc::sighandler_t);
+            libc::signal(libc::SIGTERM, on_stop_signal as *const () as libc::sighandler_t);
+        }
     }
     println!(
         "demo: {} backends up: {}",
@@ -76,7 +151,17 @@ pub fn run(connections: usize) -> Result<(), String> {
     );
 
     let path = std::env::temp_dir().join(format!("ringlb-demo-{}.toml", std::process::id()));
-    std::fs::write(&path, DEMO_CONFIG).map_err(|e| format!("{}: {e}", path.display()))?;
+    let socket = std::env::temp_dir().join(format!("ringlb-demo-{}.sock", std::process::id()));
+    let text = match keep {
+        // A control socket too, for `ringlb ctl top` beside the page.
+        Some(_) => DEMO_CONFIG.replacen(
+            "[control]\n",
+            &format!("[control]\nsocket = \"{}\"\n", socket.display()),
+            1,
+        ),
+        None => DEMO_CONFIG.to_string(),
+    };
+    std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let child = Command::new(exe)
         .arg("run")
@@ -99,21 +184,14 @@ pub fn run(connections: usize) -> Result<(), String> {
     }
 
     let _ = std::fs::remove_file(&path);
+    if let Some(m) = config.control.metrics {
+        println!("demo: status page on http://{m}/ (JSON: http://{m}/status.json, Prometheus: http://{m}/metrics)");
+    }
     let mut spread: BTreeMap<String, usize> = BTreeMap::new();
     let started = Instant::now();
     for i in 0..connections {
-        let mut s = TcpStream::connect(listen).map_err(|e| format!("connection {i}: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-        let mut line = Vec::new();
-        let mut byte = [0u8; 1];
-        while s.read(&mut byte).map_err(|e| format!("connection {i}: {e}"))? == 1 && byte[0] != b'\n' {
-            line.push(byte[0]);
-        }
-        s.write_all(b"ping").map_err(|e| e.to_string())?;
-        let mut echo = [0u8; 4];
-        s.read_exact(&mut echo)
-            .map_err(|e| format!("connection {i}: echo: {e}"))?;
-        *spread.entry(String::from_utf8_lossy(&line).into_owned()).or_default() += 1;
+        let backend = exchange(listen).map_err(|e| format!("connection {i}: {e}"))?;
+        *spread.entry(backend).or_default() += 1;
     }
     let elapsed = started.elapsed();
 
@@ -134,6 +212,74 @@ pub fn run(connections: usize) -> Result<(), String> {
             100.0 * got as f64 / connections as f64
         );
     }
+    if let Some(keep) = keep {
+        keep_running(
+            keep,
+            listen,
+            &pool.backends[1].addr,
+            &downs[1],
+            &config,
+            &socket,
+            &mut guard,
+        );
+    }
     println!("\ndemo: stopping ringlb (SIGTERM, graceful)");
+    let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// The gentle load and the failure cycle, until a stop signal or ringlb's exit.
+fn keep_running(
+    keep: KeepRunning,
+    listen: SocketAddr,
+    victim: &SocketAddr,
+    down: &AtomicBool,
+    config: &Config,
+    socket: &Path,
+    guard: &mut ChildGuard,
+) {
+    let page = config
+        .control
+        .metrics
+        .map(|m| format!("http://{m}/"))
+        .unwrap_or_default();
+    println!("\ndemo: keeping it running until Ctrl-C: {} new connections a second, and backend {victim} failing for {:.0} s every {:.0} s",
+        keep.rate, keep.fail_every.as_secs_f64() / 2.0, keep.fail_every.as_secs_f64());
+    println!(
+        "demo: watch it on {page} or with: ringlb ctl -s {} top",
+        socket.display()
+    );
+    let load = std::thread::spawn(move || {
+        let gap = Duration::from_secs_f64(1.0 / f64::from(keep.rate.max(1)));
+        let mut next = Instant::now();
+        while !STOP.load(Ordering::SeqCst) {
+            // A failed exchange is what the page shows as a connect failure or a
+            // refusal; the load just goes on.
+            let _ = exchange(listen);
+            next += gap;
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+    });
+    let mut cycle_start = Instant::now();
+    let mut is_down = false;
+    while !STOP.load(Ordering::SeqCst) {
+        if let Ok(Some(status)) = guard.0.try_wait() {
+            println!("demo: ringlb exited ({status})");
+            break;
+        }
+        let t = cycle_start.elapsed();
+        if !is_down && t >= keep.fail_every / 2 {
+            println!("demo: backend {victim} fails now (stops listening, drops its connections)");
+            down.store(true, Ordering::SeqCst);
+            is_down = true;
+        } else if is_down && t >= keep.fail_every {
+            println!("demo: backend {victim} is back");
+            down.store(false, Ordering::SeqCst);
+            is_down = false;
+            cycle_start = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    STOP.store(true, Ordering::SeqCst);
+    let _ = load.join();
 }

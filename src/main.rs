@@ -54,6 +54,15 @@ enum Command {
         /// Connections to send through the balancer.
         #[arg(long, default_value_t = 400)]
         connections: usize,
+        /// Then keep the backends and a gentle load going, with one backend failing
+        /// and recovering every --fail-every seconds, until Ctrl-C: something to
+        /// watch on the status page (its address is printed) or with `ctl top`.
+        #[arg(long)]
+        keep_running: bool,
+        /// With --keep-running: seconds of one fail-and-recover cycle (the backend
+        /// is down for the second half).
+        #[arg(long, default_value_t = 30.0, value_name = "SECS", requires = "keep_running")]
+        fail_every: f64,
     },
 }
 
@@ -124,6 +133,17 @@ enum CtlCommand {
     Reload,
     /// Counters: accepted, active, refused by reason, bytes, table generations.
     Stats,
+    /// Live view in the terminal: listeners (rates, refusals by reason), pools and
+    /// backends (state, share of the Maglev table, connections, bytes/s, last check),
+    /// refreshed in place; plain text, frame after frame, when stdout is not a terminal.
+    Top {
+        /// Print one frame (after one interval: rates need two samples) and exit.
+        #[arg(long)]
+        once: bool,
+        /// Seconds between samples (at least 0.2).
+        #[arg(long, default_value_t = 1.0, value_name = "SECS")]
+        interval: f64,
+    },
     /// Explain where a client goes: its region, the table used, the chosen backend, the next candidates.
     Route {
         listener: String,
@@ -165,6 +185,8 @@ impl CtlCommand {
             CtlCommand::Reload => json!({"cmd": "reload"}),
             CtlCommand::Stats => json!({"cmd": "stats"}),
             CtlCommand::Route { listener, client } => json!({"cmd": "route", "listener": listener, "client": client}),
+            // Not one request: `ctl top` asks for stats and backends itself.
+            CtlCommand::Top { .. } => json!({"cmd": "top"}),
         }
     }
 }
@@ -233,15 +255,47 @@ fn main() -> ExitCode {
                     eprintln!("ringlb ctl: {e}");
                     ExitCode::from(ctl::EXIT_UNREACHABLE as u8)
                 }
-                Ok(path) => ExitCode::from(ctl::run(&path, command.request(), json) as u8),
+                Ok(path) => match command {
+                    CtlCommand::Top { .. } if json => {
+                        eprintln!("ringlb ctl top: --json does not apply; /status.json on the metrics address, or ctl stats --json, is the machine-readable view");
+                        ExitCode::from(ringlb::output::EXIT_USAGE as u8)
+                    }
+                    CtlCommand::Top { once, interval } => {
+                        if !(interval.is_finite() && interval > 0.0) {
+                            eprintln!("ringlb ctl top: --interval must be a positive number of seconds");
+                            return ExitCode::from(ringlb::output::EXIT_USAGE as u8);
+                        }
+                        let interval = std::time::Duration::from_secs_f64(interval.min(3600.0));
+                        ExitCode::from(ringlb::control::top::run(&path, once, interval) as u8)
+                    }
+                    _ => ExitCode::from(ctl::run(&path, command.request(), json) as u8),
+                },
             }
         }
-        Command::Demo { connections } => match ringlb::demo::run(connections) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("demo failed: {e}");
-                ExitCode::FAILURE
+        Command::Demo {
+            connections,
+            keep_running,
+            fail_every,
+        } => {
+            if !(fail_every.is_finite() && (1.0..=86_400.0).contains(&fail_every)) {
+                eprintln!("ringlb demo: --fail-every must be between 1 and 86400 seconds");
+                return ExitCode::from(ringlb::output::EXIT_USAGE as u8);
             }
-        },
+            let keep = keep_running.then(|| ringlb::demo::KeepRunning {
+                fail_every: std::time::Duration::from_secs_f64(fail_every),
+                rate: 20,
+            });
+            demo(connections, keep)
+        }
+    }
+}
+
+fn demo(connections: usize, keep: Option<ringlb::demo::KeepRunning>) -> ExitCode {
+    match ringlb::demo::run(connections, keep) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("demo failed: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

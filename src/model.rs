@@ -104,6 +104,8 @@ pub struct PoolState {
     /// only mark the pool, and [`Model::rebuild_dirty`] rebuilds it once
     /// for however many changes came in (one rebuild per pool per tick).
     pub dirty: bool,
+    /// Table builds that failed (the last table was kept), for the metrics.
+    pub build_failures: u64,
     /// State changes since the last rebuild, logged together by it (one
     /// line each when few, a summary line per kind when many).
     pending_log: Vec<StateChange>,
@@ -288,6 +290,7 @@ impl Model {
             next_slow_start_step: None,
             retired: false,
             dirty: false,
+            build_failures: 0,
             pending_log: Vec::new(),
         }
     }
@@ -537,6 +540,7 @@ impl Model {
                     cfg.name,
                     pool.published.generation
                 );
+                pool.build_failures += 1;
                 return;
             }
         };

@@ -31,6 +31,27 @@ pub struct Server {
     /// backend's state): the control plane's ticker rebuilds dirty pools
     /// then, at most once per tick, instead of once per change.
     pub rebuild_soon: tokio::sync::Notify,
+    /// Reloads (SIGHUP, `ctl reload`) rejected since start, and whether the last
+    /// one was applied: for the metrics and their alert.
+    pub reloads: ReloadStats,
+}
+
+/// Outcomes of reloads, for the metrics.
+#[derive(Debug)]
+pub struct ReloadStats {
+    /// Reloads rejected since start.
+    pub rejected: std::sync::atomic::AtomicU64,
+    /// The last reload was applied (true before any).
+    pub last_ok: std::sync::atomic::AtomicBool,
+}
+
+impl Default for ReloadStats {
+    fn default() -> Self {
+        ReloadStats {
+            rejected: std::sync::atomic::AtomicU64::new(0),
+            last_ok: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
 }
 
 impl Server {
@@ -107,10 +128,23 @@ impl Server {
     /// or stuck read delays only this reply, while other control clients,
     /// health checks and drain deadlines carry on.
     pub async fn reload(&self) -> Result<Vec<String>, String> {
+        let result = self.reload_once().await;
+        // A reload refused because another is running changes nothing either way.
+        if !matches!(&result, Err(e) if e.starts_with(RELOAD_BUSY)) {
+            use std::sync::atomic::Ordering;
+            self.reloads.last_ok.store(result.is_ok(), Ordering::Relaxed);
+            if result.is_err() {
+                self.reloads.rejected.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+
+    async fn reload_once(&self) -> Result<Vec<String>, String> {
         let _one = self
             .reloading
             .try_lock()
-            .map_err(|_| "a reload is already in progress; try again when it has finished".to_string())?;
+            .map_err(|_| format!("{RELOAD_BUSY}; try again when it has finished"))?;
         let path = self
             .model
             .lock()
@@ -181,6 +215,9 @@ impl Server {
     }
 }
 
+/// The start of the error of a reload refused because another one is running.
+const RELOAD_BUSY: &str = "a reload is already in progress";
+
 /// A listener's sockets, one per worker.
 enum BoundSockets {
     Tcp(Vec<std::net::TcpListener>),
@@ -243,7 +280,14 @@ pub fn run(config: Config) -> Result<(), String> {
                 let l = std::net::TcpListener::bind(addr)
                     .map_err(|e| format!("control.metrics: cannot bind {addr}: {e}"))?;
                 l.set_nonblocking(true).map_err(|e| e.to_string())?;
-                log::info!("metrics on http://{addr}/metrics");
+                log::info!("metrics on http://{addr}/metrics, status page on http://{addr}/");
+                if !addr.ip().is_loopback() {
+                    // Read-only, but it shows every backend and its traffic to
+                    // whoever can reach it.
+                    log::warn!(
+                        "control.metrics {addr} is not a loopback address: the metrics and the status page are readable by anyone who can reach it"
+                    );
+                }
                 Some(l)
             }
         },
@@ -265,6 +309,7 @@ pub fn run(config: Config) -> Result<(), String> {
         workers: senders,
         reloading: tokio::sync::Mutex::new(()),
         rebuild_soon: tokio::sync::Notify::new(),
+        reloads: ReloadStats::default(),
     });
     {
         let mut model = server.model.lock();

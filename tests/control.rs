@@ -353,7 +353,7 @@ fn metrics_endpoint_serves_prometheus_text() {
     );
     assert!(body.contains("ringlb_workers 2"));
     let mut c = std::net::TcpStream::connect(metrics).unwrap();
-    c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    c.write_all(b"GET /nothing-here HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut text = String::new();
     c.read_to_string(&mut text).unwrap();
     assert!(text.starts_with("HTTP/1.1 404"), "{text}");

@@ -1,14 +1,7 @@
-//! Prometheus text exposition (format 0.0.4) and its tiny HTTP endpoint.
+//! Prometheus text exposition (format 0.0.4), served at `/metrics` by `control::http`.
 
 use std::fmt::Write as _;
-use std::os::fd::AsRawFd;
-use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Semaphore;
-
-use crate::fd_reserve::FdReserve;
 use crate::server::Server;
 use crate::stats::{RefuseReason, LATENCY_BUCKETS};
 
@@ -240,70 +233,91 @@ pub fn render(server: &Server) -> String {
     let _ = writeln!(out, "{n} {}", model.generation());
     let n = family(&mut out, "ringlb_uptime_seconds", "gauge", "Seconds since start.");
     let _ = writeln!(out, "{n} {}", server.shared.started.elapsed().as_secs_f64());
-    out
-}
 
-/// Scrapers served at once; a connection beyond them is closed at once.
-pub const MAX_SCRAPERS: usize = 64;
-
-/// Time a scraper has to send its request head. A scraper on the same network sends it
-/// right after connecting; an idle client holds a slot for at most this long, so idle
-/// clients can keep scrapes out only by holding all [`MAX_SCRAPERS`] slots, and then
-/// for at most this long after they stop reconnecting.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Time to write the response.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Serves `GET /metrics` on `listener` (HTTP/1.0-style: one response, then close).
-pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) {
-    let slots = Arc::new(Semaphore::new(MAX_SCRAPERS));
-    // Scrapes go on when the data plane has used every other descriptor.
-    let reserve = Arc::new(FdReserve::new(2));
-    loop {
-        let stream = reserve.accept(listener.as_raw_fd(), || listener.accept()).await.0;
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
-        let server = server.clone();
-        let reserve = reserve.clone();
-        tokio::spawn(async move {
-            answer_scrape(stream, &server).await;
-            drop(permit);
-            reserve.refill();
-        });
+    // Saturation and failure families for the dashboard and the alert rules
+    // (config/grafana-dashboard.json, config/prometheus-alerts.yml); added after the
+    // families above, which keep their order and text.
+    let tcp = |l: &&crate::model::ListenerState| l.config.protocol == crate::config::Protocol::Tcp;
+    let n = family(
+        &mut out,
+        "ringlb_listener_connections_max",
+        "gauge",
+        "TCP listener max_connections (0 = no limit).",
+    );
+    for l in model.listeners.iter().filter(tcp) {
+        let _ = writeln!(
+            out,
+            "{n}{{listener=\"{}\"}} {}",
+            l.config.name, l.config.max_connections
+        );
     }
-}
-
-/// Reads one request head within [`HEAD_TIMEOUT`] and answers it within
-/// [`WRITE_TIMEOUT`].
-async fn answer_scrape(mut stream: tokio::net::TcpStream, server: &Server) {
-    let mut head = vec![0u8; 8192];
-    let mut len = 0;
-    let read = tokio::time::timeout(HEAD_TIMEOUT, async {
-        while len < head.len() {
-            let n = stream.read(&mut head[len..]).await?;
-            if n == 0 {
-                break;
-            }
-            len += n;
-            if head[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                break;
-            }
+    let n = family(
+        &mut out,
+        "ringlb_listener_flows_max",
+        "gauge",
+        "UDP listener max_flows: the flow table's size across workers (its fill is ringlb_listener_connections_active).",
+    );
+    for l in model.listeners.iter().filter(|l| !tcp(l)) {
+        let _ = writeln!(out, "{n}{{listener=\"{}\"}} {}", l.config.name, l.config.max_flows);
+    }
+    let n = family(
+        &mut out,
+        "ringlb_listener_sources_tracked",
+        "gauge",
+        "Sources in the listener's per-source rate-limit table.",
+    );
+    for l in &model.listeners {
+        if let Some(st) = l.limits.source_stats() {
+            let _ = writeln!(out, "{n}{{listener=\"{}\"}} {}", l.config.name, st.len);
         }
-        Ok::<_, std::io::Error>(())
-    })
-    .await;
-    if !matches!(read, Ok(Ok(()))) {
-        return;
     }
-    let request = String::from_utf8_lossy(&head[..len]);
-    let response = if request.starts_with("GET /metrics ") || request.starts_with("GET /metrics?") {
-        let body = render(server);
-        format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
-    } else {
-        "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 21\r\nConnection: close\r\n\r\ntry GET /metrics\r\n\r\n".to_string()
-    };
-    let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(response.as_bytes())).await;
-    let _ = stream.shutdown().await;
+    let n = family(
+        &mut out,
+        "ringlb_listener_sources_capacity",
+        "gauge",
+        "Size of the per-source rate-limit table (max_sources).",
+    );
+    for l in &model.listeners {
+        if let Some(t) = &l.limits.connections {
+            let _ = writeln!(out, "{n}{{listener=\"{}\"}} {}", l.config.name, t.capacity());
+        }
+    }
+    each_backend!(
+        "ringlb_backend_connections_max",
+        "gauge",
+        "Backend max_connections (0 = no limit).",
+        |b| b.config.max_connections
+    );
+    let n = family(
+        &mut out,
+        "ringlb_pool_table_build_failures_total",
+        "counter",
+        "Table builds that failed; the pool kept its last table.",
+    );
+    for p in &model.pools {
+        let _ = writeln!(out, "{n}{{pool=\"{}\"}} {}", p.config.name, p.build_failures);
+    }
+    let n = family(
+        &mut out,
+        "ringlb_config_reloads_rejected_total",
+        "counter",
+        "Reloads (SIGHUP, ctl reload) rejected; the running config was kept.",
+    );
+    let _ = writeln!(
+        out,
+        "{n} {}",
+        server.reloads.rejected.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let n = family(
+        &mut out,
+        "ringlb_config_last_reload_successful",
+        "gauge",
+        "1 when the last reload was applied (or none was tried), 0 when it was rejected.",
+    );
+    let _ = writeln!(
+        out,
+        "{n} {}",
+        u8::from(server.reloads.last_ok.load(std::sync::atomic::Ordering::Relaxed))
+    );
+    out
 }

@@ -1,12 +1,15 @@
 //! The control plane: its own thread and runtime, never a data worker's.
 //! It owns the model, runs health checks, serves the control socket and the
-//! metrics endpoint, handles signals, and publishes snapshots.
+//! metrics endpoint and status page, handles signals, and publishes snapshots.
 
 pub mod ctl;
 pub mod health_check;
+pub mod http;
 pub mod metrics;
 pub mod protocol;
 pub mod socket;
+pub mod status;
+pub mod top;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -50,7 +53,7 @@ pub fn run_control_plane(server: Arc<Server>, endpoints: ControlEndpoints) -> Re
         }
         if let Some(m) = endpoints.metrics {
             let listener = tokio::net::TcpListener::from_std(m).map_err(|e| e.to_string())?;
-            tokio::spawn(metrics::serve(listener, server.clone()));
+            tokio::spawn(http::serve(listener, server.clone()));
         }
         tokio::spawn(ticker(server.clone()));
         tokio::spawn(health_scheduler(server.clone()));
@@ -300,6 +303,8 @@ pub fn backends_reply(server: &Server, only: Option<&str>, offset: usize, limit:
         addr: std::net::SocketAddr,
         weight: u32,
         effective_weight: u32,
+        /// Share of the pool's table slots (a geo pool's: the default region's).
+        table_share: f64,
         state: &'static str,
         reason: &'a str,
         active: u64,
@@ -328,7 +333,8 @@ pub fn backends_reply(server: &Server, only: Option<&str>, offset: usize, limit:
         .pools
         .iter()
         .filter(|p| !p.retired && only.is_none_or(|n| n == p.config.name))
-        .map(|p| PoolRow {
+        .map(|p| (p, status::table_shares(&p.published)))
+        .map(|(p, shares)| PoolRow {
             pool: &p.config.name,
             table_generation: p.published.generation,
             panic: p.panic,
@@ -344,6 +350,7 @@ pub fn backends_reply(server: &Server, only: Option<&str>, offset: usize, limit:
                     addr: b.config.addr,
                     weight: b.config.weight,
                     effective_weight: p.published.weights.get(i).copied().unwrap_or(0),
+                    table_share: shares.get(&b.config.addr).copied().unwrap_or(0.0),
                     state: b.state_label(now),
                     reason: &b.reason,
                     active: b.shared.stats.conns.current(),
