@@ -13,8 +13,8 @@ use crate::config::{Config, ListenerConfig, Protocol};
 use crate::control::{run_control_plane, ControlEndpoints};
 use crate::engine::resolve_engine;
 use crate::listen::{bind_tcp_for_workers, bind_udp_for_workers};
-use crate::model::Model;
-use crate::worker::{spawn_worker, Shared, WorkerCmd, WorkerHandle};
+use crate::model::{CheckJob, Effects, Model, StartListener};
+use crate::worker::{spawn_worker, Shared, StopSignal, WorkerCmd, WorkerHandle};
 
 /// A running process's handles, owned by the control plane.
 pub struct Server {
@@ -31,12 +31,51 @@ pub struct Server {
     /// backend's state): the control plane's ticker rebuilds dirty pools
     /// then, at most once per tick, instead of once per change.
     pub rebuild_soon: tokio::sync::Notify,
+    /// Each live listener's stop signal, by slot. Stopping one wakes the
+    /// worker loops (an eventfd write), so it is the shell's, not the
+    /// model's: the model asks for it in [`Effects::stop_listeners`].
+    pub stops: Mutex<HashMap<usize, Arc<StopSignal>>>,
 }
 
 impl Server {
     /// Publishes the model as a new snapshot (one atomic swap).
     pub fn publish(&self, model: &mut Model) {
         self.shared.snapshot.store(Arc::new(model.snapshot()));
+    }
+
+    /// Carries out what the model asked for, in order: log lines, listeners
+    /// stopped, new listeners started on their bound `sockets` (by name),
+    /// one publish, a close check, a ticker wake-up. Returns the checks to
+    /// run (the caller spawns them). The one place model effects are
+    /// applied; `model` is the locked model that produced `fx`.
+    pub fn apply(&self, model: &mut Model, fx: Effects, sockets: &mut HashMap<String, BoundSockets>) -> Vec<CheckJob> {
+        for line in fx.logs {
+            log::log!(target: "ringlb::model", line.level, "{}", line.text);
+        }
+        for slot in fx.stop_listeners {
+            if let Some(stop) = self.stops.lock().remove(&slot) {
+                stop.stop();
+            }
+        }
+        for l in fx.start_listeners {
+            match sockets.remove(&l.config.name) {
+                Some(s) => self.start_listener(l, s),
+                None => log::error!(
+                    "listener \"{}\": no sockets were bound for it; not started",
+                    l.config.name
+                ),
+            }
+        }
+        if fx.publish {
+            self.publish(model);
+        }
+        if fx.check_close {
+            self.tell_workers(|_| WorkerCmd::CheckClose);
+        }
+        if fx.rebuild_soon {
+            self.rebuild_soon.notify_one();
+        }
+        fx.checks
     }
 
     /// Sends every worker a command built by `make`. The queue is bounded; a
@@ -60,7 +99,8 @@ impl Server {
     }
 
     /// Hands bound sockets of a new listener to the workers.
-    fn start_listener(&self, model: &mut Model, config: ListenerConfig, sockets: BoundSockets) {
+    fn start_listener(&self, listener: StartListener, sockets: BoundSockets) {
+        let StartListener { slot, config, stats } = listener;
         let workers = self.workers.len();
         let proto = if config.protocol == Protocol::Udp { "udp" } else { "tcp" };
         log::info!(
@@ -69,8 +109,8 @@ impl Server {
             config.bind,
             config.pool
         );
-        let state = model.add_listener(config.clone());
-        let (slot, stop, stats) = (state.slot, state.stop.clone(), state.stats.clone());
+        let stop = Arc::new(StopSignal::default());
+        self.stops.lock().insert(slot, stop.clone());
         match sockets {
             BoundSockets::Tcp(sockets) => {
                 let mut sockets = sockets.into_iter();
@@ -106,7 +146,7 @@ impl Server {
     /// on a blocking-pool thread, never on the control thread itself: a slow
     /// or stuck read delays only this reply, while other control clients,
     /// health checks and drain deadlines carry on.
-    pub async fn reload(&self) -> Result<Vec<String>, String> {
+    pub async fn reload(&self) -> Result<crate::control::protocol::ReloadReply, String> {
         let _one = self
             .reloading
             .try_lock()
@@ -122,67 +162,25 @@ impl Server {
             .await
             .map_err(|e| format!("reading the config failed: {e}"))?
             .map_err(|e| e.to_string())?;
-        // Bind what is new before touching anything; which listeners those
+        // Bind what is new before touching anything: which listeners those
         // are is read under the model lock, the binding (whose probe may
         // wait for orphaned sockets) is done without it.
-        let to_bind: Vec<(&ListenerConfig, bool)> = {
-            let model = self.model.lock();
-            let live = || model.listeners.iter().filter(|s| s.retire_deadline.is_none());
-            new.listeners
-                .iter()
-                .filter(|l| {
-                    !live()
-                        .any(|s| s.config.name == l.name && s.config.bind == l.bind && s.config.protocol == l.protocol)
-                })
-                .map(|l| {
-                    // A port moved or kept under a new name: ringlb holds it
-                    // itself, through a listener this reload retires (the
-                    // new config has no two overlapping listeners).
-                    let ours = live().any(|s| {
-                        s.config.protocol == l.protocol && crate::config::addresses_overlap(s.config.bind, l.bind)
-                    });
-                    (l, ours)
-                })
-                .collect()
-        };
+        let to_bind = self.model.lock().listeners_to_bind(&new);
         let mut sockets: HashMap<String, BoundSockets> = HashMap::new();
-        for (l, ours) in to_bind {
-            sockets.insert(
-                l.name.clone(),
-                bind_listener(l, self.workers.len(), ours, self.shared.pin_workers)?,
-            );
+        for b in to_bind {
+            let bound = bind_listener(&b.config, self.workers.len(), b.ours, self.shared.pin_workers)?;
+            sockets.insert(b.config.name.clone(), bound);
         }
         let mut model = self.model.lock();
-        // Checked under the lock that applies it: no ctl command in between.
-        let problems = model.reload_rule_problems(&new);
-        if !problems.is_empty() {
-            let file = model
-                .config
-                .source
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default();
-            return Err(format!("{file}: {}; nothing changed", problems.join("; ")));
-        }
-        let (changes, to_start) = model.apply_config(new, Instant::now());
-        for l in to_start {
-            let s = sockets.remove(&l.name).expect("bound above");
-            self.start_listener(&mut model, l, s);
-        }
-        self.publish(&mut model);
-        let generation = model.config_generation;
-        drop(model);
-        if changes.is_empty() {
-            log::info!("reload (config generation {generation}): no changes");
-        } else {
-            log::info!("reload (config generation {generation}): {}", changes.join("; "));
-        }
-        Ok(changes)
+        // Checked and applied under one lock: no ctl command in between.
+        let (reply, fx) = model.reload(new, Instant::now())?;
+        self.apply(&mut model, fx, &mut sockets);
+        Ok(reply)
     }
 }
 
 /// A listener's sockets, one per worker.
-enum BoundSockets {
+pub enum BoundSockets {
     Tcp(Vec<std::net::TcpListener>),
     Udp(Vec<std::net::UdpSocket>),
 }
@@ -226,9 +224,12 @@ pub fn run(config: Config) -> Result<(), String> {
 
     // Bind everything before starting anything: a config whose address is
     // taken never half-starts.
-    let mut bound = Vec::new();
+    let mut bound = HashMap::new();
     for l in &config.listeners {
-        bound.push((l.clone(), bind_listener(l, workers, false, config.runtime.pin_workers)?));
+        bound.insert(
+            l.name.clone(),
+            bind_listener(l, workers, false, config.runtime.pin_workers)?,
+        );
     }
     let endpoints = ControlEndpoints {
         socket: config
@@ -258,20 +259,18 @@ pub fn run(config: Config) -> Result<(), String> {
             .map_err(|e| format!("cannot start worker {id}: {e}"))?;
         senders.push(handle);
     }
-    let model = Model::new(config.clone(), workers, Instant::now());
+    let (model, fx) = Model::new(config.clone(), workers, Instant::now(), jitter_seed());
     let server = Arc::new(Server {
         shared,
         model: Mutex::new(model),
         workers: senders,
         reloading: tokio::sync::Mutex::new(()),
         rebuild_soon: tokio::sync::Notify::new(),
+        stops: Mutex::new(HashMap::new()),
     });
     {
         let mut model = server.model.lock();
-        for (l, sockets) in bound {
-            server.start_listener(&mut model, l, sockets);
-        }
-        server.publish(&mut model);
+        let _no_checks_yet = server.apply(&mut model, fx, &mut bound);
     }
     log::info!(
         "ringlb {} running: {} on {engine}",
@@ -283,6 +282,16 @@ pub fn run(config: Config) -> Result<(), String> {
         let _ = std::fs::remove_file(p);
     }
     result
+}
+
+/// A seed for the model's check jitter: differs between processes (so two
+/// instances do not check the same backends in step) and is read here, in
+/// the shell, since the model reads no clock.
+fn jitter_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ u64::from(std::process::id()).rotate_left(32)
 }
 
 /// Raises the soft open-files limit to the hard limit: a proxy holds two fds
@@ -307,8 +316,8 @@ fn raise_fd_limit() {
 /// Stops accepting, waits for open connections up to `timeout`, then closes
 /// the rest. Returns how many were closed by force.
 pub async fn graceful_shutdown(server: &Server, timeout: Duration) -> u64 {
-    for l in &server.model.lock().listeners {
-        l.stop.stop();
+    for stop in server.stops.lock().values() {
+        stop.stop();
     }
     let deadline = Instant::now() + timeout;
     let mut open = server.active_connections();

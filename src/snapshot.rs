@@ -174,6 +174,20 @@ impl PoolSnapshot {
         backends: Vec<Arc<Backend>>,
         weights: Vec<u32>,
     ) -> Result<PoolSnapshot, crate::maglev::MaglevError> {
+        Self::build_with_geo(name, generation, table_size, backends, weights, || Ok(None))
+    }
+
+    /// [`PoolSnapshot::build`], plus the geo tables `geo` builds. The build
+    /// time (shown by `ctl stats`) covers both; it is a measurement only,
+    /// never an input to a decision, which is why the model may call this.
+    pub fn build_with_geo(
+        name: &str,
+        generation: u64,
+        table_size: usize,
+        backends: Vec<Arc<Backend>>,
+        weights: Vec<u32>,
+        geo: impl FnOnce() -> Result<Option<GeoTables>, crate::maglev::MaglevError>,
+    ) -> Result<PoolSnapshot, crate::maglev::MaglevError> {
         let start = std::time::Instant::now();
         // The identity hashed is the address text: stable across processes and
         // machines, so every ringlb instance builds the same table.
@@ -183,6 +197,7 @@ impl PoolSnapshot {
             .map(|(b, w)| (b.addr.to_string(), *w))
             .collect();
         let table = build_or_none(&ids, table_size)?;
+        let geo = geo()?;
         Ok(PoolSnapshot {
             name: name.to_string(),
             generation,
@@ -190,7 +205,7 @@ impl PoolSnapshot {
             weights,
             table,
             build_time: start.elapsed(),
-            geo: None,
+            geo,
         })
     }
 }

@@ -177,6 +177,17 @@ pub struct ListenerConfig {
     pub proxy_protocol: ProxyProtocol,
 }
 
+impl ListenerConfig {
+    /// Whether `other` is this listener across a reload: same name, address
+    /// and protocol. Such a listener keeps its sockets, slot and counters and
+    /// is updated in place; any other difference retires it and binds a new
+    /// one. The one definition of the rule, used by the reload's bind step
+    /// and by the model.
+    pub fn same_listener(&self, other: &ListenerConfig) -> bool {
+        self.name == other.name && self.bind == other.bind && self.protocol == other.protocol
+    }
+}
+
 /// Whether, and in which version, a TCP listener tells its backends the
 /// client's address with a PROXY protocol header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
