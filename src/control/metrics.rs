@@ -275,6 +275,15 @@ pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) {
     }
 }
 
+/// A whole HTTP/1.1 response whose Content-Length is the body's (one
+/// place, so no reply can announce a length its body does not have).
+fn http_response(status: &str, content_type: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 /// Reads one request head within [`HEAD_TIMEOUT`] and answers it within
 /// [`WRITE_TIMEOUT`].
 async fn answer_scrape(mut stream: tokio::net::TcpStream, server: &Server) {
@@ -299,10 +308,9 @@ async fn answer_scrape(mut stream: tokio::net::TcpStream, server: &Server) {
     }
     let request = String::from_utf8_lossy(&head[..len]);
     let response = if request.starts_with("GET /metrics ") || request.starts_with("GET /metrics?") {
-        let body = render(server);
-        format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+        http_response("200 OK", "text/plain; version=0.0.4; charset=utf-8", &render(server))
     } else {
-        "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 21\r\nConnection: close\r\n\r\ntry GET /metrics\r\n\r\n".to_string()
+        http_response("404 Not Found", "text/plain", "try GET /metrics\r\n")
     };
     let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(response.as_bytes())).await;
     let _ = stream.shutdown().await;

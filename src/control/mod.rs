@@ -379,10 +379,9 @@ fn route(server: &Server, listener: &str, client: &str) -> Result<RouteReply, St
                 .iter()
                 .map(|&i| {
                     let b = &pool.backends[i as usize];
-                    // A TCP connect skips a backend at its max_connections (spill-over).
-                    let max = b.max_conns.load(std::sync::atomic::Ordering::Relaxed);
-                    // (UDP flows do not count against it.)
-                    let full = tcp && max > 0 && b.open.load(std::sync::atomic::Ordering::Relaxed) >= max;
+                    // A TCP connect skips a backend at its max_connections
+                    // (spill-over); UDP flows do not count against it.
+                    let full = tcp && b.is_full();
                     let effective = weights[i as usize];
                     // Rounded to 1e-4 so that the JSON shows 0.5, not 0.49999999999999994.
                     let share = (effective as f64 / total.max(1) as f64 * 1e4).round() / 1e4;

@@ -70,7 +70,7 @@ impl TcpListener {
             );
             self.last_warn = Some(now);
         }
-        if matches!(errno, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) {
+        if crate::errno::accept_is_shortage(errno) {
             let refused = shed_pending(reserve, self.fd.as_fd());
             if let Some(s) = stats {
                 // Accepted (by the spare descriptor) and refused at once:

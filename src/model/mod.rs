@@ -10,7 +10,7 @@
 //!
 //! The model does share memory with the data plane: per-backend atomics in
 //! [`crate::snapshot::Backend`] (connection counts and consecutive connect
-//! failures it reads, `closing`/`down`/`max_conns` it writes) and listener
+//! failures it reads, `closing`/`down` and the `slots` maximum it writes) and listener
 //! counters. Those are inputs and outputs in memory, not I/O; tests set them
 //! directly.
 //!

@@ -86,7 +86,7 @@ impl Model {
         pool.panic = plan.panic;
         for (b, v) in pool.backends.iter().zip(&views) {
             b.shared.down.store(!v.healthy && !plan.panic, Ordering::Relaxed);
-            b.shared.max_conns.store(b.config.max_connections, Ordering::Relaxed);
+            b.shared.slots.set_max(b.config.max_connections as usize);
         }
         pool.next_slow_start_step = next_step;
         let generation = pool.published.generation + 1;
@@ -203,14 +203,7 @@ fn build_geo_tables(
                     .iter()
                     .zip(plan)
                     .zip(backends)
-                    .map(|((e, p), b)| {
-                        let full = u64::from(b.config.weight) * u64::from(crate::health::state::WEIGHT_SCALE);
-                        if *p == 0 || full == 0 {
-                            0
-                        } else {
-                            ((u64::from(*e) * u64::from(*p) / full).max(u64::from(*e > 0))) as u32
-                        }
-                    })
+                    .map(|((e, p), b)| crate::health::state::apply_plan_to_share(*e, *p, b.config.weight))
                     .collect();
                 let pairs: Vec<(&str, u32)> = ids.iter().map(|s| s.as_str()).zip(scaled.iter().copied()).collect();
                 tables.push(crate::snapshot::build_or_none(&pairs, table_size)?);
