@@ -20,6 +20,7 @@ pub mod proxy;
 pub mod server;
 pub mod snapshot;
 pub mod sockaddr;
+pub mod startup;
 pub mod stats;
 pub mod udp;
 pub mod worker;

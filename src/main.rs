@@ -206,7 +206,7 @@ fn main() -> ExitCode {
                 );
                 ExitCode::FAILURE
             }
-            Ok(cfg) => match ringlb::server::run(cfg) {
+            Ok(cfg) => match ringlb::startup::run(cfg) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     log::error!("{e}");
