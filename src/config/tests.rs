@@ -1,6 +1,7 @@
 //! Tests of config parsing and validation.
 
 use super::*;
+use std::time::Duration;
 
 fn parse(text: &str) -> Result<Config, ConfigErrors> {
     Config::parse(text, Path::new("test.toml"))
