@@ -61,7 +61,10 @@ impl Config {
             }
             ConfigErrors(vec![ConfigError::new(path, place, problem)])
         })?;
-        validate(file, path)
+        // The one file validation depends on is read here, so that
+        // validation itself stays pure.
+        let prefixes = validate::PrefixesFile::read(&file, path);
+        validate(file, path, prefixes)
     }
 
     /// What can be known about this host without starting anything, for

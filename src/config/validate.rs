@@ -121,13 +121,42 @@ fn online_cpus() -> usize {
 }
 
 /// Validates a parsed file into a [`Config`], reporting every problem.
-pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
+/// The `[geo] prefixes_file` as the loader read it (the file named relative
+/// to the config file, at most the config size limit): validation is pure
+/// and never opens a file itself.
+#[derive(Debug, Clone)]
+pub struct PrefixesFile {
+    /// Where it was read from (named in errors).
+    pub path: PathBuf,
+    /// Its text, or why it could not be read.
+    pub text: Result<String, String>,
+}
+
+impl PrefixesFile {
+    /// Reads the prefixes file `file` names, if any, relative to the config
+    /// file at `config_path` (the loader's I/O, before [`validate`]).
+    pub fn read(file: &ConfigFile, config_path: &Path) -> Option<PrefixesFile> {
+        let name = file.geo.as_ref()?.prefixes_file.as_ref()?;
+        let path = config_path.parent().unwrap_or(Path::new(".")).join(name);
+        let text = file::read_bounded(&path).map_err(|e| e.to_string());
+        Some(PrefixesFile { path, text })
+    }
+}
+
+/// Validates a parsed file into a [`Config`], reporting every problem;
+/// `prefixes` is the `[geo] prefixes_file` the loader read
+/// ([`PrefixesFile::read`]). No I/O.
+pub fn validate(file: ConfigFile, path: &Path, prefixes: Option<PrefixesFile>) -> Result<Config, ConfigErrors> {
     let mut c = Checker {
         file: path,
         errors: Vec::new(),
         names: crate::geo::RegionNames::new(),
     };
-    let geo_entries = file.geo.as_ref().map(|g| load_geo(&mut c, path, g)).unwrap_or_default();
+    let geo_entries = file
+        .geo
+        .as_ref()
+        .map(|g| load_geo(&mut c, g, prefixes))
+        .unwrap_or_default();
 
     let rt = &file.runtime;
     let workers = c.ranged("runtime.workers", rt.workers, 1, 1024, online_cpus() as i64) as usize;
@@ -745,17 +774,20 @@ fn validate_outlier(c: &mut Checker<'_>, place: &str, o: &file::OutlierFile) -> 
     }
 }
 
-/// Loads `[geo]`: the prefixes file (relative to the config file) and the
+/// Loads `[geo]`: the prefixes file's text (read by the loader) and the
 /// inline prefixes, interning their region names.
 fn load_geo(
     c: &mut Checker<'_>,
-    config_path: &Path,
     g: &file::GeoFile,
+    prefixes: Option<PrefixesFile>,
 ) -> Vec<(crate::geo::Cidr, crate::geo::RegionId)> {
     let mut raw: Vec<(crate::geo::Cidr, String)> = Vec::new();
-    if let Some(f) = &g.prefixes_file {
-        let path = config_path.parent().unwrap_or(Path::new(".")).join(f);
-        match file::read_bounded(&path) {
+    if g.prefixes_file.is_some() {
+        let Some(PrefixesFile { path, text }) = prefixes else {
+            c.err("geo.prefixes_file", "the loader did not read it (a bug)");
+            return Vec::new();
+        };
+        match text {
             Err(e) => c.err("geo.prefixes_file", format!("{}: {e}", path.display())),
             Ok(text) => match crate::geo::parse_prefixes(&text, &path.display().to_string()) {
                 Ok(entries) => raw.extend(entries),
