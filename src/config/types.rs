@@ -176,17 +176,9 @@ impl ListenerConfig {
     }
 }
 
-/// Whether, and in which version, a TCP listener tells its backends the
-/// client's address with a PROXY protocol header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyProtocol {
-    /// No header: backends see ringlb's address.
-    Off,
-    /// The text header (`PROXY TCP4 ...\r\n`).
-    V1,
-    /// The binary header.
-    V2,
-}
+// `proxy_protocol`'s type lives with the header code (one place for the
+// PROXY protocol's types); config names it from there.
+pub use crate::proxy::proxy_protocol::ProxyProtocol;
 
 /// How a TCP listener moves bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
