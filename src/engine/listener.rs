@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::conn::{Conn, ConnParams, Op};
 use crate::fd_reserve::FdReserve;
 use crate::stats::RefuseReason;
-use crate::worker::{Shared, StopSignal};
+use crate::worker::context::{Shared, StopSignal};
 
 use super::sockets::{local_addr, peer_addr, shed_pending};
 

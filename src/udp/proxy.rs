@@ -35,7 +35,7 @@ use crate::udp::forwarder::Forwarder;
 use crate::udp::mmsg::BATCH;
 use crate::udp::recv_batch::RecvBatch;
 use crate::udp::send_batch::SendBatch;
-use crate::worker::StopSignal;
+use crate::worker::stop::StopSignal;
 
 /// Client datagrams read per call of [`UdpListener::on_readable`] before the
 /// loop serves its other sockets (TCP connections, other listeners).

@@ -28,7 +28,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use crate::conn::{Conn, Data, Errno, Op, Side, Via};
 use crate::fd_reserve::FdReserve;
 use crate::udp::proxy::UdpListener;
-use crate::worker::{Shared, WorkerCmd, WorkerInbox};
+use crate::worker::context::{Shared, WorkerCmd, WorkerInbox};
 
 use super::driver::{check_close, drive, fire_timers, ConnSlot, Driver, Immediate, Shell};
 use super::listener::{accept_client, TcpListener};
