@@ -275,7 +275,7 @@ pub fn check_control_request(data: &[u8]) {
             } else {
                 assert!(message.starts_with("bad request: "), "{message}");
             }
-            let reply = protocol::error(message).to_string();
+            let reply = protocol::error_line(&message);
             assert!(!reply.contains('\n'), "reply spans lines: {reply}");
         }
     }

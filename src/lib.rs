@@ -5,6 +5,7 @@ pub mod conn;
 pub mod control;
 pub mod demo;
 pub mod engine;
+pub mod errno;
 pub mod fd_reserve;
 pub mod flow_key;
 #[doc(hidden)]
@@ -18,6 +19,8 @@ pub mod output;
 pub mod proxy;
 pub mod server;
 pub mod snapshot;
+pub mod sockaddr;
+pub mod startup;
 pub mod stats;
 pub mod udp;
 pub mod worker;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use ringlb::config::Config;
+use ringlb::control::protocol::Request;
 
 /// ringlb: an L4 TCP load balancer for Linux on io_uring, choosing backends
 /// with weighted Maglev tables so a fleet of instances agrees on every client.
@@ -66,7 +67,7 @@ enum Command {
     },
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Clone)]
 enum CtlCommand {
     /// Version, uptime, io engine per worker, config file and generation, listeners.
     Status,
@@ -153,40 +154,44 @@ enum CtlCommand {
 }
 
 impl CtlCommand {
-    fn request(&self) -> serde_json::Value {
-        use serde_json::json;
-        match self {
-            CtlCommand::Status => json!({"cmd": "status"}),
-            CtlCommand::Backends { pool, limit, offset } => {
-                json!({"cmd": "backends", "pool": pool, "limit": limit, "offset": offset})
-            }
-            CtlCommand::Drain { pool, addr, force } => {
-                json!({"cmd": "drain", "pool": pool, "addr": addr, "force": force})
-            }
-            CtlCommand::Enable { pool, addr } => json!({"cmd": "enable", "pool": pool, "addr": addr}),
-            CtlCommand::Disable { pool, addr, force } => {
-                json!({"cmd": "disable", "pool": pool, "addr": addr, "force": force})
-            }
+    /// The typed request this command sends.
+    fn request(&self) -> Request {
+        let c = self.clone();
+        match c {
+            CtlCommand::Status => Request::Status {},
+            CtlCommand::Backends { pool, limit, offset } => Request::Backends { pool, limit, offset },
+            CtlCommand::Drain { pool, addr, force } => Request::Drain { pool, addr, force },
+            CtlCommand::Enable { pool, addr } => Request::Enable { pool, addr },
+            CtlCommand::Disable { pool, addr, force } => Request::Disable { pool, addr, force },
             CtlCommand::Weight {
                 pool,
                 addr,
                 weight,
                 force,
-            } => json!({"cmd": "weight", "pool": pool, "addr": addr, "weight": weight, "force": force}),
+            } => Request::Weight {
+                pool,
+                addr,
+                weight,
+                force,
+            },
             CtlCommand::Add {
                 pool,
                 addr,
                 weight,
                 force,
-            } => json!({"cmd": "add", "pool": pool, "addr": addr, "weight": weight, "force": force}),
-            CtlCommand::Remove { pool, addr, force } => {
-                json!({"cmd": "remove", "pool": pool, "addr": addr, "force": force})
-            }
-            CtlCommand::Reload => json!({"cmd": "reload"}),
-            CtlCommand::Stats => json!({"cmd": "stats"}),
-            CtlCommand::Route { listener, client } => json!({"cmd": "route", "listener": listener, "client": client}),
-            // Not one request: `ctl top` asks for stats and backends itself.
-            CtlCommand::Top { .. } => json!({"cmd": "top"}),
+            } => Request::Add {
+                pool,
+                addr,
+                weight,
+                force,
+            },
+            CtlCommand::Remove { pool, addr, force } => Request::Remove { pool, addr, force },
+            CtlCommand::Reload => Request::Reload {},
+            CtlCommand::Stats => Request::Stats {},
+            CtlCommand::Route { listener, client } => Request::Route { listener, client },
+            // Not one request: `ctl top` asks for stats and backends itself
+            // (and is handled before any request is built).
+            CtlCommand::Top { .. } => Request::Stats {},
         }
     }
 }
@@ -224,7 +229,7 @@ fn main() -> ExitCode {
                 );
                 ExitCode::FAILURE
             }
-            Ok(cfg) => match ringlb::server::run(cfg) {
+            Ok(cfg) => match ringlb::startup::run(cfg) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     log::error!("{e}");

@@ -1,20 +1,19 @@
-//! Starting, reloading and stopping a ringlb process: engine, listeners,
-//! workers, and the control plane on its own thread.
+//! The running process's handle ([`Server`]): the model behind its lock,
+//! the workers' queues and the listeners' stop signals; the one place that
+//! carries out model effects ([`Server::apply`]), reloads and shuts down.
+//! Start-up is `crate::startup`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use crate::config::{Config, ListenerConfig, Protocol};
-use crate::control::{run_control_plane, ControlEndpoints};
-use crate::engine::resolve_engine;
 use crate::listen::{bind_tcp_for_workers, bind_udp_for_workers};
-use crate::model::Model;
-use crate::worker::{spawn_worker, Shared, WorkerCmd, WorkerHandle};
+use crate::model::{CheckJob, Effects, Model, StartListener};
+use crate::worker::{Shared, StopSignal, WorkerCmd, WorkerHandle};
 
 /// A running process's handles, owned by the control plane.
 pub struct Server {
@@ -34,6 +33,10 @@ pub struct Server {
     /// Reloads (SIGHUP, `ctl reload`) rejected since start, and whether the last
     /// one was applied: for the metrics and their alert.
     pub reloads: ReloadStats,
+    /// Each live listener's stop signal, by slot. Stopping one wakes the
+    /// worker loops (an eventfd write), so it is the shell's, not the
+    /// model's: the model asks for it in [`Effects::stop_listeners`].
+    pub stops: Mutex<HashMap<usize, Arc<StopSignal>>>,
 }
 
 /// Outcomes of reloads, for the metrics.
@@ -60,6 +63,41 @@ impl Server {
         self.shared.snapshot.store(Arc::new(model.snapshot()));
     }
 
+    /// Carries out what the model asked for, in order: log lines, listeners
+    /// stopped, new listeners started on their bound `sockets` (by name),
+    /// one publish, a close check, a ticker wake-up. Returns the checks to
+    /// run (the caller spawns them). The one place model effects are
+    /// applied; `model` is the locked model that produced `fx`.
+    pub fn apply(&self, model: &mut Model, fx: Effects, sockets: &mut HashMap<String, BoundSockets>) -> Vec<CheckJob> {
+        for line in fx.logs {
+            log::log!(target: "ringlb::model", line.level, "{}", line.text);
+        }
+        for slot in fx.stop_listeners {
+            if let Some(stop) = self.stops.lock().remove(&slot) {
+                stop.stop();
+            }
+        }
+        for l in fx.start_listeners {
+            match sockets.remove(&l.config.name) {
+                Some(s) => self.start_listener(l, s),
+                None => log::error!(
+                    "listener \"{}\": no sockets were bound for it; not started",
+                    l.config.name
+                ),
+            }
+        }
+        if fx.publish {
+            self.publish(model);
+        }
+        if fx.check_close {
+            self.tell_workers(|_| WorkerCmd::CheckClose);
+        }
+        if fx.rebuild_soon {
+            self.rebuild_soon.notify_one();
+        }
+        fx.checks
+    }
+
     /// Sends every worker a command built by `make`. The queue is bounded; a
     /// full one means the worker is far behind and the command is logged.
     pub fn tell_workers(&self, mut make: impl FnMut(usize) -> WorkerCmd) {
@@ -81,7 +119,8 @@ impl Server {
     }
 
     /// Hands bound sockets of a new listener to the workers.
-    fn start_listener(&self, model: &mut Model, config: ListenerConfig, sockets: BoundSockets) {
+    fn start_listener(&self, listener: StartListener, sockets: BoundSockets) {
+        let StartListener { slot, config, stats } = listener;
         let workers = self.workers.len();
         let proto = if config.protocol == Protocol::Udp { "udp" } else { "tcp" };
         log::info!(
@@ -90,8 +129,8 @@ impl Server {
             config.bind,
             config.pool
         );
-        let state = model.add_listener(config.clone());
-        let (slot, stop, stats) = (state.slot, state.stop.clone(), state.stats.clone());
+        let stop = Arc::new(StopSignal::default());
+        self.stops.lock().insert(slot, stop.clone());
         match sockets {
             BoundSockets::Tcp(sockets) => {
                 let mut sockets = sockets.into_iter();
@@ -127,7 +166,7 @@ impl Server {
     /// on a blocking-pool thread, never on the control thread itself: a slow
     /// or stuck read delays only this reply, while other control clients,
     /// health checks and drain deadlines carry on.
-    pub async fn reload(&self) -> Result<Vec<String>, String> {
+    pub async fn reload(&self) -> Result<crate::control::protocol::ReloadReply, String> {
         let result = self.reload_once().await;
         // A reload refused because another is running changes nothing either way.
         if !matches!(&result, Err(e) if e.starts_with(RELOAD_BUSY)) {
@@ -140,7 +179,7 @@ impl Server {
         result
     }
 
-    async fn reload_once(&self) -> Result<Vec<String>, String> {
+    async fn reload_once(&self) -> Result<crate::control::protocol::ReloadReply, String> {
         let _one = self
             .reloading
             .try_lock()
@@ -156,62 +195,20 @@ impl Server {
             .await
             .map_err(|e| format!("reading the config failed: {e}"))?
             .map_err(|e| e.to_string())?;
-        // Bind what is new before touching anything; which listeners those
+        // Bind what is new before touching anything: which listeners those
         // are is read under the model lock, the binding (whose probe may
         // wait for orphaned sockets) is done without it.
-        let to_bind: Vec<(&ListenerConfig, bool)> = {
-            let model = self.model.lock();
-            let live = || model.listeners.iter().filter(|s| s.retire_deadline.is_none());
-            new.listeners
-                .iter()
-                .filter(|l| {
-                    !live()
-                        .any(|s| s.config.name == l.name && s.config.bind == l.bind && s.config.protocol == l.protocol)
-                })
-                .map(|l| {
-                    // A port moved or kept under a new name: ringlb holds it
-                    // itself, through a listener this reload retires (the
-                    // new config has no two overlapping listeners).
-                    let ours = live().any(|s| {
-                        s.config.protocol == l.protocol && crate::config::addresses_overlap(s.config.bind, l.bind)
-                    });
-                    (l, ours)
-                })
-                .collect()
-        };
+        let to_bind = self.model.lock().listeners_to_bind(&new);
         let mut sockets: HashMap<String, BoundSockets> = HashMap::new();
-        for (l, ours) in to_bind {
-            sockets.insert(
-                l.name.clone(),
-                bind_listener(l, self.workers.len(), ours, self.shared.pin_workers)?,
-            );
+        for b in to_bind {
+            let bound = bind_listener(&b.config, self.workers.len(), b.ours, self.shared.pin_workers)?;
+            sockets.insert(b.config.name.clone(), bound);
         }
         let mut model = self.model.lock();
-        // Checked under the lock that applies it: no ctl command in between.
-        let problems = model.reload_rule_problems(&new);
-        if !problems.is_empty() {
-            let file = model
-                .config
-                .source
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default();
-            return Err(format!("{file}: {}; nothing changed", problems.join("; ")));
-        }
-        let (changes, to_start) = model.apply_config(new, Instant::now());
-        for l in to_start {
-            let s = sockets.remove(&l.name).expect("bound above");
-            self.start_listener(&mut model, l, s);
-        }
-        self.publish(&mut model);
-        let generation = model.config_generation;
-        drop(model);
-        if changes.is_empty() {
-            log::info!("reload (config generation {generation}): no changes");
-        } else {
-            log::info!("reload (config generation {generation}): {}", changes.join("; "));
-        }
-        Ok(changes)
+        // Checked and applied under one lock: no ctl command in between.
+        let (reply, fx) = model.reload(new, Instant::now())?;
+        self.apply(&mut model, fx, &mut sockets);
+        Ok(reply)
     }
 }
 
@@ -219,7 +216,7 @@ impl Server {
 const RELOAD_BUSY: &str = "a reload is already in progress";
 
 /// A listener's sockets, one per worker.
-enum BoundSockets {
+pub enum BoundSockets {
     Tcp(Vec<std::net::TcpListener>),
     Udp(Vec<std::net::UdpSocket>),
 }
@@ -229,7 +226,7 @@ enum BoundSockets {
 /// (pinned workers), a TCP listener's new connections then go to the worker
 /// on the CPU that received them (UDP keeps the kernel's hash: see
 /// [`crate::engine::steering::program`]).
-fn bind_listener(l: &ListenerConfig, workers: usize, ours: bool, steer: bool) -> Result<BoundSockets, String> {
+pub fn bind_listener(l: &ListenerConfig, workers: usize, ours: bool, steer: bool) -> Result<BoundSockets, String> {
     Ok(match l.protocol {
         Protocol::Tcp => {
             let sockets = bind_tcp_for_workers(&l.name, l.bind, l.backlog, workers, ours)?;
@@ -242,118 +239,11 @@ fn bind_listener(l: &ListenerConfig, workers: usize, ours: bool, steer: bool) ->
     })
 }
 
-/// Starts ringlb with `config` and blocks until it has shut down.
-pub fn run(config: Config) -> Result<(), String> {
-    let (engine, fallback_reason) = resolve_engine(config.runtime.io_engine)?;
-    if let Some(why) = fallback_reason {
-        log::warn!("io_uring unavailable ({why}); workers run on the epoll engine");
-    }
-    raise_fd_limit();
-    let workers = config.runtime.workers;
-    let shared = Arc::new(Shared {
-        snapshot: ArcSwap::from_pointee(Default::default()),
-        force_close: AtomicBool::new(false),
-        workers,
-        engine,
-        pin_workers: config.runtime.pin_workers,
-        access_log: AtomicBool::new(config.control.access_log),
-        started: Instant::now(),
-        worker_setup: Mutex::new(Vec::new()),
-    });
-
-    // Bind everything before starting anything: a config whose address is
-    // taken never half-starts.
-    let mut bound = Vec::new();
-    for l in &config.listeners {
-        bound.push((l.clone(), bind_listener(l, workers, false, config.runtime.pin_workers)?));
-    }
-    let endpoints = ControlEndpoints {
-        socket: config
-            .control
-            .socket
-            .as_deref()
-            .map(crate::control::socket::bind_control_socket)
-            .transpose()?,
-        metrics: match config.control.metrics {
-            None => None,
-            Some(addr) => {
-                let l = std::net::TcpListener::bind(addr)
-                    .map_err(|e| format!("control.metrics: cannot bind {addr}: {e}"))?;
-                l.set_nonblocking(true).map_err(|e| e.to_string())?;
-                log::info!("metrics on http://{addr}/metrics, status page on http://{addr}/");
-                if !addr.ip().is_loopback() {
-                    // Read-only, but it shows every backend and its traffic to
-                    // whoever can reach it.
-                    log::warn!(
-                        "control.metrics {addr} is not a loopback address: the metrics and the status page are readable by anyone who can reach it"
-                    );
-                }
-                Some(l)
-            }
-        },
-    };
-    if let Some(p) = &config.control.socket {
-        log::info!("control socket {}", p.display());
-    }
-
-    let mut senders = Vec::new();
-    for id in 0..workers {
-        let handle = spawn_worker(id, shared.clone(), config.runtime.pin_workers)
-            .map_err(|e| format!("cannot start worker {id}: {e}"))?;
-        senders.push(handle);
-    }
-    let model = Model::new(config.clone(), workers, Instant::now());
-    let server = Arc::new(Server {
-        shared,
-        model: Mutex::new(model),
-        workers: senders,
-        reloading: tokio::sync::Mutex::new(()),
-        rebuild_soon: tokio::sync::Notify::new(),
-        reloads: ReloadStats::default(),
-    });
-    {
-        let mut model = server.model.lock();
-        for (l, sockets) in bound {
-            server.start_listener(&mut model, l, sockets);
-        }
-        server.publish(&mut model);
-    }
-    log::info!(
-        "ringlb {} running: {} on {engine}",
-        env!("CARGO_PKG_VERSION"),
-        config.summary()
-    );
-    let result = run_control_plane(server, endpoints);
-    if let Some(p) = &config.control.socket {
-        let _ = std::fs::remove_file(p);
-    }
-    result
-}
-
-/// Raises the soft open-files limit to the hard limit: a proxy holds two fds
-/// per connection, and the usual soft default (1024) caps it at ~500.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let before = lim.rlim_cur;
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
-                log::info!("open files limit raised from {before} to {}", lim.rlim_cur);
-            }
-        }
-    }
-}
-
 /// Stops accepting, waits for open connections up to `timeout`, then closes
 /// the rest. Returns how many were closed by force.
 pub async fn graceful_shutdown(server: &Server, timeout: Duration) -> u64 {
-    for l in &server.model.lock().listeners {
-        l.stop.stop();
+    for stop in server.stops.lock().values() {
+        stop.stop();
     }
     let deadline = Instant::now() + timeout;
     let mut open = server.active_connections();

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::admission::ConnLimit;
 use crate::config::ListenerConfig;
 use crate::maglev::MaglevTable;
 use crate::stats::{BackendStats, ListenerStats};
@@ -28,11 +29,12 @@ pub struct Backend {
     /// Set while health checks say it is down (outside panic mode): UDP
     /// flows on it re-pick on their next datagram.
     pub down: AtomicBool,
-    /// Most open connections (0 = no limit), set by the control plane.
-    pub max_conns: std::sync::atomic::AtomicU64,
-    /// Open connections, counted only while `max_conns` is set (a shared
-    /// counter is the only exact way to enforce a cross-worker maximum).
-    pub open: std::sync::atomic::AtomicU64,
+    /// `max_connections` across workers: the same counter as a listener's
+    /// limit ([`ConnLimit`]), its maximum set by the control plane, where
+    /// 0 means no limit and nothing is counted (a shared counter is the
+    /// only exact way to enforce a cross-worker maximum, and an unlimited
+    /// backend should not pay for one).
+    pub slots: ConnLimit,
     /// Connect failures in a row, across workers. Reset on success only when
     /// non-zero, so a healthy backend's line is only read, never written.
     pub consecutive_failures: AtomicU32,
@@ -46,8 +48,7 @@ impl Backend {
             stats: BackendStats::new(workers),
             closing: AtomicBool::new(false),
             down: AtomicBool::new(false),
-            max_conns: std::sync::atomic::AtomicU64::new(0),
-            open: std::sync::atomic::AtomicU64::new(0),
+            slots: ConnLimit::new(0),
             consecutive_failures: AtomicU32::new(0),
         }
     }
@@ -67,35 +68,26 @@ impl Backend {
         self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Takes a connection slot; false when it is at `max_conns`. Returns
+    /// Takes a connection slot; `None` when it is at `max_connections`. Returns
     /// `Some(counted)`: whether [`Backend::release_slot`] must be called.
     #[inline]
     pub fn try_take_slot(&self) -> Option<bool> {
-        let max = self.max_conns.load(Ordering::Relaxed);
-        if max == 0 {
+        if self.slots.max() == 0 {
             return Some(false);
         }
-        let mut cur = self.open.load(Ordering::Relaxed);
-        loop {
-            if cur >= max {
-                return None;
-            }
-            match self
-                .open
-                .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
-            {
-                Ok(_) => return Some(true),
-                Err(now) => cur = now,
-            }
-        }
+        self.slots.try_acquire().then_some(true)
     }
 
-    /// Gives back a slot taken with [`Backend::try_take_slot`].
+    /// Gives back a slot taken with [`Backend::try_take_slot`] (`Some(true)`).
     #[inline]
     pub fn release_slot(&self) {
-        let _ = self
-            .open
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
+        self.slots.release();
+    }
+
+    /// Whether a new TCP connection would find it at `max_connections`.
+    pub fn is_full(&self) -> bool {
+        let max = self.slots.max();
+        max > 0 && self.slots.current() >= max
     }
 
     /// Whether health checks say it is down.
@@ -174,6 +166,20 @@ impl PoolSnapshot {
         backends: Vec<Arc<Backend>>,
         weights: Vec<u32>,
     ) -> Result<PoolSnapshot, crate::maglev::MaglevError> {
+        Self::build_with_geo(name, generation, table_size, backends, weights, || Ok(None))
+    }
+
+    /// [`PoolSnapshot::build`], plus the geo tables `geo` builds. The build
+    /// time (shown by `ctl stats`) covers both; it is a measurement only,
+    /// never an input to a decision, which is why the model may call this.
+    pub fn build_with_geo(
+        name: &str,
+        generation: u64,
+        table_size: usize,
+        backends: Vec<Arc<Backend>>,
+        weights: Vec<u32>,
+        geo: impl FnOnce() -> Result<Option<GeoTables>, crate::maglev::MaglevError>,
+    ) -> Result<PoolSnapshot, crate::maglev::MaglevError> {
         let start = std::time::Instant::now();
         // The identity hashed is the address text: stable across processes and
         // machines, so every ringlb instance builds the same table.
@@ -183,6 +189,7 @@ impl PoolSnapshot {
             .map(|(b, w)| (b.addr.to_string(), *w))
             .collect();
         let table = build_or_none(&ids, table_size)?;
+        let geo = geo()?;
         Ok(PoolSnapshot {
             name: name.to_string(),
             generation,
@@ -190,7 +197,7 @@ impl PoolSnapshot {
             weights,
             table,
             build_time: start.elapsed(),
-            geo: None,
+            geo,
         })
     }
 }

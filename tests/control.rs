@@ -72,6 +72,48 @@ fn control_socket_is_owner_only_and_answers_status() {
 }
 
 #[test]
+fn every_reply_decodes_into_the_protocol_types_and_status_names_the_protocol() {
+    use ringlb::control::protocol::{Reply, Request, PROTOCOL_VERSION};
+    let b = Backend::start("a", Behaviour::TagEcho);
+    let s = setup(&[b.addr]);
+    let status = match ctl_request(&s.sock, &Request::Status {}) {
+        Reply::Status(r) => r,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(status.protocol, PROTOCOL_VERSION);
+    assert_eq!(status.listeners[0].name, "web");
+    let (_, v) = ctl_json(&s.sock, &["status"]);
+    assert_eq!(v["protocol"], PROTOCOL_VERSION, "{v}");
+    let backends = Request::Backends {
+        pool: Some("web".into()),
+        limit: None,
+        offset: None,
+    };
+    match ctl_request(&s.sock, &backends) {
+        Reply::Backends(r) => assert_eq!(r.pools[0].backends[0].addr, b.addr),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(ctl_request(&s.sock, &Request::Stats {}), Reply::Stats(r) if r.listeners[0].name == "web"));
+    let route = Request::Route {
+        listener: "web".into(),
+        client: "127.0.0.1:5000".into(),
+    };
+    match ctl_request(&s.sock, &route) {
+        Reply::Route(r) => assert_eq!(r.chosen, Some(b.addr.to_string())),
+        other => panic!("{other:?}"),
+    }
+    let drain = Request::Drain {
+        pool: "web".into(),
+        addr: "10.9.9.9:1".into(),
+        force: false,
+    };
+    assert_eq!(
+        ctl_request(&s.sock, &drain),
+        Reply::Error("pool \"web\" has no backend 10.9.9.9:1".into())
+    );
+}
+
+#[test]
 fn ctl_exit_codes_and_bad_requests_change_nothing() {
     let b = Backend::start("a", Behaviour::TagEcho);
     let s = setup(&[b.addr]);
@@ -357,6 +399,16 @@ fn metrics_endpoint_serves_prometheus_text() {
     let mut text = String::new();
     c.read_to_string(&mut text).unwrap();
     assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+    // Every reply's Content-Length is its body's (an HTTP client waits for
+    // the bytes announced, or drops what follows them).
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .expect("a Content-Length header")
+        .parse()
+        .unwrap();
+    assert_eq!(length, body.len(), "404 Content-Length against its body {body:?}");
 }
 
 /// Checks the text exposition format: every sample line belongs to the family

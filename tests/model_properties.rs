@@ -739,7 +739,7 @@ impl Harness {
     fn new(spec: &ConfigSpec, inv: Inv) -> Harness {
         let now = Instant::now();
         Harness {
-            model: Model::new(spec.config(), 1, now),
+            model: Model::new(spec.config(), 1, now, 1).0,
             now,
             last_tick: None,
             pending: Vec::new(),
@@ -792,19 +792,29 @@ impl Harness {
         };
         let now = self.now;
         let m = &mut self.model;
-        let reply = match op {
-            Op::Add { pool: p, addr, weight } => m.add_backend(pool(p), addr_text(*addr), *weight, forced(*addr), now),
-            Op::Remove { pool: p, addr } => m.remove_backend(pool(p), addr_text(*addr), forced(*addr), now),
-            Op::Drain { pool: p, addr } => m.drain(pool(p), addr_text(*addr), AdminState::Draining, forced(*addr), now),
-            Op::Disable { pool: p, addr } => {
-                m.drain(pool(p), addr_text(*addr), AdminState::Disabled, forced(*addr), now)
+        let reply = |r: Result<(serde_json::Value, ringlb::model::Effects), String>| r.map(|(v, _)| v);
+        fn json<T: serde::Serialize>(
+            r: ringlb::model::CmdResult<T>,
+        ) -> Result<(serde_json::Value, ringlb::model::Effects), String> {
+            r.map(|(v, fx)| (serde_json::to_value(v).expect("a reply serializes"), fx))
+        }
+        let reply = reply(match op {
+            Op::Add { pool: p, addr, weight } => {
+                json(m.add_backend(pool(p), addr_text(*addr), *weight, forced(*addr), now))
             }
-            Op::Enable { pool: p, addr } => m.enable(pool(p), addr_text(*addr), now),
+            Op::Remove { pool: p, addr } => json(m.remove_backend(pool(p), addr_text(*addr), forced(*addr), now)),
+            Op::Drain { pool: p, addr } => {
+                json(m.drain(pool(p), addr_text(*addr), AdminState::Draining, forced(*addr), now))
+            }
+            Op::Disable { pool: p, addr } => {
+                json(m.drain(pool(p), addr_text(*addr), AdminState::Disabled, forced(*addr), now))
+            }
+            Op::Enable { pool: p, addr } => json(m.enable(pool(p), addr_text(*addr), now)),
             Op::Weight { pool: p, addr, weight } => {
-                m.set_weight(pool(p), addr_text(*addr), *weight, forced(*addr), now)
+                json(m.set_weight(pool(p), addr_text(*addr), *weight, forced(*addr), now))
             }
             _ => unreachable!(),
-        };
+        });
         if reply.is_ok() {
             self.seen.command_ok += 1;
         } else {
@@ -867,7 +877,7 @@ impl Harness {
                 }
             }
             Op::Check { pick, passed } => {
-                let jobs = self.model.due_checks(self.now);
+                let jobs = self.model.due_checks(self.now).checks;
                 self.pending.extend(jobs);
                 if !self.pending.is_empty() {
                     let job = self.pending.remove(*pick as usize % self.pending.len());
@@ -881,14 +891,12 @@ impl Harness {
                         .pools
                         .get(job.pool)
                         .is_some_and(|p| p.backends.iter().any(|b| b.epoch == job.epoch));
-                    let changed = self.model.record_check(
-                        (job.pool, job.index),
-                        job.epoch,
-                        *passed,
-                        Duration::from_millis(1),
-                        detail.into(),
-                        self.now,
-                    );
+                    let result = ringlb::model::health::CheckResult {
+                        passed: *passed,
+                        latency: Duration::from_millis(1),
+                        detail: detail.into(),
+                    };
+                    let changed = self.model.record_check(&job, result, self.now).rebuild_soon;
                     self.seen.check_changed_table += u32::from(changed);
                     self.seen.check_ignored += u32::from(!known);
                 }
@@ -931,7 +939,7 @@ impl Harness {
             // Health results only mark their pool; the control plane's
             // ticker rebuilds it within one tick (100 ms), at the latest.
             // The table invariants hold of the tables it publishes then.
-            self.model.rebuild_dirty(now);
+            let _ = self.model.rebuild_dirty(now);
         }
         match self.inv {
             Inv::OnlyUsable => check_only_usable(&mut self.model, now),
@@ -1101,11 +1109,12 @@ fn open_conn(model: &Model, addr: &str) {
 #[test]
 fn readded_draining_backend_takes_over_its_entry() {
     let t0 = Instant::now();
-    let mut m = Model::new(parse(TWO_BACKENDS), 1, t0);
+    let mut m = Model::new(parse(TWO_BACKENDS), 1, t0, 1).0;
     open_conn(&m, "10.0.0.2:80"); // keeps it in the pool while it drains
-    m.remove_backend("a", "10.0.0.2:80", false, t0).unwrap();
-    m.tick(t0 + Duration::from_millis(100));
-    m.add_backend("a", "10.0.0.2:80", None, false, t0 + Duration::from_millis(200))
+    let _ = m.remove_backend("a", "10.0.0.2:80", false, t0).unwrap();
+    let _ = m.tick(t0 + Duration::from_millis(100));
+    let _ = m
+        .add_backend("a", "10.0.0.2:80", None, false, t0 + Duration::from_millis(200))
         .unwrap();
     let e = entries(&mut m, "10.0.0.2:80");
     assert_eq!(e.len(), 1, "one entry for 10.0.0.2:80, got {e:?}");
@@ -1117,12 +1126,12 @@ fn readded_draining_backend_takes_over_its_entry() {
 #[test]
 fn reload_without_then_with_draining_backend_keeps_one_entry_and_a_table() {
     let t0 = Instant::now();
-    let mut m = Model::new(parse(TWO_BACKENDS), 1, t0);
+    let mut m = Model::new(parse(TWO_BACKENDS), 1, t0, 1).0;
     open_conn(&m, "10.0.0.2:80");
-    m.apply_config(parse(ONE_BACKEND), t0);
-    m.tick(t0 + Duration::from_millis(100));
+    let _ = m.apply_config(parse(ONE_BACKEND), t0);
+    let _ = m.tick(t0 + Duration::from_millis(100));
     assert_eq!(entries(&mut m, "10.0.0.2:80").len(), 1, "B drains with its connection");
-    m.apply_config(parse(TWO_BACKENDS), t0 + Duration::from_millis(200));
+    let _ = m.apply_config(parse(TWO_BACKENDS), t0 + Duration::from_millis(200));
     let e = entries(&mut m, "10.0.0.2:80");
     assert_eq!(e.len(), 1, "one entry for 10.0.0.2:80, got {e:?}");
     assert_eq!(e[0].0, AdminState::Enabled);
@@ -1133,11 +1142,12 @@ fn reload_without_then_with_draining_backend_keeps_one_entry_and_a_table() {
 #[test]
 fn readded_backend_after_its_drain_deadline_is_not_closing() {
     let t0 = Instant::now();
-    let mut m = Model::new(parse(TWO_BACKENDS), 1, t0);
+    let mut m = Model::new(parse(TWO_BACKENDS), 1, t0, 1).0;
     open_conn(&m, "10.0.0.2:80");
-    m.remove_backend("a", "10.0.0.2:80", false, t0).unwrap();
-    m.tick(t0 + Duration::from_secs(2)); // past drain_timeout: closing, connection not closed yet
-    m.add_backend("a", "10.0.0.2:80", None, false, t0 + Duration::from_secs(2))
+    let _ = m.remove_backend("a", "10.0.0.2:80", false, t0).unwrap();
+    let _ = m.tick(t0 + Duration::from_secs(2)); // past drain_timeout: closing, connection not closed yet
+    let _ = m
+        .add_backend("a", "10.0.0.2:80", None, false, t0 + Duration::from_secs(2))
         .unwrap();
     let e = entries(&mut m, "10.0.0.2:80");
     assert_eq!(e.len(), 1, "one entry for 10.0.0.2:80, got {e:?}");
@@ -1153,8 +1163,8 @@ fn readded_backend_after_its_drain_deadline_is_not_closing() {
 #[test]
 fn weight_zero_on_every_backend_is_refused() {
     let t0 = Instant::now();
-    let mut m = Model::new(parse(TWO_BACKENDS), 1, t0);
-    m.set_weight("a", "10.0.0.1:80", 0, false, t0).unwrap();
+    let mut m = Model::new(parse(TWO_BACKENDS), 1, t0, 1).0;
+    let _ = m.set_weight("a", "10.0.0.1:80", 0, false, t0).unwrap();
     assert!(table_is_some(&mut m));
     let r = m.set_weight("a", "10.0.0.2:80", 0, false, t0);
     assert!(r.is_err(), "the last weighted backend's weight 0 is refused, got {r:?}");

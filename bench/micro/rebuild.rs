@@ -40,11 +40,11 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("rebuild_and_publish");
     for (name, backends, regions) in [("1000_backends", 1000, 0), ("100_backends_10_regions", 100, 10)] {
         let config = Config::parse(&pool_config(backends, regions), std::path::Path::new("bench.toml")).unwrap();
-        let mut model = Model::new(config, 2, Instant::now());
+        let mut model = Model::new(config, 2, Instant::now(), 1).0;
         let published = ArcSwap::from_pointee(Snapshot::default());
         group.bench_function(name, |b| {
             b.iter(|| {
-                model.rebuild(0, Instant::now());
+                let _ = model.rebuild(0, Instant::now());
                 published.store(Arc::new(model.snapshot()));
             })
         });

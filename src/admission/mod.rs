@@ -20,7 +20,9 @@ pub use token_bucket::{BucketParams, InvalidBucketParams, TokenBucket};
 #[derive(Debug)]
 pub struct ConnLimit {
     current: AtomicUsize,
-    max: usize,
+    /// Atomic so a backend's limit can follow `ctl`/reload changes in place
+    /// ([`ConnLimit::set_max`]); a listener's never changes.
+    max: AtomicUsize,
 }
 
 impl ConnLimit {
@@ -28,7 +30,7 @@ impl ConnLimit {
     pub fn new(max: usize) -> Self {
         Self {
             current: AtomicUsize::new(0),
-            max,
+            max: AtomicUsize::new(max),
         }
     }
 
@@ -38,10 +40,9 @@ impl ConnLimit {
     pub fn try_acquire(&self) -> bool {
         // Relaxed suffices: the counter guards no other memory, and read-modify-write
         // operations on one atomic are totally ordered whatever the ordering argument.
+        let max = self.max.load(Ordering::Relaxed);
         self.current
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < self.max).then_some(n + 1)
-            })
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
             .is_ok()
     }
 
@@ -64,7 +65,13 @@ impl ConnLimit {
 
     /// The configured maximum.
     pub fn max(&self) -> usize {
-        self.max
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// Changes the maximum. Slots already held stay held (and are released
+    /// as usual); a lower maximum only refuses new ones until enough left.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
     }
 }
 

@@ -1,6 +1,7 @@
 //! Tests of config parsing and validation.
 
 use super::*;
+use std::time::Duration;
 
 fn parse(text: &str) -> Result<Config, ConfigErrors> {
     Config::parse(text, Path::new("test.toml"))
@@ -195,5 +196,31 @@ fn proxy_protocol_on_listeners_and_checks() {
     assert!(
         e.contains("send_proxy: only applies to kind = \"tcp\" or \"send_expect\""),
         "{e}"
+    );
+}
+
+#[test]
+fn validation_takes_the_prefixes_file_as_text_and_reads_nothing() {
+    let text = "[geo]\nprefixes_file = \"nowhere/regions.csv\"\n[[listener]]\nname = \"w\"\nbind = \"127.0.0.1:1\"\npool = \"p\"\n[[pool]]\nname = \"p\"\n[[pool.backend]]\naddr = \"127.0.0.1:2\"\nregion = \"eu\"\n";
+    let file: file::ConfigFile = toml::from_str(text).unwrap();
+    let given = validate::PrefixesFile {
+        path: "nowhere/regions.csv".into(),
+        text: Ok("10.1.0.0/16,eu\n".into()),
+    };
+    let config = validate(file, Path::new("t.toml"), Some(given)).unwrap();
+    assert_eq!(config.geo.names.count(), 2, "default and eu");
+    let file: file::ConfigFile = toml::from_str(text).unwrap();
+    let unreadable = validate::PrefixesFile {
+        path: "nowhere/regions.csv".into(),
+        text: Err("No such file or directory".into()),
+    };
+    let err = validate(file, Path::new("t.toml"), Some(unreadable))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("t.toml")
+            && err.contains("geo.prefixes_file")
+            && err.contains("nowhere/regions.csv: No such file"),
+        "{err}"
     );
 }

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use crate::admission::limits::ListenerLimits;
 use crate::admission::SourceKey;
 use crate::config::{ListenerConfig, ProxyProtocol, RelayMode};
+use crate::errno::ConnectBlame;
 use crate::proxy::proxy_protocol::{self, Header};
 use crate::snapshot::{Backend, PoolSnapshot};
 use crate::stats::{ListenerStats, RefuseReason};
@@ -88,10 +89,6 @@ impl Errno {
     pub const CANCELED: Errno = Errno(libc::ECANCELED);
     /// A timer ran out (io_uring's linked timeout on its own completion).
     pub const TIMED_OUT: Errno = Errno(libc::ETIMEDOUT);
-
-    fn is_out_of_descriptors(self) -> bool {
-        matches!(self.0, libc::EMFILE | libc::ENFILE)
-    }
 
     fn is_reset(self) -> bool {
         matches!(self.0, libc::ECONNRESET | libc::EPIPE)
@@ -449,9 +446,15 @@ impl Conn {
             Err(e) => {
                 self.release_slot();
                 self.backend = None;
-                if e.is_out_of_descriptors() {
-                    // Our own shortage, not the backend's fault.
-                    return self.refuse(RefuseReason::Overloaded, out);
+                // One rule with the health checks and accept loops: a
+                // shortage here is not the backend's fault.
+                match crate::errno::connect_blame(e.0) {
+                    ConnectBlame::OutOfResources => return self.refuse(RefuseReason::Overloaded, out),
+                    ConnectBlame::NoLocalAddress => {
+                        log::debug!("{} -> {}: connect failed here: {e}", self.peer, backend.addr);
+                        return self.connect_next(now, out);
+                    }
+                    ConnectBlame::Backend => {}
                 }
                 let in_a_row = backend.connect_failed();
                 let timed_out = self.connect_cancelled || e == Errno::CANCELED;

@@ -107,13 +107,15 @@ async fn check(target: SocketAddr, kind: &CheckKind) -> Result<(), Failure> {
     Ok(())
 }
 
-/// A socket or connect error: ringlb's own shortage, or the backend's answer.
+/// A socket or connect error: ringlb's own shortage, or the backend's
+/// answer ([`crate::errno::connect_blame`], the data path's rule too).
 fn classify(e: &std::io::Error) -> Failure {
-    match e.raw_os_error() {
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL) => {
+    use crate::errno::{connect_blame, ConnectBlame};
+    match e.raw_os_error().map(connect_blame) {
+        Some(ConnectBlame::OutOfResources | ConnectBlame::NoLocalAddress) => {
             Failure::Local(format!("not run: {e} (in ringlb, not the backend)"))
         }
-        _ => Failure::Backend(describe(e)),
+        Some(ConnectBlame::Backend) | None => Failure::Backend(describe(e)),
     }
 }
 
@@ -129,11 +131,7 @@ fn describe(e: &std::io::Error) -> String {
 /// ICMP port unreachable shows up as "connection refused" on the connected
 /// socket.
 async fn check_udp(target: SocketAddr, send: &[u8], expect: &[u8]) -> Result<(), Failure> {
-    let local: SocketAddr = if target.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
+    let local = crate::sockaddr::udp_local_for(target);
     let socket = tokio::net::UdpSocket::bind(local).await.map_err(|e| classify(&e))?;
     socket.connect(target).await.map_err(|e| classify(&e))?;
     socket

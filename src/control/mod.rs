@@ -15,13 +15,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-use crate::health::state::AdminState;
+use crate::model::health::CheckResult;
 use crate::server::{graceful_shutdown, Server};
 use crate::stats::RefuseReason;
-use protocol::{error, ok, Request};
+use protocol::{
+    BackendRow, BackendsReply, Candidate, LastCheck, ListenerCounters, ListenerStatus, PoolCounters, PoolRow, Reply,
+    Request, RouteReply, SourceCounters, StatsReply, StatusReply, WorkerStatus,
+};
 
 /// How often drains, ejections and slow-start steps are looked at.
 const TICK: Duration = Duration::from_millis(100);
@@ -140,17 +142,12 @@ async fn ticker(server: Arc<Server>) {
         // A wake-up within a tick of the last rebuild leaves the pools
         // dirty for the next tick, which is at most TICK away.
         if model.any_dirty() && now >= last_rebuild + TICK {
-            model.rebuild_dirty(now);
+            fx.merge(model.rebuild_dirty(now));
             last_rebuild = now;
-            fx.publish = true;
         }
-        if fx.publish {
-            server.publish(&mut model);
-        }
-        drop(model);
-        if fx.check_close {
-            server.tell_workers(|_| crate::worker::WorkerCmd::CheckClose);
-        }
+        // The ticker is what rebuild_soon wakes: no need to wake itself.
+        fx.rebuild_soon = false;
+        let _none = server.apply(&mut model, fx, &mut HashMap::new());
     }
 }
 
@@ -163,7 +160,11 @@ async fn health_scheduler(server: Arc<Server>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        let jobs = server.model.lock().due_checks(Instant::now());
+        let jobs = {
+            let mut model = server.model.lock();
+            let fx = model.due_checks(Instant::now());
+            server.apply(&mut model, fx, &mut HashMap::new())
+        };
         for job in jobs {
             let entry = limits
                 .entry(job.pool_name.clone())
@@ -178,154 +179,114 @@ async fn health_scheduler(server: Arc<Server>) {
                     return;
                 };
                 let (verdict, latency, detail) = health_check::run_check(job.target, &job.kind, job.timeout).await;
-                let changed = server.model.lock().record_check(
-                    (job.pool, job.index),
-                    job.epoch,
-                    verdict.passed(),
+                let result = CheckResult {
+                    passed: verdict.passed(),
                     latency,
                     detail,
-                    Instant::now(),
-                );
-                if changed {
-                    server.rebuild_soon.notify_one();
-                }
+                };
+                let mut model = server.model.lock();
+                let fx = model.record_check(&job, result, Instant::now());
+                let _none = server.apply(&mut model, fx, &mut HashMap::new());
             });
         }
     }
 }
 
-/// Answers one control request.
-pub async fn handle(server: &Arc<Server>, req: Request) -> Value {
-    let now = Instant::now();
-    let change = |f: &dyn Fn(&mut crate::model::Model) -> Result<Value, String>| {
-        let mut model = server.model.lock();
-        match f(&mut model) {
-            Ok(v) => {
-                // Health changes pending for any pool go into the same
-                // (single) snapshot as the command's own rebuild.
-                model.rebuild_dirty(now);
-                server.publish(&mut model);
-                ok(v)
-            }
-            Err(e) => error(e),
-        }
-    };
+/// Answers one control request with its reply line (without the newline).
+pub async fn handle_line(server: &Arc<Server>, req: Request) -> String {
     match req {
-        Request::Status {} => ok(status(server)),
         Request::Backends { pool, limit, offset } => {
-            serde_json::from_str(&backends_reply(server, pool.as_deref(), offset.unwrap_or(0), limit))
-                .unwrap_or_else(|e| error(e.to_string()))
+            let started = Instant::now();
+            let text = backends_line(server, pool.as_deref(), offset.unwrap_or(0), limit);
+            log::debug!("ctl backends: {} bytes built in {:?}", text.len(), started.elapsed());
+            text
         }
-        Request::Stats {} => ok(stats(server)),
-        Request::Route { listener, client } => match route(server, &listener, &client) {
-            Ok(v) => ok(v),
-            Err(e) => error(e),
-        },
-        Request::Drain { pool, addr, force } => change(&|m| m.drain(&pool, &addr, AdminState::Draining, force, now)),
-        Request::Disable { pool, addr, force } => change(&|m| m.drain(&pool, &addr, AdminState::Disabled, force, now)),
-        Request::Enable { pool, addr } => change(&|m| m.enable(&pool, &addr, now)),
-        Request::Weight {
-            pool,
-            addr,
-            weight,
-            force,
-        } => change(&|m| m.set_weight(&pool, &addr, weight, force, now)),
-        Request::Add {
-            pool,
-            addr,
-            weight,
-            force,
-        } => change(&|m| m.add_backend(&pool, &addr, weight, force, now)),
-        Request::Remove { pool, addr, force } => change(&|m| m.remove_backend(&pool, &addr, force, now)),
-        Request::Reload {} => match server.reload().await {
-            Ok(changes) => ok(json!({"changes": changes, "config_generation": server.model.lock().config_generation})),
-            Err(e) => {
-                log::warn!("reload rejected; running config unchanged:\n{e}");
-                error(e)
-            }
-        },
+        other => handle(server, other).await.to_line(),
     }
 }
 
-fn status(server: &Server) -> Value {
+/// Answers one control request (`backends`: see [`backends_line`]).
+pub async fn handle(server: &Arc<Server>, req: Request) -> Reply<'static> {
+    match req {
+        Request::Status {} => Reply::Status(status(server)),
+        Request::Backends { pool, limit, offset } => {
+            let line = backends_line(server, pool.as_deref(), offset.unwrap_or(0), limit);
+            Reply::parse(&Request::Backends { pool, limit, offset }, &line).unwrap_or_else(Reply::Error)
+        }
+        Request::Stats {} => Reply::Stats(stats(server)),
+        Request::Route { listener, client } => match route(server, &listener, &client) {
+            Ok(r) => Reply::Route(r),
+            Err(e) => Reply::Error(e),
+        },
+        Request::Reload {} => match server.reload().await {
+            Ok(r) => Reply::Reload(r),
+            Err(e) => {
+                log::warn!("reload rejected; running config unchanged:\n{e}");
+                Reply::Error(e)
+            }
+        },
+        change => {
+            let now = Instant::now();
+            let mut model = server.model.lock();
+            let (reply, mut fx) = model.command(&change, now).expect("every other verb changes the model");
+            if reply.is_ok() {
+                // Health changes pending for any pool go into the same
+                // (single) snapshot as the command's own rebuild.
+                fx.merge(model.rebuild_dirty(now));
+            }
+            let _none = server.apply(&mut model, fx, &mut HashMap::new());
+            reply
+        }
+    }
+}
+
+fn status(server: &Server) -> StatusReply {
     let setup = server.shared.worker_setup.lock().clone();
     let model = server.model.lock();
     let cpus = crate::worker::pinning_cpus();
-    json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": server.shared.started.elapsed().as_secs(),
-        "workers": (0..server.shared.workers).map(|id| json!({
-            "id": id,
-            "engine": server.shared.engine.to_string(),
-            "setup": setup.get(id).cloned().unwrap_or_default(),
-            // TCP connections and UDP flows this worker accepted, over the
-            // listeners `stats` lists (the per-worker split of its "accepted").
-            "accepted": model.listeners.iter().map(|l| l.stats.accepted.worker(id)).sum::<u64>(),
-            "cpu": server.shared.pin_workers.then(|| id % cpus),
-        })).collect::<Vec<_>>(),
-        "config": model.config.source.as_ref().map(|p| p.display().to_string()),
-        "config_generation": model.config_generation,
-        "snapshot_generation": model.generation(),
-        "listeners": model.listeners.iter().filter(|l| l.retire_deadline.is_none()).map(|l| json!({
-            "name": l.config.name,
-            "bind": l.config.bind.to_string(),
-            "protocol": format!("{:?}", l.config.protocol).to_lowercase(),
-            "pool": l.config.pool,
-            "active": l.stats.active.current(),
-        })).collect::<Vec<_>>(),
-    })
+    StatusReply {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        protocol: protocol::PROTOCOL_VERSION,
+        uptime_seconds: server.shared.started.elapsed().as_secs(),
+        workers: (0..server.shared.workers)
+            .map(|id| WorkerStatus {
+                id,
+                engine: server.shared.engine.to_string(),
+                setup: setup.get(id).cloned().unwrap_or_default(),
+                // TCP connections and UDP flows this worker accepted, over the
+                // listeners `stats` lists (the per-worker split of its "accepted").
+                accepted: model.listeners.iter().map(|l| l.stats.accepted.worker(id)).sum::<u64>(),
+                cpu: server.shared.pin_workers.then(|| id % cpus),
+            })
+            .collect(),
+        config: model.config.source.as_ref().map(|p| p.display().to_string()),
+        config_generation: model.config_generation,
+        snapshot_generation: model.generation(),
+        listeners: model
+            .live_listeners()
+            .map(|l| ListenerStatus {
+                name: l.config.name.clone(),
+                bind: l.config.bind.to_string(),
+                protocol: format!("{:?}", l.config.protocol).to_lowercase(),
+                pool: l.config.pool.clone(),
+                active: l.stats.active.current(),
+            })
+            .collect(),
+    }
 }
 
 /// `ctl backends`: every pool (or `only`), each with its backends from
 /// `offset`, at most `limit` of them, and `total_backends`, so a client can
 /// page through a pool of thousands. The reply line is serialized straight
-/// from the model (borrowed fields, no `serde_json::Value` per backend):
+/// from the model (borrowed strings, no `serde_json::Value` per backend):
 /// building a `Value` tree for 10,000 backends took 130-750 ms of the
 /// control thread, serializing the rows takes ~30 ms.
-pub fn backends_reply(server: &Server, only: Option<&str>, offset: usize, limit: Option<usize>) -> String {
-    #[derive(serde::Serialize)]
-    struct Reply<'a> {
-        ok: bool,
-        pools: Vec<PoolRow<'a>>,
-    }
-    #[derive(serde::Serialize)]
-    struct PoolRow<'a> {
-        pool: &'a str,
-        table_generation: u64,
-        panic: bool,
-        total_backends: usize,
-        offset: usize,
-        backends: Vec<BackendRow<'a>>,
-        table_size: usize,
-    }
-    #[derive(serde::Serialize)]
-    struct BackendRow<'a> {
-        addr: std::net::SocketAddr,
-        weight: u32,
-        effective_weight: u32,
-        /// Share of the pool's table slots (a geo pool's: the default region's).
-        table_share: f64,
-        state: &'static str,
-        reason: &'a str,
-        active: u64,
-        total: u64,
-        bytes_in: u64,
-        bytes_out: u64,
-        failures: u64,
-        ejections: u64,
-        last_check: Option<LastCheck<'a>>,
-        removing: bool,
-    }
-    #[derive(serde::Serialize)]
-    struct LastCheck<'a> {
-        ok: Option<bool>,
-        ms: f64,
-        detail: &'a str,
-    }
+pub fn backends_line(server: &Server, only: Option<&str>, offset: usize, limit: Option<usize>) -> String {
+    use std::borrow::Cow;
     let model = server.model.lock();
     if let Some(name) = only {
         if model.pool_index(name).is_none() {
-            return error(format!("no pool named \"{name}\"")).to_string();
+            return Reply::Error(format!("no pool named \"{name}\"")).to_line();
         }
     }
     let now = Instant::now();
@@ -335,7 +296,7 @@ pub fn backends_reply(server: &Server, only: Option<&str>, offset: usize, limit:
         .filter(|p| !p.retired && only.is_none_or(|n| n == p.config.name))
         .map(|p| (p, status::table_shares(&p.published)))
         .map(|(p, shares)| PoolRow {
-            pool: &p.config.name,
+            pool: Cow::Borrowed(&p.config.name),
             table_generation: p.published.generation,
             panic: p.panic,
             total_backends: p.backends.len(),
@@ -351,8 +312,8 @@ pub fn backends_reply(server: &Server, only: Option<&str>, offset: usize, limit:
                     weight: b.config.weight,
                     effective_weight: p.published.weights.get(i).copied().unwrap_or(0),
                     table_share: shares.get(&b.config.addr).copied().unwrap_or(0.0),
-                    state: b.state_label(now),
-                    reason: &b.reason,
+                    state: Cow::Borrowed(b.state_label(now)),
+                    reason: Cow::Borrowed(&b.reason),
                     active: b.shared.stats.conns.current(),
                     total: b.shared.stats.conns.opened.get(),
                     bytes_in: b.shared.stats.bytes_in.get(),
@@ -362,7 +323,7 @@ pub fn backends_reply(server: &Server, only: Option<&str>, offset: usize, limit:
                     last_check: b.last_check.as_ref().map(|(ok, lat, detail)| LastCheck {
                         ok: *ok,
                         ms: lat.as_secs_f64() * 1e3,
-                        detail,
+                        detail: Cow::Borrowed(detail),
                     }),
                     removing: b.remove_when_drained,
                 })
@@ -370,25 +331,12 @@ pub fn backends_reply(server: &Server, only: Option<&str>, offset: usize, limit:
             table_size: p.published.table.as_ref().map(|t| t.size()).unwrap_or(0),
         })
         .collect();
-    serde_json::to_string(&Reply { ok: true, pools }).unwrap_or_else(|e| error(e.to_string()).to_string())
-}
-
-/// Answers one control request with its reply line (without the newline).
-pub async fn handle_line(server: &Arc<Server>, req: Request) -> String {
-    match req {
-        Request::Backends { pool, limit, offset } => {
-            let started = Instant::now();
-            let text = backends_reply(server, pool.as_deref(), offset.unwrap_or(0), limit);
-            log::debug!("ctl backends: {} bytes built in {:?}", text.len(), started.elapsed());
-            text
-        }
-        other => handle(server, other).await.to_string(),
-    }
+    Reply::Backends(BackendsReply { pools }).to_line()
 }
 
 /// Explains the routing decision for `client` on `listener`, from the same
 /// snapshot and the same code path workers use.
-fn route(server: &Server, listener: &str, client: &str) -> Result<Value, String> {
+fn route(server: &Server, listener: &str, client: &str) -> Result<RouteReply, String> {
     let addr: std::net::SocketAddr = match client.parse::<std::net::SocketAddr>() {
         Ok(a) => a,
         Err(_) => {
@@ -430,42 +378,41 @@ fn route(server: &Server, listener: &str, client: &str) -> Result<Value, String>
     // raw figure as `effective_weight`.
     let configured = configured_weights(server, &pool.name);
     let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
-    let candidates: Vec<Value> = selection
+    let candidates: Vec<Candidate> = selection
         .map(|sel| {
             sel.candidates()
                 .iter()
                 .map(|&i| {
                     let b = &pool.backends[i as usize];
-                    // A TCP connect skips a backend at its max_connections (spill-over).
-                    let max = b.max_conns.load(std::sync::atomic::Ordering::Relaxed);
-                    // (UDP flows do not count against it.)
-                    let full = tcp && max > 0 && b.open.load(std::sync::atomic::Ordering::Relaxed) >= max;
+                    // A TCP connect skips a backend at its max_connections
+                    // (spill-over); UDP flows do not count against it.
+                    let full = tcp && b.is_full();
                     let effective = weights[i as usize];
                     // Rounded to 1e-4 so that the JSON shows 0.5, not 0.49999999999999994.
                     let share = (effective as f64 / total.max(1) as f64 * 1e4).round() / 1e4;
-                    json!({
-                        "addr": b.addr.to_string(),
-                        "weight": configured.get(&b.addr),
-                        "effective_weight": effective,
-                        "table_share": share,
-                        "full": full,
-                    })
+                    Candidate {
+                        addr: b.addr.to_string(),
+                        weight: configured.get(&b.addr).copied(),
+                        effective_weight: effective,
+                        table_share: share,
+                        full,
+                    }
                 })
                 .collect()
         })
         .unwrap_or_default();
-    Ok(json!({
-        "listener": listener,
-        "client": addr.to_string(),
-        "hash_key": format!("{:?}", view.config.hash_key),
-        "port_used": addr.port() != 0 || view.config.hash_key == crate::config::HashKey::SrcIp,
-        "region": region_name,
-        "table": table_name,
-        "table_generation": pool.generation,
+    Ok(RouteReply {
+        listener: listener.to_string(),
+        client: addr.to_string(),
+        hash_key: format!("{:?}", view.config.hash_key),
+        port_used: addr.port() != 0 || view.config.hash_key == crate::config::HashKey::SrcIp,
+        region: region_name,
+        table: table_name,
+        table_generation: pool.generation,
         // What a new connection would get: the first candidate not full.
-        "chosen": candidates.iter().find(|c| c["full"] != json!(true)).map(|c| c["addr"].clone()),
-        "candidates": candidates,
-    }))
+        chosen: candidates.iter().find(|c| !c.full).map(|c| c.addr.clone()),
+        candidates,
+    })
 }
 
 /// Configured weight of each backend of pool `name` (the file's, or `ctl weight`'s).
@@ -479,42 +426,48 @@ fn configured_weights(server: &Server, name: &str) -> HashMap<std::net::SocketAd
         .collect()
 }
 
-fn stats(server: &Server) -> Value {
+fn stats(server: &Server) -> StatsReply {
     let model = server.model.lock();
-    json!({
-        "listeners": model.listeners.iter().map(|l| {
-            let refused: serde_json::Map<String, Value> = RefuseReason::ALL.iter().map(|r| (r.label().to_string(), json!(l.stats.refused[*r as usize].get()))).collect();
-            json!({
-                "name": l.config.name,
-                "accepted": l.stats.accepted.get(),
-                // Connections (UDP: flows) that reached a backend; every
-                // accepted one is either relayed or refused with a reason.
-                "relayed": l.stats.active.opened.get(),
-                "active": l.stats.active.current(),
-                "refused": refused,
-                "bytes_in": l.stats.bytes_in.get(),
-                "bytes_out": l.stats.bytes_out.get(),
-                "accept_errors": l.stats.accept_errors.get(),
-                "datagrams_in": l.stats.datagrams_in.get(),
-                "datagrams_out": l.stats.datagrams_out.get(),
-                "datagrams_dropped": l.stats.datagrams_dropped.get(),
-                "sources": l.limits.source_stats().map(|st| json!({
-                    "tracked": st.len,
-                    "evictions": st.evictions,
-                    "table_full": st.table_full,
-                    "sketch_admitted": st.sketch_admitted,
-                    "capacity": l.limits.connections.as_ref().map_or(0, |t| t.capacity()),
-                    "memory_bytes": l.limits.connections.as_ref().map_or(0, |t| t.approx_memory_bytes()),
-                })),
+    StatsReply {
+        listeners: model
+            .listeners
+            .iter()
+            .map(|l| ListenerCounters {
+                name: l.config.name.clone(),
+                accepted: l.stats.accepted.get(),
+                relayed: l.stats.active.opened.get(),
+                active: l.stats.active.current(),
+                refused: RefuseReason::ALL
+                    .iter()
+                    .map(|r| (r.label().to_string(), l.stats.refused[*r as usize].get()))
+                    .collect(),
+                bytes_in: l.stats.bytes_in.get(),
+                bytes_out: l.stats.bytes_out.get(),
+                accept_errors: l.stats.accept_errors.get(),
+                datagrams_in: l.stats.datagrams_in.get(),
+                datagrams_out: l.stats.datagrams_out.get(),
+                datagrams_dropped: l.stats.datagrams_dropped.get(),
+                sources: l.limits.source_stats().map(|st| SourceCounters {
+                    tracked: st.len,
+                    evictions: st.evictions,
+                    table_full: st.table_full,
+                    sketch_admitted: st.sketch_admitted,
+                    capacity: l.limits.connections.as_ref().map_or(0, |t| t.capacity()),
+                    memory_bytes: l.limits.connections.as_ref().map_or(0, |t| t.approx_memory_bytes()),
+                }),
             })
-        }).collect::<Vec<_>>(),
-        "pools": model.pools.iter().map(|p| json!({
-            "name": p.config.name,
-            "table_generation": p.published.generation,
-            "table_build_us": p.published.build_time.as_micros() as u64,
-            "panic": p.panic,
-        })).collect::<Vec<_>>(),
-        "snapshot_generation": model.generation(),
-        "config_generation": model.config_generation,
-    })
+            .collect(),
+        pools: model
+            .pools
+            .iter()
+            .map(|p| PoolCounters {
+                name: p.config.name.clone(),
+                table_generation: p.published.generation,
+                table_build_us: p.published.build_time.as_micros() as u64,
+                panic: p.panic,
+            })
+            .collect(),
+        snapshot_generation: model.generation(),
+        config_generation: model.config_generation,
+    }
 }

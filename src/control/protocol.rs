@@ -1,4 +1,5 @@
-//! The control protocol: one JSON request per line, one JSON reply per line.
+//! The control protocol: one JSON request per line, one JSON reply per line,
+//! as typed values shared by the server, `ringlb ctl` and the tests.
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"backends","pool":"web"}` (paged
 //! with `"limit"` and `"offset"`: backends per pool),
@@ -7,14 +8,27 @@
 //! `{"cmd":"add","pool":..,"addr":..,"weight":2}`, `remove`, `{"cmd":"reload"}`,
 //! `{"cmd":"stats"}`, `{"cmd":"route","listener":..,"client":..}`. `drain`,
 //! `disable`, `weight`, `add` and `remove` take `"force": true` to leave a
-//! pool with no usable backend. Replies: `{"ok":true,...}` or
-//! `{"ok":false,"error":"..."}`.
+//! pool with no usable backend. Replies: `{"ok":true,...}` with the verb's
+//! reply fields ([`Reply`]), or `{"ok":false,"error":"..."}`.
+//!
+//! To add a verb: one [`Request`] variant, one reply struct, one [`Reply`]
+//! variant, one arm in [`Reply::parse`]; the compiler finds the rest.
+//! Reply structs do not deny unknown fields, so a newer server's extra
+//! fields never break an older `ctl`.
 
-use serde::Deserialize;
-use serde_json::{json, Value};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 
-/// A parsed request.
-#[derive(Debug, Deserialize)]
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The protocol version `status` reports (`"protocol"`): raised when a
+/// request or reply changes in a way an older client would misread.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A request: one line, `{"cmd": VERB, ...fields}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 // Unit variants would silently accept extra fields (serde ignores
 // deny_unknown_fields there), so every variant is a struct variant.
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
@@ -24,13 +38,13 @@ pub enum Request {
     /// Per-backend state and counters.
     Backends {
         /// Only this pool.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         pool: Option<String>,
         /// At most this many backends per pool (paging; all by default).
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<usize>,
         /// Skip this many backends of each pool first.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         offset: Option<usize>,
     },
     /// No new connections; existing ones finish within drain_timeout.
@@ -79,7 +93,7 @@ pub enum Request {
         /// Backend address.
         addr: String,
         /// Weight (default 1).
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         weight: Option<i64>,
         /// Do it even if it leaves the pool with no usable backend.
         #[serde(default)]
@@ -108,6 +122,13 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The request as its wire line (without the newline).
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).expect("a request always serializes")
+    }
+}
+
 /// Parses one request line; the error is what the client is told.
 pub fn parse_request(line: &str) -> Result<Request, String> {
     let line = line.trim();
@@ -117,20 +138,394 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))
 }
 
-/// An ok reply carrying `fields`.
-pub fn ok(mut fields: Value) -> Value {
-    match fields.as_object_mut() {
-        Some(map) => {
-            map.insert("ok".into(), Value::Bool(true));
-            fields
+// === replies ===
+
+/// A reply: the verb's fields, or the error the server refused it with.
+/// `'a` lets the server serialize the big `backends` reply from borrowed
+/// strings; a parsed reply owns its strings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply<'a> {
+    /// To `status`.
+    Status(StatusReply),
+    /// To `backends`.
+    Backends(BackendsReply<'a>),
+    /// To `stats`.
+    Stats(StatsReply),
+    /// To `route`.
+    Route(RouteReply),
+    /// To `drain` and `disable`.
+    Drain(DrainReply),
+    /// To `enable`.
+    Enable(EnableReply),
+    /// To `weight`.
+    Weight(WeightReply),
+    /// To `add`.
+    Add(AddReply),
+    /// To `remove`.
+    Remove(RemoveReply),
+    /// To `reload`.
+    Reload(ReloadReply),
+    /// Any request refused: `{"ok":false,"error":...}`.
+    Error(String),
+}
+
+/// `{"ok": true, ...body}` on the wire.
+#[derive(Serialize)]
+struct OkLine<'b, T> {
+    ok: bool,
+    #[serde(flatten)]
+    body: &'b T,
+}
+
+/// `{"ok": false, "error": ...}` on the wire.
+#[derive(Serialize, Deserialize)]
+struct ErrorLine {
+    ok: bool,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+fn ok_line<T: Serialize>(body: &T) -> String {
+    serde_json::to_string(&OkLine { ok: true, body })
+        .unwrap_or_else(|e| error_line(&format!("cannot encode the reply: {e}")))
+}
+
+/// An error reply line.
+pub fn error_line(message: &str) -> String {
+    serde_json::to_string(&ErrorLine {
+        ok: false,
+        error: Some(message.to_string()),
+    })
+    .expect("a string always serializes")
+}
+
+fn body<T: DeserializeOwned>(line: &str) -> Result<T, String> {
+    serde_json::from_str(line).map_err(|e| e.to_string())
+}
+
+impl Reply<'_> {
+    /// Whether the request was carried out.
+    pub fn is_ok(&self) -> bool {
+        !matches!(self, Reply::Error(_))
+    }
+
+    /// The reply as its wire line (without the newline).
+    pub fn to_line(&self) -> String {
+        match self {
+            Reply::Status(r) => ok_line(r),
+            Reply::Backends(r) => ok_line(r),
+            Reply::Stats(r) => ok_line(r),
+            Reply::Route(r) => ok_line(r),
+            Reply::Drain(r) => ok_line(r),
+            Reply::Enable(r) => ok_line(r),
+            Reply::Weight(r) => ok_line(r),
+            Reply::Add(r) => ok_line(r),
+            Reply::Remove(r) => ok_line(r),
+            Reply::Reload(r) => ok_line(r),
+            Reply::Error(e) => error_line(e),
         }
-        None => json!({"ok": true, "result": fields}),
+    }
+
+    /// Parses the reply line to `request`; the error says what is wrong
+    /// with the line.
+    pub fn parse(request: &Request, line: &str) -> Result<Reply<'static>, String> {
+        let head: ErrorLine = body(line)?;
+        if !head.ok {
+            return Ok(Reply::Error(head.error.unwrap_or_else(|| "unknown error".into())));
+        }
+        Ok(match request {
+            Request::Status {} => Reply::Status(body(line)?),
+            Request::Backends { .. } => Reply::Backends(body(line)?),
+            Request::Stats {} => Reply::Stats(body(line)?),
+            Request::Route { .. } => Reply::Route(body(line)?),
+            Request::Drain { .. } | Request::Disable { .. } => Reply::Drain(body(line)?),
+            Request::Enable { .. } => Reply::Enable(body(line)?),
+            Request::Weight { .. } => Reply::Weight(body(line)?),
+            Request::Add { .. } => Reply::Add(body(line)?),
+            Request::Remove { .. } => Reply::Remove(body(line)?),
+            Request::Reload {} => Reply::Reload(body(line)?),
+        })
     }
 }
 
-/// An error reply.
-pub fn error(message: impl Into<String>) -> Value {
-    json!({"ok": false, "error": message.into()})
+/// `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReply {
+    /// ringlb's version.
+    pub version: String,
+    /// The control protocol the server speaks ([`PROTOCOL_VERSION`]).
+    pub protocol: u32,
+    /// Seconds since start.
+    pub uptime_seconds: u64,
+    /// One per worker.
+    pub workers: Vec<WorkerStatus>,
+    /// The config file (none: embedded config).
+    pub config: Option<String>,
+    /// Successful config loads (1 = the file at start).
+    pub config_generation: u64,
+    /// Snapshots published.
+    pub snapshot_generation: u64,
+    /// Live listeners.
+    pub listeners: Vec<ListenerStatus>,
+}
+
+/// One worker in `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Worker number.
+    pub id: usize,
+    /// `io_uring` or `epoll`.
+    pub engine: String,
+    /// How its loop was set up (e.g. the io_uring flags).
+    pub setup: String,
+    /// TCP connections and UDP flows it accepted, over all listeners.
+    pub accepted: u64,
+    /// The CPU it is pinned to (none: not pinned).
+    pub cpu: Option<usize>,
+}
+
+/// One listener in `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    /// Name.
+    pub name: String,
+    /// Address.
+    pub bind: String,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// Its pool.
+    pub pool: String,
+    /// Open connections (UDP: flows).
+    pub active: u64,
+}
+
+/// `backends`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendsReply<'a> {
+    /// One per live pool (or the one asked for).
+    pub pools: Vec<PoolRow<'a>>,
+}
+
+/// One pool in `backends`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolRow<'a> {
+    /// Pool name.
+    pub pool: Cow<'a, str>,
+    /// Rebuilds of its table.
+    pub table_generation: u64,
+    /// Whether the table is in panic mode.
+    pub panic: bool,
+    /// Backends in the pool (the page is `backends`).
+    pub total_backends: usize,
+    /// Index of the first backend shown.
+    pub offset: usize,
+    /// The page of backends.
+    pub backends: Vec<BackendRow<'a>>,
+    /// Table slots (0: no table).
+    pub table_size: usize,
+}
+
+/// One backend in `backends`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendRow<'a> {
+    /// Address.
+    pub addr: SocketAddr,
+    /// Configured weight (or `ctl weight`'s).
+    pub weight: u32,
+    /// Weight in the table (its own units; 0: not in it).
+    pub effective_weight: u32,
+    /// Share of the pool's table slots (a geo pool's: the default region's).
+    #[serde(default)]
+    pub table_share: f64,
+    /// `active`, `down`, `ejected`, `draining` or `disabled`.
+    pub state: Cow<'a, str>,
+    /// Why it last changed state.
+    pub reason: Cow<'a, str>,
+    /// Open connections.
+    pub active: u64,
+    /// Connections opened.
+    pub total: u64,
+    /// Bytes from clients.
+    pub bytes_in: u64,
+    /// Bytes to clients.
+    pub bytes_out: u64,
+    /// Failed connects.
+    pub failures: u64,
+    /// Passive ejections.
+    pub ejections: u64,
+    /// The last active check.
+    pub last_check: Option<LastCheck<'a>>,
+    /// Leaving the pool once drained.
+    pub removing: bool,
+}
+
+/// A backend's last active check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastCheck<'a> {
+    /// Passed, failed, or none: ringlb could not run it.
+    pub ok: Option<bool>,
+    /// How long it took.
+    pub ms: f64,
+    /// What it saw.
+    pub detail: Cow<'a, str>,
+}
+
+/// `stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsReply {
+    /// Every listener, retired ones still draining included.
+    pub listeners: Vec<ListenerCounters>,
+    /// Every pool.
+    pub pools: Vec<PoolCounters>,
+    /// Snapshots published.
+    pub snapshot_generation: u64,
+    /// Successful config loads.
+    pub config_generation: u64,
+}
+
+/// One listener's counters in `stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListenerCounters {
+    /// Name.
+    pub name: String,
+    /// Connections (UDP: flows) accepted.
+    pub accepted: u64,
+    /// Accepted ones that reached a backend; every accepted one is either
+    /// relayed or refused with a reason.
+    pub relayed: u64,
+    /// Open now.
+    pub active: u64,
+    /// Refusals by reason label.
+    pub refused: BTreeMap<String, u64>,
+    /// Bytes from clients.
+    pub bytes_in: u64,
+    /// Bytes to clients.
+    pub bytes_out: u64,
+    /// Failed accepts.
+    pub accept_errors: u64,
+    /// UDP datagrams from clients.
+    pub datagrams_in: u64,
+    /// UDP datagrams to clients.
+    pub datagrams_out: u64,
+    /// UDP datagrams dropped.
+    pub datagrams_dropped: u64,
+    /// The per-source table, when the listener limits sources.
+    pub sources: Option<SourceCounters>,
+}
+
+/// A listener's per-source table in `stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceCounters {
+    /// Sources tracked now.
+    pub tracked: usize,
+    /// Entries evicted.
+    pub evictions: u64,
+    /// Sources refused a slot because the table was full.
+    pub table_full: u64,
+    /// Sources admitted by the sketch when the table was full.
+    pub sketch_admitted: u64,
+    /// Entries the table holds at most.
+    pub capacity: usize,
+    /// Its approximate memory.
+    pub memory_bytes: usize,
+}
+
+/// One pool's figures in `stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolCounters {
+    /// Name.
+    pub name: String,
+    /// Rebuilds of its table.
+    pub table_generation: u64,
+    /// How long the last build took.
+    pub table_build_us: u64,
+    /// Whether the table is in panic mode.
+    pub panic: bool,
+}
+
+/// `route`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouteReply {
+    /// Listener asked about.
+    pub listener: String,
+    /// Client address hashed.
+    pub client: String,
+    /// The listener's hash key.
+    pub hash_key: String,
+    /// Whether the port took part in the hash.
+    pub port_used: bool,
+    /// The client's region in a geo pool.
+    pub region: Option<String>,
+    /// Which table was used.
+    pub table: String,
+    /// That table's generation.
+    pub table_generation: u64,
+    /// What a new connection would get: the first candidate not full.
+    pub chosen: Option<String>,
+    /// The candidates in the order a connection tries them.
+    pub candidates: Vec<Candidate>,
+}
+
+/// One `route` candidate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// Address.
+    pub addr: String,
+    /// Configured weight.
+    pub weight: Option<u32>,
+    /// Weight in the table (its own units).
+    pub effective_weight: u32,
+    /// Share of the table, 0 to 1, rounded to 1e-4.
+    pub table_share: f64,
+    /// At its max_connections: a TCP connect skips it.
+    pub full: bool,
+}
+
+/// `drain` and `disable`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrainReply {
+    /// Connections still open.
+    pub remaining: u64,
+    /// Time they have before they are closed.
+    pub drain_timeout_ms: u64,
+}
+
+/// `enable`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnableReply {}
+
+/// `weight`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WeightReply {
+    /// Weight before.
+    pub old_weight: u32,
+    /// Weight now.
+    pub weight: u32,
+}
+
+/// `add`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AddReply {
+    /// Address added.
+    pub addr: String,
+    /// Its weight.
+    pub weight: u32,
+}
+
+/// `remove`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemoveReply {
+    /// Connections still open (drained before it leaves).
+    pub remaining: u64,
+}
+
+/// `reload`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReloadReply {
+    /// What changed, one line each.
+    pub changes: Vec<String>,
+    /// Successful config loads, this one included.
+    pub config_generation: u64,
 }
 
 #[cfg(test)]
@@ -162,5 +557,58 @@ mod tests {
         ] {
             assert!(parse_request(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn requests_round_trip_and_keep_the_old_wire_form() {
+        let old_form = [
+            (r#"{"cmd":"status"}"#, Request::Status {}),
+            (
+                r#"{"cmd":"backends","pool":null,"limit":null,"offset":null}"#,
+                Request::Backends {
+                    pool: None,
+                    limit: None,
+                    offset: None,
+                },
+            ),
+            (
+                r#"{"cmd":"add","pool":"p","addr":"127.0.0.1:1","weight":null,"force":false}"#,
+                Request::Add {
+                    pool: "p".into(),
+                    addr: "127.0.0.1:1".into(),
+                    weight: None,
+                    force: false,
+                },
+            ),
+        ];
+        for (line, req) in old_form {
+            assert_eq!(parse_request(line).unwrap(), req, "{line}");
+            assert_eq!(parse_request(&req.to_line()).unwrap(), req);
+        }
+    }
+
+    #[test]
+    fn replies_keep_ok_and_fields_at_the_top_level() {
+        let r = Reply::Drain(DrainReply {
+            remaining: 3,
+            drain_timeout_ms: 500,
+        });
+        assert_eq!(r.to_line(), r#"{"ok":true,"remaining":3,"drain_timeout_ms":500}"#);
+        let req = Request::Drain {
+            pool: "p".into(),
+            addr: "127.0.0.1:1".into(),
+            force: false,
+        };
+        assert_eq!(Reply::parse(&req, &r.to_line()).unwrap(), r);
+        assert_eq!(Reply::Enable(EnableReply {}).to_line(), r#"{"ok":true}"#);
+        let e = Reply::Error("no pool named \"x\"".into());
+        assert_eq!(e.to_line(), r#"{"ok":false,"error":"no pool named \"x\""}"#);
+        assert_eq!(Reply::parse(&req, &e.to_line()).unwrap(), e);
+        // A newer server's extra field does not break the parse.
+        let newer = r#"{"ok":true,"remaining":1,"drain_timeout_ms":2,"fingerprint":"ab"}"#;
+        assert!(Reply::parse(&req, newer).unwrap().is_ok());
+        // A missing field is an error naming it, not a silent default.
+        let err = Reply::parse(&req, r#"{"ok":true,"remaining":1}"#).unwrap_err();
+        assert!(err.contains("drain_timeout_ms"), "{err}");
     }
 }

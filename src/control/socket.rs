@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 
-use super::protocol::{error, parse_request};
+use super::protocol::{error_line, parse_request};
 use crate::fd_reserve::FdReserve;
 use crate::server::Server;
 
@@ -94,7 +94,7 @@ pub async fn serve(listener: std::os::unix::net::UnixListener, server: Arc<Serve
             Err(_) => {
                 let reply = format!(
                     "{}\n",
-                    error(format!("too many control clients (max {MAX_CLIENTS}); try again"))
+                    error_line(&format!("too many control clients (max {MAX_CLIENTS}); try again"))
                 );
                 let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(reply.as_bytes())).await;
             }
@@ -144,13 +144,10 @@ async fn serve_client(stream: tokio::net::UnixStream, server: &Arc<Server>) {
     loop {
         let (reply, close) = match tokio::time::timeout(IDLE_TIMEOUT, read_line_capped(&mut reader, &mut buf)).await {
             Err(_) | Ok(Err(_)) | Ok(Ok(Line::Eof)) => return,
-            Ok(Ok(Line::TooLong)) => (
-                error(format!("request line longer than {MAX_LINE} bytes")).to_string(),
-                true,
-            ),
+            Ok(Ok(Line::TooLong)) => (error_line(&format!("request line longer than {MAX_LINE} bytes")), true),
             Ok(Ok(Line::Complete(line))) => match parse_request(&line) {
                 Ok(req) => (super::handle_line(server, req).await, false),
-                Err(e) => (error(e).to_string(), false),
+                Err(e) => (error_line(&e), false),
             },
         };
         let text = reply + "\n";

@@ -8,9 +8,10 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::ctl::{call, EXIT_ERROR_REPLY, EXIT_OK, EXIT_UNREACHABLE};
+use super::protocol::{Reply, Request};
 use super::status::per_sec;
 
 /// Fastest refresh `--interval` may ask for.
@@ -29,17 +30,21 @@ pub struct Sample {
 }
 
 fn ask(path: &Path) -> Result<Sample, (i32, String)> {
-    let get = |req: Value| -> Result<Value, (i32, String)> {
-        let r = call(path, &req).map_err(|e| (EXIT_UNREACHABLE, e))?;
-        if r.get("ok").and_then(Value::as_bool) != Some(true) {
-            let e = r.get("error").and_then(Value::as_str).unwrap_or("unknown error");
-            return Err((EXIT_ERROR_REPLY, e.to_string()));
+    let get = |req: Request| -> Result<Value, (i32, String)> {
+        let (reply, line) = call(path, &req).map_err(|e| (EXIT_UNREACHABLE, e))?;
+        if let Reply::Error(e) = reply {
+            return Err((EXIT_ERROR_REPLY, e));
         }
-        Ok(r)
+        // The view reads the reply as a tree: the raw line, as sent.
+        serde_json::from_str(&line).map_err(|e| (EXIT_UNREACHABLE, format!("bad reply: {e}")))
     };
     Ok(Sample {
-        stats: get(json!({"cmd": "stats"}))?,
-        backends: get(json!({"cmd": "backends", "limit": MAX_BACKENDS_SHOWN}))?,
+        stats: get(Request::Stats {})?,
+        backends: get(Request::Backends {
+            pool: None,
+            limit: Some(MAX_BACKENDS_SHOWN),
+            offset: None,
+        })?,
     })
 }
 
@@ -281,6 +286,7 @@ pub fn render(prev: &Sample, cur: &Sample, secs: f64, color: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn sample(accepted: u64, conns: u64, state: &str) -> Sample {
         Sample {

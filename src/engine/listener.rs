@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::conn::{Conn, ConnParams, Op};
 use crate::fd_reserve::FdReserve;
 use crate::stats::RefuseReason;
-use crate::worker::{Shared, StopSignal};
+use crate::worker::context::{Shared, StopSignal};
 
 use super::sockets::{local_addr, peer_addr, shed_pending};
 
@@ -70,7 +70,7 @@ impl TcpListener {
             );
             self.last_warn = Some(now);
         }
-        if matches!(errno, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) {
+        if crate::errno::accept_is_shortage(errno) {
             let refused = shed_pending(reserve, self.fd.as_fd());
             if let Some(s) = stats {
                 // Accepted (by the spare descriptor) and refused at once:

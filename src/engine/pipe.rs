@@ -3,7 +3,7 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// Bytes moved per splice call (the default pipe size).
 pub const SPLICE_CHUNK: usize = 64 * 1024;
@@ -36,30 +36,34 @@ impl Pipe {
         })
     }
 
-    /// One non-blocking splice from socket `from` into the pipe.
-    pub fn fill_from(&mut self, from: RawFd, len: usize) -> io::Result<usize> {
-        let n = splice(from, self.write.as_raw_fd(), len)?;
+    /// One non-blocking splice from socket `from` into the pipe; `None`
+    /// (the socket is gone) is EBADF.
+    pub fn fill_from(&mut self, from: Option<BorrowedFd<'_>>, len: usize) -> io::Result<usize> {
+        let from = from.ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
+        let n = splice(from, self.write.as_fd(), len)?;
         self.queued += n;
         Ok(n)
     }
 
-    /// One non-blocking splice from the pipe to socket `to`.
-    pub fn drain_to(&mut self, to: RawFd, len: usize) -> io::Result<usize> {
-        let n = splice(self.read.as_raw_fd(), to, len.min(self.queued))?;
+    /// One non-blocking splice from the pipe to socket `to`; `None` (the
+    /// socket is gone) is EBADF.
+    pub fn drain_to(&mut self, to: Option<BorrowedFd<'_>>, len: usize) -> io::Result<usize> {
+        let to = to.ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
+        let n = splice(self.read.as_fd(), to, len.min(self.queued))?;
         self.queued -= n;
         Ok(n)
     }
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: splice between two descriptors the caller holds open; no user
-    // memory is touched. Both ends are non-blocking (O_NONBLOCK sockets and
-    // pipes, and SPLICE_F_NONBLOCK for the pipe side).
+fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    // SAFETY: splice between two descriptors borrowed for the call, so open
+    // throughout it; no user memory is touched. Both ends are non-blocking
+    // (O_NONBLOCK sockets and pipes, and SPLICE_F_NONBLOCK for the pipe side).
     let n = unsafe {
         libc::splice(
-            from,
+            from.as_raw_fd(),
             std::ptr::null_mut(),
-            to,
+            to.as_raw_fd(),
             std::ptr::null_mut(),
             len,
             libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
@@ -112,14 +116,14 @@ mod tests {
         let pool = PipePool::default();
         let mut p = pool.take().unwrap();
         assert_eq!(
-            p.fill_from(b.as_raw_fd(), SPLICE_CHUNK).unwrap_err().kind(),
+            p.fill_from(Some(b.as_fd()), SPLICE_CHUNK).unwrap_err().kind(),
             io::ErrorKind::WouldBlock
         );
         a.write_all(b"hello").unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
-        assert_eq!(p.fill_from(b.as_raw_fd(), SPLICE_CHUNK).unwrap(), 5);
+        assert_eq!(p.fill_from(Some(b.as_fd()), SPLICE_CHUNK).unwrap(), 5);
         assert_eq!(p.queued, 5);
-        assert_eq!(p.drain_to(c.as_raw_fd(), 5).unwrap(), 5);
+        assert_eq!(p.drain_to(Some(c.as_fd()), 5).unwrap(), 5);
         let mut got = [0; 5];
         d.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"hello");

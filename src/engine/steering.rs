@@ -28,7 +28,7 @@ fn stmt(code: u32, k: u32) -> libc::sock_filter {
 /// to worker `i`, so group index = worker id. An index the program returns
 /// past the group's end makes the kernel fall back to its 4-tuple hash.
 ///
-/// Worker `w` is pinned to CPU `w % C` (`C` = [`crate::worker::pinning_cpus`]).
+/// Worker `w` is pinned to CPU `w % C` (`C` = [`crate::worker::context::pinning_cpus`]).
 /// With `W` workers the program picks, for a SYN handled on CPU `cpu`:
 /// - `W <= C`: worker `cpu % W`. With `W == C` that is the worker on that
 ///   CPU; with fewer workers than CPUs, a CPU without a worker of its own
@@ -124,7 +124,7 @@ pub fn steer_by_cpu(name: &str, sockets: &[impl AsFd]) {
     if sockets.len() < 2 {
         return;
     }
-    let cpus = crate::worker::pinning_cpus();
+    let cpus = crate::worker::context::pinning_cpus();
     match attach(sockets, cpus) {
         Ok(()) => log::info!(
             "listener \"{name}\": new connections go to the worker on the receiving CPU ({} workers, {cpus} CPUs)",

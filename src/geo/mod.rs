@@ -14,7 +14,7 @@ pub mod region_map;
 use std::collections::HashMap;
 
 pub use cidr::{Cidr, CidrError};
-pub use policy::{effective_weights, GeoBackend, InvalidSpillThreshold, SpillThreshold, WEIGHT_SCALE};
+pub use policy::{effective_weights, GeoBackend, InvalidSpillThreshold, SpillThreshold, SHARE_SCALE};
 pub use prefix_file::{parse_prefixes, PrefixError, PrefixErrorKind, MAX_ERRORS};
 pub use region_map::{RegionId, RegionMap, RegionMapError};
 

@@ -16,7 +16,7 @@
 //! the lost share goes to the short regions' remaining capacity in proportion to `m·H`,
 //! so traffic flows while any usable backend with `m > 0` exists; if none does, every
 //! weight is 0 and the caller fails fast. Within a region, `T_r` is split over its
-//! usable backends in proportion to their weight, then scaled to [`WEIGHT_SCALE`] and
+//! usable backends in proportion to their weight, then scaled to [`SHARE_SCALE`] and
 //! rounded; a backend with a positive target gets at least 1.
 //!
 //! # Worked example
@@ -44,8 +44,11 @@ use std::collections::BTreeMap;
 
 use super::region_map::RegionId;
 
-/// The integer weights of one table sum to about this (rounding may move it slightly).
-pub const WEIGHT_SCALE: u32 = 1_000_000;
+/// The integer weights of one geo row sum to about this (rounding may move it
+/// slightly). Not [`crate::health::state::WEIGHT_SCALE`] (table units per unit
+/// of configured weight): a row is shares of one client region's traffic, which
+/// [`crate::health::state::apply_plan_to_share`] then scales by health.
+pub const SHARE_SCALE: u32 = 1_000_000;
 
 /// One backend of a pool as the spill-over rule sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,8 +169,8 @@ where
             }
             // healthy > 0 here: this backend is usable with a positive weight.
             let share = t.target * (f64::from(b.weight) / t.healthy as f64);
-            // Saturating float→int cast; share <= 1 so it stays within WEIGHT_SCALE.
-            ((share * f64::from(WEIGHT_SCALE)).round() as u32).max(1)
+            // Saturating float→int cast; share <= 1 so it stays within SHARE_SCALE.
+            ((share * f64::from(SHARE_SCALE)).round() as u32).max(1)
         })
         .collect()
 }
@@ -342,7 +345,7 @@ mod tests {
             }
 
             // Only usable, positive-weight, m > 0 backends get traffic; totals are
-            // WEIGHT_SCALE up to rounding, or zero when nothing can serve.
+            // SHARE_SCALE up to rounding, or zero when nothing can serve.
             let any_capacity = backends.iter().any(|b| b.usable && b.weight > 0 && m(b.region) > 0);
             for (b, &x) in backends.iter().zip(&w) {
                 if x > 0 {

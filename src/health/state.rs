@@ -12,6 +12,21 @@ use std::time::{Duration, Instant};
 /// and at `p` permille of slow start becomes `w * p`.
 pub const WEIGHT_SCALE: u32 = 1000;
 
+/// A geo row's share `share` of a backend (in [`crate::geo::SHARE_SCALE`]
+/// units) scaled by the health plan: `plan` is the backend's planned table
+/// weight, `configured` its configured weight, so `plan / (configured *
+/// WEIGHT_SCALE)` is the fraction health leaves it (slow start, 0 when
+/// down). A backend with any share keeps at least 1, so slow start never
+/// rounds it out of a region it serves. The one place geo and health
+/// compose.
+pub fn apply_plan_to_share(share: u32, plan: u32, configured: u32) -> u32 {
+    let full = u64::from(configured) * u64::from(WEIGHT_SCALE);
+    if plan == 0 || full == 0 {
+        return 0;
+    }
+    ((u64::from(share) * u64::from(plan) / full).max(u64::from(share > 0))) as u32
+}
+
 /// Slow-start fraction meaning "full weight".
 pub const PERMILLE_FULL: u32 = 1000;
 
@@ -723,5 +738,24 @@ mod tests {
                 prop_assert!(slow_start(t0, n, w, steps).0 > p1);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod compose_tests {
+    use super::*;
+
+    #[test]
+    fn a_share_is_scaled_by_the_health_fraction_and_never_rounded_out() {
+        // Weight 2 at full strength (plan 2000): the share is kept.
+        assert_eq!(apply_plan_to_share(500_000, 2 * WEIGHT_SCALE, 2), 500_000);
+        // At 10% slow start: a tenth.
+        assert_eq!(apply_plan_to_share(500_000, 200, 2), 50_000);
+        // Down, or weight 0: nothing.
+        assert_eq!(apply_plan_to_share(500_000, 0, 2), 0);
+        assert_eq!(apply_plan_to_share(500_000, 100, 0), 0);
+        // A tiny share at a tiny fraction still gets 1.
+        assert_eq!(apply_plan_to_share(3, 1, 1000), 1);
+        assert_eq!(apply_plan_to_share(0, 1000, 1), 0);
     }
 }

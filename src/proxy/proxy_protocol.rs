@@ -9,7 +9,17 @@
 use std::io::Write;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
-use crate::config::ProxyProtocol;
+/// Whether, and in which version, a TCP listener tells its backends the
+/// client's address with a PROXY protocol header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    /// No header: backends see ringlb's address.
+    Off,
+    /// The text header (`PROXY TCP4 ...\r\n`).
+    V1,
+    /// The binary header.
+    V2,
+}
 
 /// The longest header either version writes (v1: 107 bytes; v2 with IPv6: 52).
 pub const MAX_HEADER: usize = 108;

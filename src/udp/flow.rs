@@ -32,12 +32,7 @@ pub fn usable(backend: &Backend) -> bool {
 
 /// A new non-blocking UDP socket connected to `backend` from an ephemeral port.
 pub fn connect_udp(backend: SocketAddr) -> std::io::Result<UdpSocket> {
-    let local: SocketAddr = if backend.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let socket = UdpSocket::bind(local)?;
+    let socket = UdpSocket::bind(crate::sockaddr::udp_local_for(backend))?;
     socket.connect(backend)?;
     socket.set_nonblocking(true)?;
     Ok(socket)

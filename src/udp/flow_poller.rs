@@ -8,7 +8,7 @@
 //! closes it (the kernel drops closed descriptors from epoll sets).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// Ready descriptors fetched per `epoll_wait`.
 pub const EVENTS: usize = 64;
@@ -34,12 +34,14 @@ impl FlowPoller {
 
     /// Watches `fd` for readable data and errors (level-triggered: a socket
     /// with datagrams left after one read is reported again).
-    pub fn add(&self, fd: RawFd) -> io::Result<()> {
+    pub fn add(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let fd = fd.as_raw_fd();
         let mut ev = libc::epoll_event {
             events: libc::EPOLLIN as u32,
             u64: fd as u64,
         };
-        // SAFETY: `ev` is a valid epoll_event for the duration of the call.
+        // SAFETY: `ev` is a valid epoll_event for the duration of the call,
+        // and `fd` is borrowed, so open, for it.
         if unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -70,6 +72,12 @@ impl AsRawFd for FlowPoller {
     }
 }
 
+impl AsFd for FlowPoller {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.epfd.as_fd()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,8 +89,8 @@ mod tests {
         let a = UdpSocket::bind("127.0.0.1:0").unwrap();
         let b = UdpSocket::bind("127.0.0.1:0").unwrap();
         a.set_nonblocking(true).unwrap();
-        poller.add(a.as_raw_fd()).unwrap();
-        poller.add(b.as_raw_fd()).unwrap();
+        poller.add(a.as_fd()).unwrap();
+        poller.add(b.as_fd()).unwrap();
         let mut ready = Vec::new();
         assert_eq!(poller.ready(&mut ready).unwrap_err().kind(), io::ErrorKind::WouldBlock);
         let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -114,7 +122,7 @@ mod tests {
         let flow = UdpSocket::bind("127.0.0.1:0").unwrap();
         flow.connect(dead_addr).unwrap();
         flow.set_nonblocking(true).unwrap();
-        poller.add(flow.as_raw_fd()).unwrap();
+        poller.add(flow.as_fd()).unwrap();
         flow.send(b"x").unwrap();
         let mut ready = Vec::new();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);

@@ -110,7 +110,7 @@ impl Forwarder {
 /// an earlier datagram is a passive health failure of the backend.
 fn on_forward_error(backend: &Backend, stats: &ListenerStats, errno: i32) {
     stats.datagrams_dropped.inc();
-    if errno == libc::ECONNREFUSED {
+    if crate::errno::udp_send_blames_backend(errno) {
         backend.connect_failed();
     }
 }

@@ -22,7 +22,7 @@
 //! instead of one per datagram (bench/README.md).
 
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ use crate::udp::forwarder::Forwarder;
 use crate::udp::mmsg::BATCH;
 use crate::udp::recv_batch::RecvBatch;
 use crate::udp::send_batch::SendBatch;
-use crate::worker::StopSignal;
+use crate::worker::stop::StopSignal;
 
 /// Client datagrams read per call of [`UdpListener::on_readable`] before the
 /// loop serves its other sockets (TCP connections, other listeners).
@@ -117,13 +117,13 @@ impl UdpListener {
     }
 
     /// The listening socket (readable: client datagrams are waiting).
-    pub fn listener_fd(&self) -> RawFd {
-        self.listener.as_raw_fd()
+    pub fn listener_fd(&self) -> BorrowedFd<'_> {
+        self.listener.as_fd()
     }
 
     /// The flow sockets' epoll set (readable: some flow has a reply).
-    pub fn poller_fd(&self) -> RawFd {
-        self.poller.as_raw_fd()
+    pub fn poller_fd(&self) -> BorrowedFd<'_> {
+        self.poller.as_fd()
     }
 
     /// Reads and forwards client datagrams until the socket is drained or
@@ -358,7 +358,7 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, data: &[u8]) {
         refuse(stats, RefuseReason::NoBackend);
         return;
     };
-    let socket = match connect_udp(backend.addr).and_then(|s| poller.add(s.as_raw_fd()).map(|()| s)) {
+    let socket = match connect_udp(backend.addr).and_then(|s| poller.add(s.as_fd()).map(|()| s)) {
         Ok(s) => s,
         Err(e) => {
             log::debug!("udp flow {client} -> {}: {e}", backend.addr);

@@ -296,6 +296,47 @@ fn a_connect_past_its_deadline_is_cancelled_and_counts_as_a_failure() {
 }
 
 #[test]
+fn no_local_port_is_not_the_backends_fault_and_the_next_one_is_tried() {
+    let w = World::new("connect_attempts = 2", 2);
+    let mut out = Vec::new();
+    let mut c = w.accept(&mut out);
+    let first = connect_addr(&take(&mut out));
+    c.on_connected(Err(Errno(libc::EADDRNOTAVAIL)), w.now, &mut out);
+    let second = connect_addr(&take(&mut out));
+    assert_ne!(
+        first, second,
+        "ports are per destination: another backend may have some"
+    );
+    let failures = |w: &World| -> u64 { w.pool.backends.iter().map(|b| b.stats.connect_failures.get()).sum() };
+    assert_eq!(failures(&w), 0, "not counted against the backend (no passive ejection)");
+    let in_a_row: u32 = w
+        .pool
+        .backends
+        .iter()
+        .map(|b| b.consecutive_failures.load(Ordering::Relaxed))
+        .sum();
+    assert_eq!(in_a_row, 0);
+    c.on_connected(Err(E_REFUSED), w.now, &mut out);
+    assert_eq!(closes(&take(&mut out)), 1);
+    assert_eq!(failures(&w), 1);
+    w.assert_outcomes_add_up();
+}
+
+#[test]
+fn out_of_memory_or_buffers_is_overload_like_descriptors() {
+    for errno in [libc::ENOBUFS, libc::ENOMEM, libc::ENFILE] {
+        let w = World::new("", 2);
+        let mut out = Vec::new();
+        let mut c = w.accept(&mut out);
+        take(&mut out);
+        c.on_connected(Err(Errno(errno)), w.now, &mut out);
+        assert_eq!(closes(&take(&mut out)), 1);
+        assert_eq!(w.refused(RefuseReason::Overloaded), 1, "errno {errno}");
+        w.assert_outcomes_add_up();
+    }
+}
+
+#[test]
 fn running_out_of_descriptors_is_overload_not_a_backend_failure() {
     let w = World::new("", 2);
     let mut out = Vec::new();
@@ -327,14 +368,14 @@ fn a_full_backend_is_skipped_without_using_an_attempt() {
         a
     };
     let full = w.pool.backends.iter().find(|b| b.addr == first).unwrap();
-    full.max_conns.store(1, Ordering::Relaxed);
-    full.open.store(1, Ordering::Relaxed);
+    full.slots.set_max(1);
+    assert!(full.slots.try_acquire(), "one connection holds its only slot");
     let _c = w.accept(&mut out);
     assert_ne!(connect_addr(&take(&mut out)), first, "spilled over");
     // With every backend full the client is refused as backend_full.
     for b in &w.pool.backends {
-        b.max_conns.store(1, Ordering::Relaxed);
-        b.open.store(1, Ordering::Relaxed);
+        b.slots.set_max(1);
+        while b.slots.try_acquire() {}
     }
     let _c = w.accept(&mut out);
     assert_eq!(closes(&take(&mut out)), 1);
@@ -344,17 +385,17 @@ fn a_full_backend_is_skipped_without_using_an_attempt() {
 #[test]
 fn the_backend_slot_is_given_back_when_the_connection_ends() {
     let w = World::new("", 1);
-    w.pool.backends[0].max_conns.store(5, Ordering::Relaxed);
+    w.pool.backends[0].slots.set_max(5);
     let mut out = Vec::new();
     let mut c = relaying(&w, &mut out);
-    assert_eq!(w.pool.backends[0].open.load(Ordering::Relaxed), 1);
+    assert_eq!(w.pool.backends[0].slots.current() as u64, 1);
     c.check_close(true, &mut out);
     assert_eq!(take(&mut out), vec![Op::Abort]);
     c.on_received(Side::Client, Err(Errno::CANCELED), 0, w.now, &mut out);
     assert!(take(&mut out).is_empty(), "one op still in flight");
     c.on_received(Side::Backend, Err(Errno::CANCELED), 0, w.now, &mut out);
     assert_eq!(closes(&take(&mut out)), 1);
-    assert_eq!(w.pool.backends[0].open.load(Ordering::Relaxed), 0);
+    assert_eq!(w.pool.backends[0].slots.current() as u64, 0);
     assert_eq!(c.end(), End::Closed);
 }
 

@@ -10,7 +10,7 @@
 //! Sends are tried at once and only wait for EPOLLOUT when the socket's
 //! buffer is full.
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ use crate::conn::{Conn, Data, Errno, Op, Side, Via};
 use crate::fd_reserve::FdReserve;
 use crate::proxy::buffers::BufPool;
 use crate::udp::proxy::UdpListener;
-use crate::worker::{Shared, WorkerCmd, WorkerInbox};
+use crate::worker::context::{Shared, WorkerCmd, WorkerInbox};
 
 use super::driver::{check_close, drive, fire_timers, ConnSlot, Driver, Immediate, Shell};
 use super::listener::{accept_client, TcpListener};
@@ -80,10 +80,11 @@ struct EpollWorker {
     fd_reserve: FdReserve,
 }
 
-fn epoll_ctl(epoll: &OwnedFd, op: i32, fd: RawFd, events: u32, token: Token) -> std::io::Result<()> {
+fn epoll_ctl(epoll: &OwnedFd, op: i32, fd: BorrowedFd<'_>, events: u32, token: Token) -> std::io::Result<()> {
     let mut ev = libc::epoll_event { events, u64: token.0 };
-    // SAFETY: epoll_ctl on our epoll fd with a live event struct.
-    if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), op, fd, &mut ev) } != 0 {
+    // SAFETY: epoll_ctl on our epoll fd and a descriptor borrowed for the
+    // call, with a live event struct.
+    if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), op, fd.as_raw_fd(), &mut ev) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
@@ -125,7 +126,7 @@ impl EpollWorker {
         epoll_ctl(
             &epoll,
             libc::EPOLL_CTL_ADD,
-            inbox.waker.as_fd().as_raw_fd(),
+            inbox.waker.as_fd(),
             libc::EPOLLIN as u32,
             Token::new(Kind::Waker, 0, 0),
         )?;
@@ -239,7 +240,7 @@ impl EpollWorker {
                     if let Err(e) = epoll_ctl(
                         &self.epoll,
                         libc::EPOLL_CTL_ADD,
-                        fd.as_raw_fd(),
+                        fd.as_fd(),
                         libc::EPOLLIN as u32,
                         Token::new(Kind::Accept, index as u32, 0),
                     ) {
@@ -278,12 +279,12 @@ impl EpollWorker {
 
     fn add_udp(&mut self, spec: crate::udp::proxy::UdpListenerSpec, now: Instant) -> std::io::Result<()> {
         let u = UdpListener::new(self.id, false, spec, now)?;
-        let (listener, poller) = (u.listener_fd(), u.poller_fd());
         let (i, g) = self.udp.insert(u);
+        let u = self.udp.get_mut(i, g).expect("just inserted");
         let added = epoll_ctl(
             &self.epoll,
             libc::EPOLL_CTL_ADD,
-            listener,
+            u.listener_fd(),
             libc::EPOLLIN as u32,
             Token::new(Kind::UdpIn, i, g),
         )
@@ -291,7 +292,7 @@ impl EpollWorker {
             epoll_ctl(
                 &self.epoll,
                 libc::EPOLL_CTL_ADD,
-                poller,
+                u.poller_fd(),
                 libc::EPOLLIN as u32,
                 Token::new(Kind::UdpReplies, i, g),
             )
@@ -359,7 +360,7 @@ impl EpollWorker {
             });
             let slot = self.conns.get_mut(i, g).expect("just inserted");
             if !slot.conn.is_finished() || !self.driver.out.is_empty() {
-                let fd = slot.fd(Side::Client);
+                let fd = slot.fds[Side::Client as usize].as_ref().expect("just accepted").as_fd();
                 if let Err(e) = epoll_ctl(
                     &self.epoll,
                     libc::EPOLL_CTL_ADD,
@@ -455,7 +456,7 @@ impl EpollWorker {
                 if let Err(e) = epoll_ctl(
                     &self.epoll,
                     libc::EPOLL_CTL_ADD,
-                    fd.as_raw_fd(),
+                    fd.as_fd(),
                     SOCKET_EVENTS,
                     Token::new(Kind::RecvBackend, index, gen),
                 ) {
@@ -583,7 +584,8 @@ impl EpollWorker {
             }
             Via::Pipe => {
                 let pipe = slot.pipe[from as usize].as_mut().expect("splice with a pipe");
-                (pipe.fill_from(fd, SPLICE_CHUNK), SPLICE_CHUNK)
+                let socket = slot.fds[from as usize].as_ref().map(AsFd::as_fd);
+                (pipe.fill_from(socket, SPLICE_CHUNK), SPLICE_CHUNK)
             }
         };
         match res {
@@ -617,7 +619,7 @@ impl EpollWorker {
             Data::Pipe => slot.pipe[to.other() as usize]
                 .as_mut()
                 .expect("splice with a pipe")
-                .drain_to(fd, len),
+                .drain_to(slot.fds[to as usize].as_ref().map(AsFd::as_fd), len),
             Data::Header | Data::Buffer => {
                 let bytes: &[u8] = match data {
                     Data::Header => slot.conn.proxy_header(),

@@ -28,7 +28,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use crate::conn::{Conn, Data, Errno, Op, Side, Via};
 use crate::fd_reserve::FdReserve;
 use crate::udp::proxy::UdpListener;
-use crate::worker::{Shared, WorkerCmd, WorkerInbox};
+use crate::worker::context::{Shared, WorkerCmd, WorkerInbox};
 
 use super::driver::{check_close, drive, fire_timers, ConnSlot, Driver, Immediate, Shell};
 use super::listener::{accept_client, TcpListener};
@@ -343,11 +343,15 @@ impl RingWorker {
     /// then completes at once, so a budget cut short loses nothing.
     fn arm_udp(&mut self, index: u32, gen: u32, kind: Kind) {
         let Some(u) = self.udp.get_mut(index, gen) else { return };
+        // The raw number goes into the SQE; the listener (and so the
+        // descriptor) lives in the slab until the loop removes it, after
+        // which a late completion finds no entry.
         let fd = if kind == Kind::UdpIn {
             u.listener_fd()
         } else {
             u.poller_fd()
-        };
+        }
+        .as_raw_fd();
         let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
             .build()
             .user_data(Token::new(kind, index, gen).0);
@@ -727,8 +731,13 @@ impl RingWorker {
             return;
         };
         let fd = slot.fd(from);
+        let socket = match from {
+            Side::Client => slot.client.as_ref(),
+            Side::Backend => slot.backend.as_ref(),
+        }
+        .map(AsFd::as_fd);
         let pipe = slot.pipe[from as usize].as_mut().expect("splice with a pipe");
-        match pipe.fill_from(fd, SPLICE_CHUNK) {
+        match pipe.fill_from(socket, SPLICE_CHUNK) {
             Ok(n) => self.driver.immediate.push_back(Immediate::Received(from, Ok(n), 0)),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 let sqe = opcode::PollAdd::new(types::Fd(fd), (libc::POLLIN | libc::POLLRDHUP) as u32)
@@ -758,8 +767,13 @@ impl RingWorker {
             return;
         };
         let fd = slot.fd(to);
+        let socket = match to {
+            Side::Client => slot.client.as_ref(),
+            Side::Backend => slot.backend.as_ref(),
+        }
+        .map(AsFd::as_fd);
         let pipe = slot.pipe[to.other() as usize].as_mut().expect("splice with a pipe");
-        match pipe.drain_to(fd, len) {
+        match pipe.drain_to(socket, len) {
             Ok(n) => self.driver.immediate.push_back(Immediate::Sent(to, Ok(n))),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)

@@ -1,8 +1,9 @@
-//! Worker threads: one native event loop per worker (io_uring or epoll)
-//! serving its TCP and UDP listeners, fed commands by the control plane
-//! through a bounded queue and an eventfd.
+//! The worker context: what a worker's loop is given and shares (the
+//! process-wide [`Shared`], its command queue, listener stop signals). The
+//! engines and UDP listeners import this; only `worker::spawn_worker`
+//! imports the engines, so the two never import each other.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,6 +15,8 @@ use crate::engine::waker::Waker;
 use crate::engine::IoEngine;
 use crate::snapshot::Snapshot;
 use crate::udp::proxy::UdpListenerSpec;
+
+pub use super::stop::StopSignal;
 
 /// State shared by every thread of one ringlb process.
 pub struct Shared {
@@ -45,40 +48,6 @@ impl Shared {
             all.resize(id + 1, String::new());
         }
         all[id] = setup;
-    }
-}
-
-/// A stop request for one listener's accept loops.
-#[derive(Default)]
-pub struct StopSignal {
-    stopped: AtomicBool,
-    /// Worker loops to wake when stopped (they check the flag then).
-    wakers: Mutex<Vec<Arc<Waker>>>,
-}
-
-impl StopSignal {
-    /// Asks every waiter to stop; idempotent.
-    pub fn stop(&self) {
-        self.stopped.store(true, Ordering::SeqCst);
-        for w in self.wakers.lock().iter() {
-            w.wake();
-        }
-    }
-
-    /// Whether stop was asked.
-    pub fn is_stopped(&self) -> bool {
-        self.stopped.load(Ordering::SeqCst)
-    }
-
-    /// Wakes `waker` when stopped (at once if it already is).
-    pub fn register(&self, waker: Arc<Waker>) {
-        let mut wakers = self.wakers.lock();
-        if self.is_stopped() {
-            waker.wake();
-        }
-        if !wakers.iter().any(|w| Arc::ptr_eq(w, &waker)) {
-            wakers.push(waker);
-        }
     }
 }
 
@@ -121,6 +90,18 @@ impl WorkerHandle {
     }
 }
 
+/// A new command queue and its waker: the control plane's end and the
+/// worker's.
+pub fn queue() -> std::io::Result<(WorkerHandle, WorkerInbox)> {
+    let (tx, rx) = channel::bounded(WORKER_QUEUE);
+    let waker = Arc::new(Waker::new()?);
+    let inbox = WorkerInbox {
+        rx,
+        waker: waker.clone(),
+    };
+    Ok((WorkerHandle { tx, waker }, inbox))
+}
+
 /// A worker's end of its command queue.
 pub struct WorkerInbox {
     rx: channel::Receiver<WorkerCmd>,
@@ -136,51 +117,8 @@ impl WorkerInbox {
     }
 }
 
-/// Starts worker `id`'s loop thread on the process's engine; it runs until
-/// the process exits.
-pub fn spawn_worker(id: usize, shared: Arc<Shared>, pin_to_cpu: bool) -> std::io::Result<WorkerHandle> {
-    let (tx, rx) = channel::bounded(WORKER_QUEUE);
-    let waker = Arc::new(Waker::new()?);
-    let inbox = WorkerInbox {
-        rx,
-        waker: waker.clone(),
-    };
-    std::thread::Builder::new()
-        .name(format!("ringlb-w{id}"))
-        .spawn(move || {
-            if pin_to_cpu {
-                pin_current_thread(id);
-            }
-            crate::stats::set_worker_slot(id);
-            let result = match shared.engine {
-                IoEngine::Uring => crate::engine::ring::run(id, shared.clone(), inbox),
-                IoEngine::Epoll => crate::engine::readiness::run(id, shared.clone(), inbox),
-            };
-            if let Err(e) = result {
-                log::error!("worker {id}: cannot start its {} loop: {e}", shared.engine);
-            }
-        })?;
-    Ok(WorkerHandle { tx, waker })
-}
-
 /// How many CPUs worker pinning spreads over: worker N goes to CPU
 /// N % this (connection steering maps CPUs back to workers with it).
 pub fn pinning_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-fn pin_current_thread(id: usize) {
-    let cpus = pinning_cpus();
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(id % cpus, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            log::warn!(
-                "worker {id}: could not pin to cpu {}: {}",
-                id % cpus,
-                std::io::Error::last_os_error()
-            );
-        }
-    }
 }
