@@ -6,6 +6,7 @@ pub mod control;
 pub mod demo;
 pub mod engine;
 pub mod fd_reserve;
+pub mod fleet;
 pub mod flow_key;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -20,4 +21,5 @@ pub mod server;
 pub mod snapshot;
 pub mod stats;
 pub mod udp;
+pub mod whatif;
 pub mod worker;

@@ -74,6 +74,29 @@ impl BackendState {
         self.reason = reason.into();
     }
 
+    /// What the table plan sees of it at `now` (health, operator state,
+    /// slow-start share), and when its slow-start share next changes.
+    /// `rebuild` and `ctl what-if` both use it.
+    pub fn view(&self, cfg: &PoolConfig, now: Instant) -> (BackendView, Option<Instant>) {
+        let healthy = self.healthy(now);
+        let mut permille = 1000;
+        let mut next_step = None;
+        if healthy && !cfg.slow_start.is_zero() {
+            if let Some(since) = self.healthy_since {
+                let (p, next) = slow_start(since, now, cfg.slow_start, DEFAULT_SLOW_START_STEPS);
+                permille = p;
+                next_step = next;
+            }
+        }
+        let view = BackendView {
+            weight: self.config.weight,
+            admin: self.admin,
+            healthy,
+            slow_start_permille: permille,
+        };
+        (view, next_step)
+    }
+
     /// The state shown to operators.
     pub fn state_label(&self, now: Instant) -> &'static str {
         match self.admin {
@@ -440,23 +463,11 @@ impl Model {
             .backends
             .iter()
             .map(|b| {
-                let healthy = b.healthy(now);
-                let mut permille = 1000;
-                if healthy && !cfg.slow_start.is_zero() {
-                    if let Some(since) = b.healthy_since {
-                        let (p, next) = slow_start(since, now, cfg.slow_start, DEFAULT_SLOW_START_STEPS);
-                        permille = p;
-                        if let Some(n) = next {
-                            next_step = Some(next_step.map_or(n, |x: Instant| x.min(n)));
-                        }
-                    }
+                let (view, next) = b.view(cfg, now);
+                if let Some(n) = next {
+                    next_step = Some(next_step.map_or(n, |x: Instant| x.min(n)));
                 }
-                BackendView {
-                    weight: b.config.weight,
-                    admin: b.admin,
-                    healthy,
-                    slow_start_permille: permille,
-                }
+                view
             })
             .collect();
         let plan = plan_pool(&views, cfg.panic_threshold);
@@ -493,10 +504,11 @@ impl Model {
         )
         .and_then(|mut snapshot| {
             if let Some(pool_geo) = &cfg.geo {
+                let configs: Vec<&BackendConfig> = pool.backends.iter().map(|b| &b.config).collect();
                 snapshot.geo = Some(build_geo_tables(
                     pool_geo,
                     geo_cfg,
-                    &pool.backends,
+                    &configs,
                     &plan.weights,
                     cfg.table_size,
                 )?);
@@ -1165,10 +1177,10 @@ impl Model {
 /// regions without a row share the `default` row's table), each from the
 /// spill-over weights of `crate::geo::effective_weights`, then scaled by the
 /// health plan (slow start, panic) so geo and health compose.
-fn build_geo_tables(
+pub fn build_geo_tables(
     pool_geo: &crate::config::PoolGeo,
     geo_cfg: &crate::config::GeoConfig,
-    backends: &[BackendState],
+    backends: &[&BackendConfig],
     plan: &[u32],
     table_size: usize,
 ) -> Result<crate::snapshot::GeoTables, crate::maglev::MaglevError> {
@@ -1177,12 +1189,12 @@ fn build_geo_tables(
         .iter()
         .zip(plan)
         .map(|(b, w)| GeoBackend {
-            region: b.config.region.unwrap_or(RegionNames::DEFAULT),
-            weight: b.config.weight,
+            region: b.region.unwrap_or(RegionNames::DEFAULT),
+            weight: b.weight,
             usable: *w > 0,
         })
         .collect();
-    let ids: Vec<String> = backends.iter().map(|b| b.config.addr.to_string()).collect();
+    let ids: Vec<String> = backends.iter().map(|b| b.addr.to_string()).collect();
     let mut rows: Vec<Option<&[(RegionId, u32)]>> = Vec::new();
     let mut tables = Vec::new();
     let mut weights = Vec::new();
@@ -1205,7 +1217,7 @@ fn build_geo_tables(
                     .zip(plan)
                     .zip(backends)
                     .map(|((e, p), b)| {
-                        let full = u64::from(b.config.weight) * u64::from(crate::health::state::WEIGHT_SCALE);
+                        let full = u64::from(b.weight) * u64::from(crate::health::state::WEIGHT_SCALE);
                         if *p == 0 || full == 0 {
                             0
                         } else {

@@ -105,6 +105,41 @@ fn candidate(c: &Value) -> String {
     )
 }
 
+/// One pool of a what-if reply (`ctl what-if` and the offline `ringlb what-if`).
+pub fn human_what_if(p: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "pool {}:", s(p, "pool"));
+    if let Some(note) = p["note"].as_str() {
+        let _ = writeln!(out, "  {note}");
+    }
+    if let (Some(a), Some(b)) = (p["table_size"]["old"].as_u64(), p["table_size"]["new"].as_u64()) {
+        if a != b {
+            let _ = writeln!(out, "  table size {a} -> {b}: slots are reshuffled");
+        }
+    }
+    for t in p["key_space"].as_array().into_iter().flatten() {
+        let who = t["region"]
+            .as_str()
+            .map_or_else(|| "all clients".to_string(), |r| format!("client region {r}"));
+        let pct = |v: &Value| v.as_f64().map_or_else(|| "-".into(), |f| format!("{:.2}%", f * 100.0));
+        let _ = writeln!(out, "  {who}: {} of the key space moves", pct(&t["moved_fraction"]));
+        for m in t["moves"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "    {:<24} -> {:<24} {:>8}",
+                s(m, "from"),
+                s(m, "to"),
+                pct(&m["fraction"])
+            );
+        }
+        if t["moves_omitted"].as_u64().unwrap_or(0) > 0 {
+            let _ = writeln!(out, "    ... and {} smaller moves", s(t, "moves_omitted"));
+        }
+    }
+    out
+}
+
 /// Human-readable rendering of a reply.
 pub fn human(cmd: &str, r: &Value) -> String {
     use std::fmt::Write as _;
@@ -138,6 +173,18 @@ pub fn human(cmd: &str, r: &Value) -> String {
                 "{:<16} {:<24} {:<5} {:<16} {:>8}",
                 "LISTENER", "BIND", "PROTO", "POOL", "ACTIVE"
             );
+            for p in r["pools"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "pool {}: fingerprint {}, table {} slots (generation {}), {} of {} backends usable",
+                    s(p, "name"),
+                    s(p, "fingerprint"),
+                    s(p, "table_size"),
+                    s(p, "table_generation"),
+                    s(p, "usable_backends"),
+                    s(p, "backends")
+                );
+            }
             for l in r["listeners"].as_array().into_iter().flatten() {
                 let _ = writeln!(
                     out,
@@ -171,9 +218,10 @@ pub fn human(cmd: &str, r: &Value) -> String {
                 };
                 let _ = writeln!(
                     out,
-                    "pool {} (table generation {}{page}){panic}",
+                    "pool {} (table generation {}, fingerprint {}{page}){panic}",
                     s(p, "pool"),
-                    s(p, "table_generation")
+                    s(p, "table_generation"),
+                    s(p, "fingerprint")
                 );
                 let _ = writeln!(
                     out,
@@ -236,6 +284,15 @@ pub fn human(cmd: &str, r: &Value) -> String {
                     "note    hash_key is src_ip_port and no port was given: port 0 was hashed"
                 );
             }
+        }
+        "what_if" => {
+            let _ = writeln!(out, "what-if (nothing changed): {}", s(r, "change"));
+            out.push_str(&human_what_if(r));
+            let _ = writeln!(
+                out,
+                "  open UDP flows that would re-pick a backend: {}",
+                s(r, "udp_flows_repick")
+            );
         }
         "drain" | "disable" | "remove" => {
             let _ = writeln!(out, "ok: {} connection(s) remaining", s(r, "remaining"));

@@ -218,6 +218,15 @@ pub async fn handle(server: &Arc<Server>, req: Request) -> Value {
             Ok(v) => ok(v),
             Err(e) => error(e),
         },
+        Request::WhatIf {
+            pool,
+            change,
+            addr,
+            weight,
+        } => match what_if(server, &pool, &change, &addr, weight, now) {
+            Ok(v) => ok(v),
+            Err(e) => error(e),
+        },
         Request::Drain { pool, addr, force } => change(&|m| m.drain(&pool, &addr, AdminState::Draining, force, now)),
         Request::Disable { pool, addr, force } => change(&|m| m.drain(&pool, &addr, AdminState::Disabled, force, now)),
         Request::Enable { pool, addr } => change(&|m| m.enable(&pool, &addr, now)),
@@ -263,12 +272,26 @@ fn status(server: &Server) -> Value {
         "config": model.config.source.as_ref().map(|p| p.display().to_string()),
         "config_generation": model.config_generation,
         "snapshot_generation": model.generation(),
+        // Set once a SIGTERM/SIGINT has stopped the listeners: `ringlb
+        // announce` withdraws the route at once rather than at the exit.
+        "stopping": model.listeners.iter().filter(|l| l.retire_deadline.is_none()).any(|l| l.stop.is_stopped()),
         "listeners": model.listeners.iter().filter(|l| l.retire_deadline.is_none()).map(|l| json!({
             "name": l.config.name,
             "bind": l.config.bind.to_string(),
             "protocol": format!("{:?}", l.config.protocol).to_lowercase(),
             "pool": l.config.pool,
             "active": l.stats.active.current(),
+        })).collect::<Vec<_>>(),
+        // Per pool: what decides its routing, so two instances can be
+        // compared at a glance (`ringlb fleet check` does it for you).
+        "pools": model.pools.iter().filter(|p| !p.retired).map(|p| json!({
+            "name": p.config.name,
+            "fingerprint": crate::fleet::fingerprint::hex(crate::fleet::fingerprint::pool_fingerprint(&p.published, p.config.table_size)),
+            "table_digest": p.published.table.as_ref().map(|t| format!("{:016x}", t.digest())),
+            "table_size": p.config.table_size,
+            "table_generation": p.published.generation,
+            "usable_backends": p.published.weights.iter().filter(|w| **w > 0).count(),
+            "backends": p.backends.len(),
         })).collect::<Vec<_>>(),
     })
 }
@@ -294,6 +317,12 @@ pub fn backends_reply(server: &Server, only: Option<&str>, offset: usize, limit:
         offset: usize,
         backends: Vec<BackendRow<'a>>,
         table_size: usize,
+        /// The configured table size (`table_size` is 0 while there is no table).
+        configured_table_size: usize,
+        /// `crate::fleet::fingerprint::pool_fingerprint`, 16 hex digits.
+        fingerprint: String,
+        /// `MaglevTable::digest` of the table (depends on listing order).
+        table_digest: Option<String>,
     }
     #[derive(serde::Serialize)]
     struct BackendRow<'a> {
@@ -361,6 +390,12 @@ pub fn backends_reply(server: &Server, only: Option<&str>, offset: usize, limit:
                 })
                 .collect(),
             table_size: p.published.table.as_ref().map(|t| t.size()).unwrap_or(0),
+            configured_table_size: p.config.table_size,
+            fingerprint: crate::fleet::fingerprint::hex(crate::fleet::fingerprint::pool_fingerprint(
+                &p.published,
+                p.config.table_size,
+            )),
+            table_digest: p.published.table.as_ref().map(|t| format!("{:016x}", t.digest())),
         })
         .collect();
     serde_json::to_string(&Reply { ok: true, pools }).unwrap_or_else(|e| error(e.to_string()).to_string())
@@ -459,6 +494,37 @@ fn route(server: &Server, listener: &str, client: &str) -> Result<Value, String>
         "chosen": candidates.iter().find(|c| c["full"] != json!(true)).map(|c| c["addr"].clone()),
         "candidates": candidates,
     }))
+}
+
+/// `what_if`: the change checked like the command it previews (the same
+/// backend validation as `add` and `weight`), then computed on the model;
+/// nothing is changed.
+fn what_if(
+    server: &Server,
+    pool: &str,
+    change: &str,
+    addr: &str,
+    weight: Option<i64>,
+    now: Instant,
+) -> Result<Value, String> {
+    use crate::whatif::Change;
+    let checked = |w: Option<i64>| crate::config::validate_backend_request(addr, w).map_err(|e| e.to_string());
+    let change = match change {
+        "remove" => Change::Remove(checked(None)?.addr),
+        "add" => Change::Add(checked(weight)?),
+        "weight" => {
+            let w = weight.ok_or("what_if weight: give the new weight")?;
+            let b = checked(Some(w))?;
+            Change::Weight(b.addr, b.weight)
+        }
+        other => {
+            return Err(format!(
+                "what_if: change must be remove, add or weight, not \"{other}\""
+            ))
+        }
+    };
+    let model = server.model.lock();
+    crate::whatif::live(&model, pool, &change, now)
 }
 
 /// Configured weight of each backend of pool `name` (the file's, or `ctl weight`'s).

@@ -5,7 +5,8 @@
 //! `{"cmd":"drain","pool":"web","addr":"10.0.0.1:80"}`, `enable`, `disable`,
 //! `{"cmd":"weight","pool":..,"addr":..,"weight":5}`,
 //! `{"cmd":"add","pool":..,"addr":..,"weight":2}`, `remove`, `{"cmd":"reload"}`,
-//! `{"cmd":"stats"}`, `{"cmd":"route","listener":..,"client":..}`. `drain`,
+//! `{"cmd":"stats"}`, `{"cmd":"route","listener":..,"client":..}`,
+//! `{"cmd":"what_if","pool":..,"change":"remove|add|weight","addr":..,"weight":3}`. `drain`,
 //! `disable`, `weight`, `add` and `remove` take `"force": true` to leave a
 //! pool with no usable backend. Replies: `{"ok":true,...}` or
 //! `{"ok":false,"error":"..."}`.
@@ -99,6 +100,19 @@ pub enum Request {
     Reload {},
     /// Counters.
     Stats {},
+    /// What fraction of the pool's key space a change would move, and where
+    /// to; nothing is changed. `change` is `remove`, `add` or `weight`.
+    WhatIf {
+        /// Pool name.
+        pool: String,
+        /// `remove`, `add` or `weight`.
+        change: String,
+        /// Backend address.
+        addr: String,
+        /// `add`: the weight (default 1); `weight`: the new weight.
+        #[serde(default)]
+        weight: Option<i64>,
+    },
     /// Explain where a client would go: region, table, chosen backend, next candidates.
     Route {
         /// Listener name.
