@@ -690,3 +690,271 @@ fn ecmp_fleet_same_backend_from_any_instance() {
     println!("ecmp: instance 1 killed: all clients on instance 0, 0 changed backend");
     stop.store(true, Ordering::SeqCst);
 }
+
+// === BGP ===
+
+/// The router's paths to the service address: the next hops of its route.
+fn paths(fleet: &Fleet) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["-n", &fleet.n("r"), "route", "show", &format!("{VIP}/32")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let mut via: Vec<String> = words
+        .windows(2)
+        .filter(|w| w[0] == "via")
+        .map(|w| w[1].to_string())
+        .collect();
+    via.sort();
+    via
+}
+
+fn bird_config(router_id: &str, body: &str) -> String {
+    // Fast timers so that a session comes up and a withdrawal travels in
+    // about a second on a loaded machine.
+    format!("router id {router_id};\nlog stderr all;\nprotocol device {{ scan time 1; }}\n{body}")
+}
+
+fn bgp_session(name: &str, local: &str, local_as: u32, peer: &str, peer_as: u32, channel: &str) -> String {
+    format!(
+        "protocol bgp {name} {{\n  local {local} as {local_as};\n  neighbor {peer} as {peer_as};\n  hold time 3;\n  keepalive time 1;\n  connect delay time 1;\n  connect retry time 1;\n  error wait time 1, 2;\n  ipv4 {{ {channel} }};\n}}\n"
+    )
+}
+
+/// Starts BIRD in `role`'s namespace with `config`; returns its control socket.
+fn start_bird(fleet: &Fleet, role: &str, config: &str) -> PathBuf {
+    let conf = fleet.dir.file(&format!("bird-{role}.conf"), config);
+    let sock = fleet.dir.0.join(format!("bird-{role}.ctl"));
+    let pid = fleet.dir.0.join(format!("bird-{role}.pid"));
+    let log = fleet.dir.0.join(format!("bird-{role}.log"));
+    fleet.spawn(
+        role,
+        &format!("bird-{role}"),
+        &[
+            "bird",
+            "-f",
+            "-c",
+            path_str(&conf),
+            "-s",
+            path_str(&sock),
+            "-P",
+            path_str(&pid),
+        ],
+        &log,
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || sock.exists()),
+        "bird in {role} did not start: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    sock
+}
+
+/// One attempt of the load: when it started, when it ended, and how it went.
+struct Attempt {
+    start: Instant,
+    result: Result<(), String>,
+}
+
+/// New TCP connections (read the tag, reset) from the client namespace,
+/// from `threads` threads each on its own source address, until stopped.
+fn load(fleet: &Fleet, threads: u8, stop: &Arc<AtomicBool>) -> Vec<thread::JoinHandle<Vec<Attempt>>> {
+    (0..threads)
+        .map(|t| {
+            let stop = stop.clone();
+            let fd = ns_fd(&fleet.n("c"));
+            thread::spawn(move || {
+                // SAFETY: as in `in_ns`: an open namespace file, this thread only.
+                let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0);
+                let from = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 14, 0, 100 + t)), 0);
+                let mut out = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let start = Instant::now();
+                    let result = tcp_once(from).map(|_| ());
+                    out.push(Attempt { start, result });
+                    thread::sleep(Duration::from_millis(5));
+                }
+                out
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn bgp_health_gated_announcement_withdraws_on_stop() {
+    if let Some(why) = cannot_run(true) {
+        println!("SKIPPED bgp_health_gated_announcement_withdraws_on_stop: {why}");
+        return;
+    }
+    let fleet = Fleet::new("g", false);
+    let backends_stop = Arc::new(AtomicBool::new(false));
+    fleet.start_backends(&backends_stop);
+    let mut router = String::from("protocol kernel {\n  ipv4 { import none; export all; };\n  merge paths yes;\n}\n");
+    for k in 0..LBS {
+        router.push_str(&bgp_session(
+            &format!("lb{k}"),
+            &format!("10.14.{}.1", k + 1),
+            65000,
+            &format!("10.14.{}.2", k + 1),
+            65001,
+            "import all; export none;",
+        ));
+    }
+    start_bird(&fleet, "r", &bird_config("10.14.0.254", &router));
+    let started = Instant::now();
+    for k in 0..LBS {
+        fleet.start_lb(k);
+        let role = format!("l{k}");
+        // The service prefix lives in a static protocol that starts
+        // disabled: only `ringlb announce` enables it.
+        let body = format!(
+            "protocol static svc {{\n  disabled yes;\n  ipv4;\n  route {VIP}/32 blackhole;\n}}\n{}",
+            bgp_session(
+                "up",
+                &format!("10.14.{}.2", k + 1),
+                65001,
+                &format!("10.14.{}.1", k + 1),
+                65000,
+                "import none; export where proto = \"svc\"; next hop self;",
+            )
+        );
+        let bird_sock = start_bird(&fleet, &role, &bird_config(&format!("10.14.{}.2", k + 1), &body));
+        let log = fleet.dir.0.join(format!("announce-l{k}.log"));
+        fleet.spawn(
+            &role,
+            &format!("announce{k}"),
+            &[
+                ringlb_bin(),
+                "announce",
+                "-s",
+                path_str(&fleet.sock(k)),
+                "--pool",
+                "web",
+                "--bird-socket",
+                path_str(&bird_sock),
+                "--protocol",
+                "svc",
+                "--interval",
+                "200ms",
+                "--timeout",
+                "500ms",
+            ],
+            &log,
+        );
+    }
+    let all: Vec<String> = (1..=LBS).map(|k| format!("10.14.{k}.2")).collect();
+    let logs = || {
+        let mut s = String::new();
+        for f in std::fs::read_dir(&fleet.dir.0).unwrap().flatten() {
+            if f.path().extension().is_some_and(|e| e == "log") {
+                s.push_str(&format!(
+                    "== {}\n{}\n",
+                    f.path().display(),
+                    std::fs::read_to_string(f.path()).unwrap_or_default()
+                ));
+            }
+        }
+        s
+    };
+    assert!(
+        wait_until(Duration::from_secs(40), || paths(&fleet) == all),
+        "the router never had a path over every instance: {:?}\n{}",
+        paths(&fleet),
+        logs()
+    );
+    println!(
+        "bgp: multipath route over {} instances {:.1}s after start",
+        LBS,
+        started.elapsed().as_secs_f64()
+    );
+
+    // A pool with no usable backend withdraws its instance's route, and
+    // the route comes back once the pool can serve again.
+    let sock1 = fleet.sock(1);
+    let web = |cmd: &str, i: usize| serde_json::json!({"cmd": cmd, "pool": "web", "addr": format!("10.14.50.{i}:80"), "force": true});
+    let t = Instant::now();
+    for i in 1..=BACKENDS {
+        assert_eq!(ctl(&sock1, &web("disable", i)).unwrap()["ok"], true);
+    }
+    let without1: Vec<String> = all.iter().filter(|a| *a != "10.14.2.2").cloned().collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || paths(&fleet) == without1),
+        "{:?}\n{}",
+        paths(&fleet),
+        logs()
+    );
+    let gated = t.elapsed();
+    let t = Instant::now();
+    for i in 1..=BACKENDS {
+        let mut req = web("enable", i);
+        req.as_object_mut().unwrap().remove("force");
+        assert_eq!(ctl(&sock1, &req).unwrap()["ok"], true);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || paths(&fleet) == all),
+        "{:?}",
+        paths(&fleet)
+    );
+    println!(
+        "bgp: pool without a usable backend: route withdrawn in {:.2}s, back {:.2}s after the pool recovered",
+        gated.as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
+
+    // A client load across the stop of instance 2.
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = load(&fleet, 8, &stop);
+    thread::sleep(Duration::from_millis(1500));
+    let stopped_at = Instant::now();
+    fleet.signal("lb2", libc::SIGTERM);
+    let without2: Vec<String> = all.iter().filter(|a| *a != "10.14.3.2").cloned().collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || paths(&fleet) == without2),
+        "no withdrawal: {:?}\n{}",
+        paths(&fleet),
+        logs()
+    );
+    let converged_at = Instant::now();
+    thread::sleep(Duration::from_millis(2000));
+    stop.store(true, Ordering::SeqCst);
+    let attempts: Vec<Attempt> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    let before: Vec<&Attempt> = attempts.iter().filter(|a| a.start < converged_at).collect();
+    let after: Vec<&Attempt> = attempts.iter().filter(|a| a.start >= converged_at).collect();
+    let failed = |v: &[&Attempt]| v.iter().filter(|a| a.result.is_err()).count();
+    let failed_during = attempts
+        .iter()
+        .filter(|a| a.start >= stopped_at && a.start < converged_at && a.result.is_err())
+        .count();
+    let convergence = converged_at.duration_since(stopped_at);
+    println!(
+        "bgp: SIGTERM to instance 2 -> route withdrawn on the router in {:.3}s; new connections: {} before convergence ({} failed, {failed_during} of them after the stop), {} after ({} failed)",
+        convergence.as_secs_f64(),
+        before.len(),
+        failed(&before),
+        after.len(),
+        failed(&after)
+    );
+    let first_errors: Vec<&String> = after.iter().filter_map(|a| a.result.as_ref().err()).take(5).collect();
+    assert_eq!(failed(&after), 0, "failed after convergence: {first_errors:?}");
+    assert!(after.len() > 50, "the load kept running: {}", after.len());
+    assert!(convergence < Duration::from_secs(5), "{convergence:?}");
+    assert!(fleet.wait("lb2", Duration::from_secs(10)));
+
+    // An instance that dies without a word: its control socket stops
+    // answering and the route goes.
+    let killed_at = Instant::now();
+    fleet.signal("lb0", libc::SIGKILL);
+    assert!(
+        wait_until(Duration::from_secs(10), || paths(&fleet)
+            == vec!["10.14.2.2".to_string()]),
+        "{:?}",
+        paths(&fleet)
+    );
+    println!(
+        "bgp: SIGKILL to instance 0 -> route withdrawn in {:.3}s",
+        killed_at.elapsed().as_secs_f64()
+    );
+    backends_stop.store(true, Ordering::SeqCst);
+}
