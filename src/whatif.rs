@@ -61,7 +61,7 @@ impl Member {
 
 /// Builds a pool's tables from `members` the way the control plane does for the workers.
 pub fn build_pool(cfg: &PoolConfig, geo: &GeoConfig, members: &[Member]) -> Result<PoolSnapshot, MaglevError> {
-    let views: Vec<BackendView> = members.iter().map(|m| m.view.clone()).collect();
+    let views: Vec<BackendView> = members.iter().map(|m| m.view).collect();
     let plan = plan_pool(&views, cfg.panic_threshold);
     let backends = members
         .iter()
@@ -145,14 +145,13 @@ pub fn compare_tables(
     let (mb, ob) = owners(before.0, before.1);
     let (ma, oa) = owners(after.0, after.1);
     let mut pairs: HashMap<(Option<SocketAddr>, Option<SocketAddr>), u64> = HashMap::new();
-    let total: f64;
-    if mb == ma {
+    let total = if mb == ma {
         for (x, y) in ob.iter().zip(&oa) {
             if x != y {
                 *pairs.entry((*x, *y)).or_default() += 1;
             }
         }
-        total = mb as f64;
+        mb as f64
     } else {
         let count = |o: &[Option<SocketAddr>]| {
             let mut c: HashMap<Option<SocketAddr>, u64> = HashMap::new();
@@ -169,8 +168,8 @@ pub fn compare_tables(
                 }
             }
         }
-        total = mb as f64 * ma as f64;
-    }
+        mb as f64 * ma as f64
+    };
     let moved_slots: u64 = pairs.values().sum();
     let mut moves: Vec<_> = pairs.into_iter().map(|((x, y), n)| (x, y, n as f64 / total)).collect();
     moves.sort_by(|a, b| b.2.total_cmp(&a.2).then_with(|| (a.0, a.1).cmp(&(b.0, b.1))));

@@ -261,7 +261,7 @@ fn fetch_metrics(addr: SocketAddr) -> Result<String, String> {
         .map_err(|e| format!("reading the reply: {e}"))?;
     let text = String::from_utf8_lossy(&body);
     let (head, rest) = text.split_once("\r\n\r\n").ok_or("not an HTTP reply")?;
-    if !head.starts_with("HTTP/1.") || !head.split(' ').nth(1).is_some_and(|c| c == "200") {
+    if !head.starts_with("HTTP/1.") || head.split(' ').nth(1).is_none_or(|c| c != "200") {
         return Err(format!("reply {:?}", head.lines().next().unwrap_or("")));
     }
     Ok(rest.to_string())
