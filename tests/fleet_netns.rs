@@ -958,3 +958,16 @@ fn bgp_health_gated_announcement_withdraws_on_stop() {
     );
     backends_stop.store(true, Ordering::SeqCst);
 }
+
+#[test]
+fn bgp_example_configs_parse() {
+    if Command::new("bird").arg("--version").output().is_err() {
+        println!("SKIPPED bgp_example_configs_parse: bird not installed (apt-get install bird2; .ci/run does)");
+        return;
+    }
+    for f in ["config/bird-instance.conf", "config/bird-router.conf"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+        let out = Command::new("bird").arg("-p").arg("-c").arg(&path).output().unwrap();
+        assert!(out.status.success(), "{f}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
