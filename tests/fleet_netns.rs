@@ -942,18 +942,56 @@ fn bgp_health_gated_announcement_withdraws_on_stop() {
     assert!(convergence < Duration::from_secs(5), "{convergence:?}");
     assert!(fleet.wait("lb2", Duration::from_secs(10)));
 
-    // An instance that dies without a word: its control socket stops
-    // answering and the route goes.
-    let killed_at = Instant::now();
-    fleet.signal("lb0", libc::SIGKILL);
+    // A planned stop: `ringlb announce` first (it withdraws on SIGTERM), then
+    // ringlb once the route has converged. Only connections in flight whose
+    // router path moves (hash-threshold ECMP) can fail.
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = load(&fleet, 8, &stop);
+    thread::sleep(Duration::from_millis(1000));
+    let t = Instant::now();
+    fleet.signal("announce0", libc::SIGTERM);
     assert!(
         wait_until(Duration::from_secs(10), || paths(&fleet)
             == vec!["10.14.2.2".to_string()]),
+        "{:?}\n{}",
+        paths(&fleet),
+        logs()
+    );
+    let withdrawn = t.elapsed();
+    assert!(fleet.wait("announce0", Duration::from_secs(5)));
+    thread::sleep(Duration::from_millis(300));
+    let lb_stopped_at = Instant::now();
+    fleet.signal("lb0", libc::SIGTERM);
+    assert!(fleet.wait("lb0", Duration::from_secs(10)));
+    thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::SeqCst);
+    let attempts: Vec<Attempt> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    let failed_route = attempts
+        .iter()
+        .filter(|a| a.start < lb_stopped_at && a.result.is_err())
+        .count();
+    let failed_stop = attempts
+        .iter()
+        .filter(|a| a.start >= lb_stopped_at && a.result.is_err())
+        .count();
+    println!(
+        "bgp: planned stop of instance 0 (announce first): route withdrawn in {:.3}s; {} new connections, {failed_route} failed while the route moved, {failed_stop} after ringlb was stopped",
+        withdrawn.as_secs_f64(),
+        attempts.len()
+    );
+    assert_eq!(failed_stop, 0, "no client reaches an instance whose route is gone");
+
+    // An instance that dies without a word: its control socket stops
+    // answering and the route goes.
+    let killed_at = Instant::now();
+    fleet.signal("lb1", libc::SIGKILL);
+    assert!(
+        wait_until(Duration::from_secs(10), || paths(&fleet).is_empty()),
         "{:?}",
         paths(&fleet)
     );
     println!(
-        "bgp: SIGKILL to instance 0 -> route withdrawn in {:.3}s",
+        "bgp: SIGKILL to instance 1 -> route withdrawn in {:.3}s",
         killed_at.elapsed().as_secs_f64()
     );
     backends_stop.store(true, Ordering::SeqCst);
