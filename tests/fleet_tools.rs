@@ -72,8 +72,9 @@ fn fleet_check_agrees_then_names_the_diverged_instance() {
     let page = http_get(metrics, "/metrics");
     assert!(
         page.contains(&format!(
-            "ringlb_pool_fingerprint_info{{pool=\"p\",fingerprint=\"{}\"}} 1",
-            pb["fingerprint"].as_str().unwrap()
+            "ringlb_pool_fingerprint_info{{pool=\"p\",fingerprint=\"{}\",table_digest=\"{}\"}} 1",
+            pb["fingerprint"].as_str().unwrap(),
+            pb["table_digest"].as_str().unwrap()
         )),
         "{page}"
     );

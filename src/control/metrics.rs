@@ -220,13 +220,16 @@ pub fn render(server: &Server) -> String {
         &mut out,
         "ringlb_pool_fingerprint_info",
         "gauge",
-        "1, labelled with the pool's fingerprint (same on instances that route alike).",
+        "1, labelled with the pool's fingerprint (same on instances that route alike) and its raw table digest.",
     );
     for p in model.pools.iter().filter(|p| !p.retired) {
         let fp = crate::fleet::fingerprint::pool_fingerprint(&p.published, p.config.table_size);
+        // The raw `MaglevTable::digest` too (it depends on the order the
+        // backends are listed in; the fingerprint does not).
+        let digest = p.published.table.as_ref().map_or(String::new(), |t| format!("{:016x}", t.digest()));
         let _ = writeln!(
             out,
-            "{n}{{pool=\"{}\",fingerprint=\"{}\"}} 1",
+            "{n}{{pool=\"{}\",fingerprint=\"{}\",table_digest=\"{digest}\"}} 1",
             p.config.name,
             crate::fleet::fingerprint::hex(fp)
         );
