@@ -226,7 +226,11 @@ pub fn render(server: &Server) -> String {
         let fp = crate::fleet::fingerprint::pool_fingerprint(&p.published, p.config.table_size);
         // The raw `MaglevTable::digest` too (it depends on the order the
         // backends are listed in; the fingerprint does not).
-        let digest = p.published.table.as_ref().map_or(String::new(), |t| format!("{:016x}", t.digest()));
+        let digest = p
+            .published
+            .table
+            .as_ref()
+            .map_or(String::new(), |t| format!("{:016x}", t.digest()));
         let _ = writeln!(
             out,
             "{n}{{pool=\"{}\",fingerprint=\"{}\",table_digest=\"{digest}\"}} 1",

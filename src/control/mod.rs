@@ -224,7 +224,12 @@ pub async fn handle(server: &Arc<Server>, req: Request) -> Value {
             addr,
             weight,
         } => match what_if(server, &pool, &change, &addr, weight, now) {
-            Ok(v) => ok(v),
+            // The table builds run off the control thread.
+            Ok(prepared) => match tokio::task::spawn_blocking(move || prepared.compute()).await {
+                Ok(Ok(v)) => ok(v),
+                Ok(Err(e)) => error(e),
+                Err(e) => error(format!("what_if failed: {e}")),
+            },
             Err(e) => error(e),
         },
         Request::Drain { pool, addr, force } => change(&|m| m.drain(&pool, &addr, AdminState::Draining, force, now)),
@@ -497,8 +502,8 @@ fn route(server: &Server, listener: &str, client: &str) -> Result<Value, String>
 }
 
 /// `what_if`: the change checked like the command it previews (the same
-/// backend validation as `add` and `weight`), then computed on the model;
-/// nothing is changed.
+/// backend validation as `add` and `weight`), then gathered from the model
+/// for [`crate::whatif::Prepared::compute`]; nothing is changed.
 fn what_if(
     server: &Server,
     pool: &str,
@@ -506,7 +511,7 @@ fn what_if(
     addr: &str,
     weight: Option<i64>,
     now: Instant,
-) -> Result<Value, String> {
+) -> Result<crate::whatif::Prepared, String> {
     use crate::whatif::Change;
     let checked = |w: Option<i64>| crate::config::validate_backend_request(addr, w).map_err(|e| e.to_string());
     let change = match change {
@@ -524,7 +529,7 @@ fn what_if(
         }
     };
     let model = server.model.lock();
-    crate::whatif::live(&model, pool, &change, now)
+    crate::whatif::prepare(&model, pool, &change, now)
 }
 
 /// Configured weight of each backend of pool `name` (the file's, or `ctl weight`'s).
