@@ -255,6 +255,18 @@ pub fn check_control_request(data: &[u8]) {
                     assert_eq!(*f, force);
                     ("add", &["pool", "addr", "weight", "force"])
                 }
+                Request::WhatIf {
+                    pool,
+                    change,
+                    addr,
+                    weight,
+                } => {
+                    assert_eq!(Some(pool.as_str()), s("pool"));
+                    assert_eq!(Some(change.as_str()), s("change"));
+                    assert_eq!(Some(addr.as_str()), s("addr"));
+                    assert_eq!(*weight, opt_i("weight"));
+                    ("what_if", &["pool", "change", "addr", "weight"])
+                }
                 Request::Route { listener, client } => {
                     assert_eq!(Some(listener.as_str()), s("listener"));
                     assert_eq!(Some(client.as_str()), s("client"));

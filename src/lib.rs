@@ -7,6 +7,7 @@ pub mod demo;
 pub mod engine;
 pub mod errno;
 pub mod fd_reserve;
+pub mod fleet;
 pub mod flow_key;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -23,4 +24,5 @@ pub mod sockaddr;
 pub mod startup;
 pub mod stats;
 pub mod udp;
+pub mod whatif;
 pub mod worker;

@@ -49,6 +49,54 @@ enum Command {
         #[command(subcommand)]
         command: CtlCommand,
     },
+    /// Compare the routing of several running instances (control sockets, or
+    /// metrics addresses `ip:port`) and name the first difference. Exit 0 when
+    /// they agree, 1 when one differs, 2 when one can't be asked.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
+    /// Keep a BIRD route announced while this ringlb serves: `birdc enable
+    /// PROTOCOL` while the control socket answers, ringlb is not stopping and
+    /// every --pool has a usable backend; `disable PROTOCOL` otherwise and on
+    /// SIGTERM/SIGINT.
+    Announce {
+        /// ringlb's control socket.
+        #[arg(short, long, value_name = "SOCKET")]
+        socket: PathBuf,
+        /// A pool that must have a usable backend (repeatable).
+        #[arg(long = "pool", value_name = "POOL")]
+        pools: Vec<String>,
+        /// BIRD's control socket.
+        #[arg(long, value_name = "PATH", default_value = "/run/bird/bird.ctl")]
+        bird_socket: PathBuf,
+        /// The BIRD protocol (a `static` one) holding the service route.
+        #[arg(long, value_name = "NAME")]
+        protocol: String,
+        /// The birdc binary.
+        #[arg(long, value_name = "PATH", default_value = "birdc")]
+        birdc: PathBuf,
+        /// Poll period.
+        #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration)]
+        interval: std::time::Duration,
+        /// Time the control socket has to answer.
+        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+        /// Tell BIRD the state again this often, changed or not.
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+        reassert: std::time::Duration,
+    },
+    /// What a config change would move: per pool, the fraction of the key
+    /// space and from which backend to which (every backend taken as healthy).
+    #[command(name = "what-if")]
+    WhatIf {
+        /// The old config, then the new one: `-c OLD.toml -c NEW.toml`.
+        #[arg(short, long = "config", value_name = "FILE", num_args = 1, required = true)]
+        configs: Vec<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a self-contained demo: three local backends, ringlb in front of them
     /// (config/demo.toml, embedded), some traffic, and how it spread.
     Demo {
@@ -65,6 +113,43 @@ enum Command {
         #[arg(long, default_value_t = 30.0, value_name = "SECS", requires = "keep_running")]
         fail_every: f64,
     },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Compare instances; exit 0 when they agree, 1 naming the first difference.
+    Check {
+        /// Control socket paths or metrics addresses (`ip:port`).
+        #[arg(required = true, value_name = "ENDPOINT")]
+        endpoints: Vec<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A change `ctl what-if` previews.
+#[derive(Subcommand, Clone)]
+enum WhatIfChange {
+    /// The backend leaves the pool.
+    Remove { addr: String },
+    /// A backend joins the pool.
+    Add {
+        addr: String,
+        /// Weight (default 1).
+        #[arg(long)]
+        weight: Option<i64>,
+    },
+    /// The backend's weight changes.
+    Weight {
+        addr: String,
+        #[arg(allow_negative_numbers = true)]
+        weight: i64,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    ringlb::config::parse_duration(s)
 }
 
 #[derive(Subcommand, Clone)]
@@ -145,6 +230,14 @@ enum CtlCommand {
         #[arg(long, default_value_t = 1.0, value_name = "SECS")]
         interval: f64,
     },
+    /// What a change would move (fraction of the key space, from which backend
+    /// to which, per client region, UDP flows to re-pick); changes nothing.
+    #[command(name = "what-if")]
+    WhatIf {
+        pool: String,
+        #[command(subcommand)]
+        change: WhatIfChange,
+    },
     /// Explain where a client goes: its region, the table used, the chosen backend, the next candidates.
     Route {
         listener: String,
@@ -192,6 +285,26 @@ impl CtlCommand {
             // Not one request: `ctl top` asks for stats and backends itself
             // (and is handled before any request is built).
             CtlCommand::Top { .. } => Request::Stats {},
+            CtlCommand::WhatIf { pool, change } => match change {
+                WhatIfChange::Remove { addr } => Request::WhatIf {
+                    pool,
+                    change: "remove".into(),
+                    addr,
+                    weight: None,
+                },
+                WhatIfChange::Add { addr, weight } => Request::WhatIf {
+                    pool,
+                    change: "add".into(),
+                    addr,
+                    weight,
+                },
+                WhatIfChange::Weight { addr, weight } => Request::WhatIf {
+                    pool,
+                    change: "weight".into(),
+                    addr,
+                    weight: Some(weight),
+                },
+            },
         }
     }
 }
@@ -202,6 +315,41 @@ fn load_checked(path: &std::path::Path) -> Result<Config, ringlb::config::Config
     let config = Config::load(path)?;
     config.check_host()?;
     Ok(config)
+}
+
+/// `ringlb what-if -c OLD -c NEW`.
+fn what_if_offline(configs: &[PathBuf], json: bool) -> ExitCode {
+    let [old, new] = configs else {
+        eprintln!("ringlb what-if: give exactly two configs: -c OLD.toml -c NEW.toml");
+        return ExitCode::from(ringlb::output::EXIT_USAGE as u8);
+    };
+    let load = |p: &PathBuf| {
+        Config::load(p).map_err(|e| {
+            eprintln!("{e}");
+            eprintln!("ringlb what-if: {} error(s) in {}", e.0.len(), p.display());
+        })
+    };
+    let (Ok(old_cfg), Ok(new_cfg)) = (load(old), load(new)) else {
+        return ExitCode::FAILURE;
+    };
+    match ringlb::whatif::offline(&old_cfg, &new_cfg) {
+        Err(e) => {
+            eprintln!("ringlb what-if: {e}");
+            ExitCode::FAILURE
+        }
+        Ok(pools) => {
+            let text = if json {
+                format!("{}\n", serde_json::json!({"ok": true, "pools": pools}))
+            } else {
+                let mut out = format!("what-if {} -> {}\n", old.display(), new.display());
+                for p in &pools {
+                    out.push_str(&ringlb::control::ctl::human_what_if(p));
+                }
+                out
+            };
+            ExitCode::from(ringlb::output::print(&text, 0) as u8)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -277,6 +425,32 @@ fn main() -> ExitCode {
                 },
             }
         }
+        Command::Fleet {
+            command: FleetCommand::Check { endpoints, json },
+        } => ExitCode::from(ringlb::fleet::check::run(&endpoints, json) as u8),
+        Command::Announce {
+            socket,
+            pools,
+            bird_socket,
+            protocol,
+            birdc,
+            interval,
+            timeout,
+            reassert,
+        } => {
+            let settings = ringlb::fleet::announce::Settings {
+                socket,
+                pools,
+                birdc,
+                bird_socket,
+                protocol,
+                interval,
+                timeout,
+                reassert,
+            };
+            ExitCode::from(ringlb::fleet::announce::run(&settings) as u8)
+        }
+        Command::WhatIf { configs, json } => what_if_offline(&configs, json),
         Command::Demo {
             connections,
             keep_running,

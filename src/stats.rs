@@ -266,6 +266,9 @@ pub struct BackendStats {
     pub bytes_out: Counter,
     /// Connect failures and timeouts.
     pub connect_failures: Counter,
+    /// UDP flows to it (also counted in `conns`): the flows `ctl what-if`
+    /// says would re-pick if it left the pool.
+    pub udp_flows: Gauge,
 }
 
 impl BackendStats {
@@ -276,6 +279,7 @@ impl BackendStats {
             bytes_in: Counter::new(workers),
             bytes_out: Counter::new(workers),
             connect_failures: Counter::new(workers),
+            udp_flows: Gauge::new(workers),
         }
     }
 }

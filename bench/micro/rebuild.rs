@@ -1,5 +1,6 @@
 //! Criterion: rebuild + publish of a pool snapshot (the control plane's
-//! work on every health or config change), plain and geo-weighted.
+//! work on every health or config change), plain and geo-weighted; and the
+//! fleet tools' per-request work (pool fingerprint, live what-if).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -48,12 +49,31 @@ fn bench(c: &mut Criterion) {
                 published.store(Arc::new(model.snapshot()));
             })
         });
-        let snap = published.load();
-        let tables = snap.pools[0].geo.as_ref().map_or(1, |g| g.tables.len());
+        // From the model, not `published`: a name filter (e.g. `-- fleet`)
+        // skips the iterations that would have stored a snapshot.
+        let tables = model.pools[0].published.geo.as_ref().map_or(1, |g| g.tables.len());
         println!(
             "{name}: {tables} table(s) of 65537 slots = {} KiB",
             tables * 65537 * 4 / 1024
         );
+    }
+    group.finish();
+
+    // Fleet tools: the fingerprint `ctl status` / `ctl backends` / `/metrics`
+    // compute per pool and request, and a live `ctl what-if` (two plans and
+    // builds, and the slot-by-slot comparison).
+    let mut group = c.benchmark_group("fleet");
+    for (name, backends, regions) in [("1000_backends", 1000, 0), ("100_backends_10_regions", 100, 10)] {
+        let config = Config::parse(&pool_config(backends, regions), std::path::Path::new("bench.toml")).unwrap();
+        let (model, _) = Model::new(config, 2, Instant::now(), 1);
+        let pool = &model.pools[0];
+        group.bench_function(format!("fingerprint_{name}"), |b| {
+            b.iter(|| ringlb::fleet::fingerprint::pool_fingerprint(&pool.published, pool.config.table_size))
+        });
+        let change = ringlb::whatif::Change::Remove(pool.backends[0].config.addr);
+        group.bench_function(format!("what_if_remove_{name}"), |b| {
+            b.iter(|| ringlb::whatif::live(&model, "p", &change, Instant::now()).unwrap())
+        });
     }
     group.finish();
 }

@@ -1,5 +1,6 @@
 //! `ringlb ctl`: the control-socket client and its human-readable output.
 
+use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -101,6 +102,50 @@ fn candidate(c: &Candidate) -> String {
     )
 }
 
+/// Field `k` of a JSON object as text ("-" when absent or null).
+fn s(v: &Value, k: &str) -> String {
+    match v.get(k) {
+        Some(Value::String(x)) => x.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(x) => x.to_string(),
+    }
+}
+
+/// One pool of a what-if reply (`ctl what-if` and the offline `ringlb what-if`).
+pub fn human_what_if(p: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "pool {}:", s(p, "pool"));
+    if let Some(note) = p["note"].as_str() {
+        let _ = writeln!(out, "  {note}");
+    }
+    if let (Some(a), Some(b)) = (p["table_size"]["old"].as_u64(), p["table_size"]["new"].as_u64()) {
+        if a != b {
+            let _ = writeln!(out, "  table size {a} -> {b}: slots are reshuffled");
+        }
+    }
+    for t in p["key_space"].as_array().into_iter().flatten() {
+        let who = t["region"]
+            .as_str()
+            .map_or_else(|| "all clients".to_string(), |r| format!("client region {r}"));
+        let pct = |v: &Value| v.as_f64().map_or_else(|| "-".into(), |f| format!("{:.2}%", f * 100.0));
+        let _ = writeln!(out, "  {who}: {} of the key space moves", pct(&t["moved_fraction"]));
+        for m in t["moves"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "    {:<24} -> {:<24} {:>8}",
+                s(m, "from"),
+                s(m, "to"),
+                pct(&m["fraction"])
+            );
+        }
+        if t["moves_omitted"].as_u64().unwrap_or(0) > 0 {
+            let _ = writeln!(out, "    ... and {} smaller moves", s(t, "moves_omitted"));
+        }
+    }
+    out
+}
+
 /// Human-readable rendering of a reply.
 pub fn human(reply: &Reply<'_>) -> String {
     use std::fmt::Write as _;
@@ -128,6 +173,13 @@ pub fn human(reply: &Reply<'_>) -> String {
                 "{:<16} {:<24} {:<5} {:<16} {:>8}",
                 "LISTENER", "BIND", "PROTO", "POOL", "ACTIVE"
             );
+            for p in &r.pools {
+                let _ = writeln!(
+                    out,
+                    "pool {}: fingerprint {}, table {} slots (generation {}), {} of {} backends usable",
+                    p.name, p.fingerprint, p.table_size, p.table_generation, p.usable_backends, p.backends
+                );
+            }
             for l in &r.listeners {
                 let _ = writeln!(
                     out,
@@ -152,8 +204,8 @@ pub fn human(reply: &Reply<'_>) -> String {
                 };
                 let _ = writeln!(
                     out,
-                    "pool {} (table generation {}{page}){panic}",
-                    p.pool, p.table_generation
+                    "pool {} (table generation {}, fingerprint {}{page}){panic}",
+                    p.pool, p.table_generation, p.fingerprint
                 );
                 let _ = writeln!(
                     out,
@@ -206,6 +258,16 @@ pub fn human(reply: &Reply<'_>) -> String {
                     "note    hash_key is src_ip_port and no port was given: port 0 was hashed"
                 );
             }
+        }
+        Reply::WhatIf(r) => {
+            let report = Value::Object(r.report.clone());
+            let _ = writeln!(out, "what-if (nothing changed): {}", s(&report, "change"));
+            out.push_str(&human_what_if(&report));
+            let _ = writeln!(
+                out,
+                "  open UDP flows that would re-pick a backend: {}",
+                s(&report, "udp_flows_repick")
+            );
         }
         Reply::Drain(r) => {
             let _ = writeln!(out, "ok: {} connection(s) remaining", r.remaining);

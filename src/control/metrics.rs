@@ -145,6 +145,23 @@ pub fn render(server: &Server) -> String {
     each_backend!("ringlb_backend_weight", "gauge", "Configured weight.", |b| b
         .config
         .weight);
+    let n = family(
+        &mut out,
+        "ringlb_backend_effective_weight",
+        "gauge",
+        "Weight in the pool's table (0 = gets no new clients).",
+    );
+    for p in &model.pools {
+        for (i, b) in p.backends.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{n}{{pool=\"{}\",backend=\"{}\"}} {}",
+                p.config.name,
+                b.config.addr,
+                p.published.weights.get(i).copied().unwrap_or(0)
+            );
+        }
+    }
     each_backend!(
         "ringlb_backend_up",
         "gauge",
@@ -191,6 +208,37 @@ pub fn render(server: &Server) -> String {
     );
     for p in &model.pools {
         let _ = writeln!(out, "{n}{{pool=\"{}\"}} {}", p.config.name, p.published.generation);
+    }
+    let n = family(
+        &mut out,
+        "ringlb_pool_fingerprint_info",
+        "gauge",
+        "1, labelled with the pool's fingerprint (same on instances that route alike) and its raw table digest.",
+    );
+    for p in model.pools.iter().filter(|p| !p.retired) {
+        let fp = crate::fleet::fingerprint::pool_fingerprint(&p.published, p.config.table_size);
+        // The raw `MaglevTable::digest` too (it depends on the order the
+        // backends are listed in; the fingerprint does not).
+        let digest = p
+            .published
+            .table
+            .as_ref()
+            .map_or(String::new(), |t| format!("{:016x}", t.digest()));
+        let _ = writeln!(
+            out,
+            "{n}{{pool=\"{}\",fingerprint=\"{}\",table_digest=\"{digest}\"}} 1",
+            p.config.name,
+            crate::fleet::fingerprint::hex(fp)
+        );
+    }
+    let n = family(
+        &mut out,
+        "ringlb_pool_table_size",
+        "gauge",
+        "Configured Maglev table size.",
+    );
+    for p in model.pools.iter().filter(|p| !p.retired) {
+        let _ = writeln!(out, "{n}{{pool=\"{}\"}} {}", p.config.name, p.config.table_size);
     }
     let n = family(
         &mut out,

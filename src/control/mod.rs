@@ -218,6 +218,21 @@ pub async fn handle(server: &Arc<Server>, req: Request) -> Reply<'static> {
             Ok(r) => Reply::Route(r),
             Err(e) => Reply::Error(e),
         },
+        Request::WhatIf {
+            pool,
+            change,
+            addr,
+            weight,
+        } => match what_if(server, &pool, &change, &addr, weight, Instant::now()) {
+            // The table builds run off the control thread.
+            Ok(prepared) => match tokio::task::spawn_blocking(move || prepared.compute()).await {
+                Ok(Ok(serde_json::Value::Object(report))) => Reply::WhatIf(protocol::WhatIfReply { report }),
+                Ok(Ok(_)) => Reply::Error("what_if: the report is not an object".into()),
+                Ok(Err(e)) => Reply::Error(e),
+                Err(e) => Reply::Error(format!("what_if failed: {e}")),
+            },
+            Err(e) => Reply::Error(e),
+        },
         Request::Reload {} => match server.reload().await {
             Ok(r) => Reply::Reload(r),
             Err(e) => {
@@ -242,6 +257,9 @@ pub async fn handle(server: &Arc<Server>, req: Request) -> Reply<'static> {
 
 fn status(server: &Server) -> StatusReply {
     let setup = server.shared.worker_setup.lock().clone();
+    // Set once a SIGTERM/SIGINT has stopped the listeners: `ringlb
+    // announce` withdraws the route at once rather than at the exit.
+    let stopping = server.stops.lock().values().any(|s| s.is_stopped());
     let model = server.model.lock();
     let cpus = crate::worker::pinning_cpus();
     StatusReply {
@@ -270,6 +288,26 @@ fn status(server: &Server) -> StatusReply {
                 protocol: format!("{:?}", l.config.protocol).to_lowercase(),
                 pool: l.config.pool.clone(),
                 active: l.stats.active.current(),
+            })
+            .collect(),
+        // Set once a SIGTERM/SIGINT has stopped the listeners: `ringlb
+        // announce` withdraws the route at once rather than at the exit.
+        stopping,
+        pools: model
+            .pools
+            .iter()
+            .filter(|p| !p.retired)
+            .map(|p| protocol::PoolStatus {
+                name: p.config.name.clone(),
+                fingerprint: crate::fleet::fingerprint::hex(crate::fleet::fingerprint::pool_fingerprint(
+                    &p.published,
+                    p.config.table_size,
+                )),
+                table_digest: p.published.table.as_ref().map(|t| format!("{:016x}", t.digest())),
+                table_size: p.config.table_size,
+                table_generation: p.published.generation,
+                usable_backends: p.published.weights.iter().filter(|w| **w > 0).count(),
+                backends: p.backends.len(),
             })
             .collect(),
     }
@@ -329,6 +367,12 @@ pub fn backends_line(server: &Server, only: Option<&str>, offset: usize, limit: 
                 })
                 .collect(),
             table_size: p.published.table.as_ref().map(|t| t.size()).unwrap_or(0),
+            configured_table_size: p.config.table_size,
+            fingerprint: crate::fleet::fingerprint::hex(crate::fleet::fingerprint::pool_fingerprint(
+                &p.published,
+                p.config.table_size,
+            )),
+            table_digest: p.published.table.as_ref().map(|t| format!("{:016x}", t.digest())),
         })
         .collect();
     Reply::Backends(BackendsReply { pools }).to_line()
@@ -413,6 +457,37 @@ fn route(server: &Server, listener: &str, client: &str) -> Result<RouteReply, St
         chosen: candidates.iter().find(|c| !c.full).map(|c| c.addr.clone()),
         candidates,
     })
+}
+
+/// `what_if`: the change checked like the command it previews (the same
+/// backend validation as `add` and `weight`), then gathered from the model
+/// for [`crate::whatif::Prepared::compute`]; nothing is changed.
+fn what_if(
+    server: &Server,
+    pool: &str,
+    change: &str,
+    addr: &str,
+    weight: Option<i64>,
+    now: Instant,
+) -> Result<crate::whatif::Prepared, String> {
+    use crate::whatif::Change;
+    let checked = |w: Option<i64>| crate::config::validate_backend_request(addr, w).map_err(|e| e.to_string());
+    let change = match change {
+        "remove" => Change::Remove(checked(None)?.addr),
+        "add" => Change::Add(checked(weight)?),
+        "weight" => {
+            let w = weight.ok_or("what_if weight: give the new weight")?;
+            let b = checked(Some(w))?;
+            Change::Weight(b.addr, b.weight)
+        }
+        other => {
+            return Err(format!(
+                "what_if: change must be remove, add or weight, not \"{other}\""
+            ))
+        }
+    };
+    let model = server.model.lock();
+    crate::whatif::prepare(&model, pool, &change, now)
 }
 
 /// Configured weight of each backend of pool `name` (the file's, or `ctl weight`'s).

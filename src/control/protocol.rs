@@ -6,7 +6,8 @@
 //! `{"cmd":"drain","pool":"web","addr":"10.0.0.1:80"}`, `enable`, `disable`,
 //! `{"cmd":"weight","pool":..,"addr":..,"weight":5}`,
 //! `{"cmd":"add","pool":..,"addr":..,"weight":2}`, `remove`, `{"cmd":"reload"}`,
-//! `{"cmd":"stats"}`, `{"cmd":"route","listener":..,"client":..}`. `drain`,
+//! `{"cmd":"stats"}`, `{"cmd":"route","listener":..,"client":..}`,
+//! `{"cmd":"what_if","pool":..,"change":"remove|add|weight","addr":..,"weight":3}`. `drain`,
 //! `disable`, `weight`, `add` and `remove` take `"force": true` to leave a
 //! pool with no usable backend. Replies: `{"ok":true,...}` with the verb's
 //! reply fields ([`Reply`]), or `{"ok":false,"error":"..."}`.
@@ -113,6 +114,19 @@ pub enum Request {
     Reload {},
     /// Counters.
     Stats {},
+    /// What fraction of the pool's key space a change would move, and where
+    /// to; nothing is changed. `change` is `remove`, `add` or `weight`.
+    WhatIf {
+        /// Pool name.
+        pool: String,
+        /// `remove`, `add` or `weight`.
+        change: String,
+        /// Backend address.
+        addr: String,
+        /// `add`: the weight (default 1); `weight`: the new weight.
+        #[serde(default)]
+        weight: Option<i64>,
+    },
     /// Explain where a client would go: region, table, chosen backend, next candidates.
     Route {
         /// Listener name.
@@ -165,6 +179,9 @@ pub enum Reply<'a> {
     Remove(RemoveReply),
     /// To `reload`.
     Reload(ReloadReply),
+    /// To `what_if`: the report of `crate::whatif` (fractions moved, the
+    /// from→to matrix, per region), kept as the object it builds.
+    WhatIf(WhatIfReply),
     /// Any request refused: `{"ok":false,"error":...}`.
     Error(String),
 }
@@ -222,6 +239,7 @@ impl Reply<'_> {
             Reply::Add(r) => ok_line(r),
             Reply::Remove(r) => ok_line(r),
             Reply::Reload(r) => ok_line(r),
+            Reply::WhatIf(r) => ok_line(r),
             Reply::Error(e) => error_line(e),
         }
     }
@@ -244,8 +262,19 @@ impl Reply<'_> {
             Request::Add { .. } => Reply::Add(body(line)?),
             Request::Remove { .. } => Reply::Remove(body(line)?),
             Request::Reload {} => Reply::Reload(body(line)?),
+            Request::WhatIf { .. } => Reply::WhatIf(body(line)?),
         })
     }
+}
+
+/// `what_if`: what a change would move. The report's fields (`change`,
+/// `moved_fraction`, `moves`, `regions`, `udp_flows_repick`, ...) are
+/// those `crate::whatif` writes; see the README.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WhatIfReply {
+    /// The report.
+    #[serde(flatten)]
+    pub report: serde_json::Map<String, serde_json::Value>,
 }
 
 /// `status`.
@@ -267,6 +296,33 @@ pub struct StatusReply {
     pub snapshot_generation: u64,
     /// Live listeners.
     pub listeners: Vec<ListenerStatus>,
+    /// Set once a SIGTERM/SIGINT has stopped the listeners (`ringlb
+    /// announce` withdraws the route at once rather than at the exit).
+    #[serde(default)]
+    pub stopping: bool,
+    /// Per pool: what decides its routing, so two instances can be compared
+    /// at a glance (`ringlb fleet check` does it).
+    #[serde(default)]
+    pub pools: Vec<PoolStatus>,
+}
+
+/// One pool in `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    /// Pool name.
+    pub name: String,
+    /// `crate::fleet::fingerprint::pool_fingerprint`, 16 hex digits.
+    pub fingerprint: String,
+    /// `MaglevTable::digest` of the table (none: no table).
+    pub table_digest: Option<String>,
+    /// Configured table size.
+    pub table_size: usize,
+    /// Rebuilds of its table.
+    pub table_generation: u64,
+    /// Backends with a share of the table.
+    pub usable_backends: usize,
+    /// Backends in the pool.
+    pub backends: usize,
 }
 
 /// One worker in `status`.
@@ -323,6 +379,15 @@ pub struct PoolRow<'a> {
     pub backends: Vec<BackendRow<'a>>,
     /// Table slots (0: no table).
     pub table_size: usize,
+    /// The configured table size (`table_size` is 0 while there is no table).
+    #[serde(default)]
+    pub configured_table_size: usize,
+    /// `crate::fleet::fingerprint::pool_fingerprint`, 16 hex digits.
+    #[serde(default)]
+    pub fingerprint: String,
+    /// `MaglevTable::digest` of the table (depends on listing order).
+    #[serde(default)]
+    pub table_digest: Option<String>,
 }
 
 /// One backend in `backends`.

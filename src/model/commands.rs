@@ -51,6 +51,7 @@ impl Model {
             | Request::Backends { .. }
             | Request::Stats {}
             | Request::Route { .. }
+            | Request::WhatIf { .. }
             | Request::Reload {} => return None,
         })
     }

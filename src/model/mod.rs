@@ -45,6 +45,7 @@ use crate::stats::ListenerStats;
 pub use effects::{Effects, LogLine, StartListener};
 pub use health::CheckJob;
 pub use log::STATE_LOG_LINES_PER_SEC;
+pub use rebuild::build_geo_tables;
 pub use state::{BackendState, ListenerState, PoolState};
 
 /// A control command's result: the typed reply and what the shell must do,

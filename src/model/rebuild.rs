@@ -5,11 +5,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::health::state::{plan_pool, slow_start, AdminState, BackendView, DEFAULT_SLOW_START_STEPS};
+use crate::health::state::{plan_pool, AdminState, BackendView};
 use crate::snapshot::PoolSnapshot;
 
 use super::effects::Effects;
-use super::state::BackendState;
 use super::Model;
 
 impl Model {
@@ -44,23 +43,11 @@ impl Model {
             .backends
             .iter()
             .map(|b| {
-                let healthy = b.healthy(now);
-                let mut permille = 1000;
-                if healthy && !cfg.slow_start.is_zero() {
-                    if let Some(since) = b.healthy_since {
-                        let (p, next) = slow_start(since, now, cfg.slow_start, DEFAULT_SLOW_START_STEPS);
-                        permille = p;
-                        if let Some(n) = next {
-                            next_step = Some(next_step.map_or(n, |x: Instant| x.min(n)));
-                        }
-                    }
+                let (view, next) = b.view(cfg, now);
+                if let Some(n) = next {
+                    next_step = Some(next_step.map_or(n, |x: Instant| x.min(n)));
                 }
-                BackendView {
-                    weight: b.config.weight,
-                    admin: b.admin,
-                    healthy,
-                    slow_start_permille: permille,
-                }
+                view
             })
             .collect();
         let plan = plan_pool(&views, cfg.panic_threshold);
@@ -98,7 +85,8 @@ impl Model {
             plan.weights.clone(),
             || match &cfg.geo {
                 Some(pool_geo) => {
-                    build_geo_tables(pool_geo, geo_cfg, &pool.backends, &plan.weights, cfg.table_size).map(Some)
+                    let configs: Vec<&crate::config::BackendConfig> = pool.backends.iter().map(|b| &b.config).collect();
+                    build_geo_tables(pool_geo, geo_cfg, &configs, &plan.weights, cfg.table_size).map(Some)
                 }
                 None => Ok(None),
             },
@@ -165,10 +153,10 @@ impl Model {
 /// regions without a row share the `default` row's table), each from the
 /// spill-over weights of `crate::geo::effective_weights`, then scaled by the
 /// health plan (slow start, panic) so geo and health compose.
-fn build_geo_tables(
+pub fn build_geo_tables(
     pool_geo: &crate::config::PoolGeo,
     geo_cfg: &crate::config::GeoConfig,
-    backends: &[BackendState],
+    backends: &[&crate::config::BackendConfig],
     plan: &[u32],
     table_size: usize,
 ) -> Result<crate::snapshot::GeoTables, crate::maglev::MaglevError> {
@@ -177,12 +165,12 @@ fn build_geo_tables(
         .iter()
         .zip(plan)
         .map(|(b, w)| GeoBackend {
-            region: b.config.region.unwrap_or(RegionNames::DEFAULT),
-            weight: b.config.weight,
+            region: b.region.unwrap_or(RegionNames::DEFAULT),
+            weight: b.weight,
             usable: *w > 0,
         })
         .collect();
-    let ids: Vec<String> = backends.iter().map(|b| b.config.addr.to_string()).collect();
+    let ids: Vec<String> = backends.iter().map(|b| b.addr.to_string()).collect();
     let mut rows: Vec<Option<&[(RegionId, u32)]>> = Vec::new();
     let mut tables = Vec::new();
     let mut weights = Vec::new();
@@ -204,7 +192,7 @@ fn build_geo_tables(
                     .iter()
                     .zip(plan)
                     .zip(backends)
-                    .map(|((e, p), b)| crate::health::state::apply_plan_to_share(*e, *p, b.config.weight))
+                    .map(|((e, p), b)| crate::health::state::apply_plan_to_share(*e, *p, b.weight))
                     .collect();
                 let pairs: Vec<(&str, u32)> = ids.iter().map(|s| s.as_str()).zip(scaled.iter().copied()).collect();
                 tables.push(crate::snapshot::build_or_none(&pairs, table_size)?);

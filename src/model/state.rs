@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{BackendConfig, ListenerConfig, PoolConfig};
-use crate::health::state::{ActiveCheck, AdminState, Outlier};
+use crate::health::state::{slow_start, ActiveCheck, AdminState, BackendView, Outlier, DEFAULT_SLOW_START_STEPS};
 use crate::snapshot::{Backend, PoolSnapshot};
 use crate::stats::ListenerStats;
 
@@ -69,6 +69,29 @@ impl BackendState {
     pub(super) fn start_draining(&mut self, admin: AdminState, timeout: Duration, now: Instant) {
         self.admin = admin;
         self.drain_deadline.get_or_insert(now + timeout);
+    }
+
+    /// What the table plan sees of it at `now` (health, operator state,
+    /// slow-start share), and when its slow-start share next changes.
+    /// `rebuild` and `ctl what-if` both use it.
+    pub fn view(&self, cfg: &PoolConfig, now: Instant) -> (BackendView, Option<Instant>) {
+        let healthy = self.healthy(now);
+        let mut permille = 1000;
+        let mut next_step = None;
+        if healthy && !cfg.slow_start.is_zero() {
+            if let Some(since) = self.healthy_since {
+                let (p, next) = slow_start(since, now, cfg.slow_start, DEFAULT_SLOW_START_STEPS);
+                permille = p;
+                next_step = next;
+            }
+        }
+        let view = BackendView {
+            weight: self.config.weight,
+            admin: self.admin,
+            healthy,
+            slow_start_permille: permille,
+        };
+        (view, next_step)
     }
 
     /// The state shown to operators.

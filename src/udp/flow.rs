@@ -21,6 +21,7 @@ impl Drop for Flow {
     fn drop(&mut self) {
         self.stats.active.closed.inc();
         self.backend.stats.conns.closed.inc();
+        self.backend.stats.udp_flows.closed.inc();
     }
 }
 

@@ -369,6 +369,7 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, data: &[u8]) {
     let fd = socket.as_raw_fd();
     stats.active.opened.inc();
     backend.stats.conns.opened.inc();
+    backend.stats.udp_flows.opened.inc();
     let flow = Flow {
         backend: backend.clone(),
         socket,
