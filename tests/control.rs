@@ -404,7 +404,12 @@ fn metrics_endpoint_serves_prometheus_text() {
     let (head, body) = text.split_once("\r\n\r\n").unwrap();
     let length: usize = head
         .lines()
-        .find_map(|l| l.strip_prefix("Content-Length: "))
+        // Header names are case-insensitive (hyper writes them in lower case).
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .map(|(_, v)| v.trim())
+        })
         .expect("a Content-Length header")
         .parse()
         .unwrap();
