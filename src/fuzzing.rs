@@ -255,10 +255,15 @@ pub fn check_control_request(data: &[u8]) {
                     assert_eq!(*f, force);
                     ("add", &["pool", "addr", "weight", "force"])
                 }
-                Request::Route { listener, client } => {
+                Request::Route {
+                    listener,
+                    client,
+                    token,
+                } => {
                     assert_eq!(Some(listener.as_str()), s("listener"));
                     assert_eq!(Some(client.as_str()), s("client"));
-                    ("route", &["listener", "client"])
+                    assert_eq!(token.as_deref(), s("token"));
+                    ("route", &["listener", "client", "token"])
                 }
             };
             assert_eq!(s("cmd"), Some(cmd), "{req:?}");

@@ -129,6 +129,9 @@ enum CtlCommand {
         listener: String,
         /// `ip` or `ip:port`.
         client: String,
+        /// `hash_key = "token"` listeners: the token, in hex (e.g. 32 hex digits for 16 bytes).
+        #[arg(long)]
+        token: Option<String>,
     },
 }
 
@@ -164,7 +167,16 @@ impl CtlCommand {
             }
             CtlCommand::Reload => json!({"cmd": "reload"}),
             CtlCommand::Stats => json!({"cmd": "stats"}),
-            CtlCommand::Route { listener, client } => json!({"cmd": "route", "listener": listener, "client": client}),
+            CtlCommand::Route {
+                listener,
+                client,
+                token: None,
+            } => json!({"cmd": "route", "listener": listener, "client": client}),
+            CtlCommand::Route {
+                listener,
+                client,
+                token: Some(token),
+            } => json!({"cmd": "route", "listener": listener, "client": client, "token": token}),
         }
     }
 }

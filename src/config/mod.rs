@@ -6,9 +6,11 @@
 mod duration;
 mod error;
 pub mod file;
+pub mod game;
 
 pub use duration::{format_duration, parse_duration};
 pub use error::{ConfigError, ConfigErrors};
+pub use game::{SourceMode, TokenConfig};
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -140,6 +142,8 @@ pub enum HashKey {
     SrcIp,
     /// Client IP and port: connections of one client spread.
     SrcIpPort,
+    /// UDP: a token carried in each datagram (`[listener.token]`).
+    Token,
 }
 
 /// `[[listener]]`
@@ -173,8 +177,12 @@ pub struct ListenerConfig {
     pub rate_limit: Option<RateLimitConfig>,
     /// How TCP bytes are moved.
     pub relay: RelayMode,
-    /// PROXY protocol header sent to the backend first.
+    /// PROXY protocol header sent to the backend first (UDP: on every datagram).
     pub proxy_protocol: ProxyProtocol,
+    /// Which address backends are connected to from.
+    pub source: SourceMode,
+    /// UDP with `hash_key = "token"`: where the token is.
+    pub token: Option<TokenConfig>,
 }
 
 /// Whether, and in which version, a TCP listener tells its backends the
@@ -403,6 +411,11 @@ impl Config {
                     format!("listener \"{}\": bind", l.name),
                     format!("{}: cannot bind here: {e}", l.bind),
                 );
+            }
+            if l.source == SourceMode::Client {
+                if let Err(problem) = crate::transparent::probe() {
+                    err(format!("listener \"{}\": source", l.name), problem);
+                }
             }
         }
         if let Some(m) = self.control.metrics {
@@ -798,10 +811,11 @@ fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Opti
     let hash_key = match l.hash_key.as_deref() {
         None | Some("src_ip_port") => HashKey::SrcIpPort,
         Some("src_ip") => HashKey::SrcIp,
+        Some("token") => HashKey::Token,
         Some(other) => {
             c.err(
                 &format!("{place}hash_key"),
-                format!("\"{other}\": expected src_ip or src_ip_port"),
+                format!("\"{other}\": expected src_ip, src_ip_port or token"),
             );
             HashKey::SrcIpPort
         }
@@ -866,12 +880,18 @@ fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Opti
         c.err(&format!("{place}relay"), "only applies to protocol = \"tcp\"");
     }
     let proxy_protocol = c.proxy_protocol(&place, "proxy_protocol", &l.proxy_protocol);
-    if proxy_protocol != ProxyProtocol::Off && protocol == Protocol::Udp {
-        c.err(&format!("{place}proxy_protocol"), "only applies to protocol = \"tcp\"");
+    if proxy_protocol == ProxyProtocol::V1 && protocol == Protocol::Udp {
+        c.err(
+            &format!("{place}proxy_protocol"),
+            "v1 has no UDP form: use \"v2\" on a udp listener",
+        );
     }
+    let (source, token) = game::validate_game(c, &place, protocol, hash_key, &l.source, &l.token);
     Some(ListenerConfig {
         relay,
         proxy_protocol,
+        source,
+        token,
         max_flows,
         max_connections,
         max_connections_per_source,

@@ -204,6 +204,9 @@ pub fn human(cmd: &str, r: &Value) -> String {
         }
         "route" => {
             let _ = writeln!(out, "client {} on listener {}", s(r, "client"), s(r, "listener"));
+            if r["token"].is_string() {
+                let _ = writeln!(out, "token   {} (the client address does not count)", s(r, "token"));
+            }
             if r["region"].is_string() {
                 let _ = writeln!(out, "region  {}", s(r, "region"));
             }

@@ -214,7 +214,11 @@ pub async fn handle(server: &Arc<Server>, req: Request) -> Value {
                 .unwrap_or_else(|e| error(e.to_string()))
         }
         Request::Stats {} => ok(stats(server)),
-        Request::Route { listener, client } => match route(server, &listener, &client) {
+        Request::Route {
+            listener,
+            client,
+            token,
+        } => match route(server, &listener, &client, token.as_deref()) {
             Ok(v) => ok(v),
             Err(e) => error(e),
         },
@@ -381,7 +385,7 @@ pub async fn handle_line(server: &Arc<Server>, req: Request) -> String {
 
 /// Explains the routing decision for `client` on `listener`, from the same
 /// snapshot and the same code path workers use.
-fn route(server: &Server, listener: &str, client: &str) -> Result<Value, String> {
+fn route(server: &Server, listener: &str, client: &str, token: Option<&str>) -> Result<Value, String> {
     let addr: std::net::SocketAddr = match client.parse::<std::net::SocketAddr>() {
         Ok(a) => a,
         Err(_) => {
@@ -399,8 +403,32 @@ fn route(server: &Server, listener: &str, client: &str) -> Result<Value, String>
         .find(|l| l.config.name == listener)
         .ok_or_else(|| format!("no listener named \"{listener}\""))?;
     let pool = &snapshot.pools[view.pool];
+    let token_hash = match (&view.config.token, token) {
+        (Some(t), Some(hex)) => {
+            let bytes = parse_hex(hex).ok_or_else(|| format!("token \"{hex}\" is not hex (two digits per byte)"))?;
+            if bytes.len() != t.length as usize {
+                return Err(format!(
+                    "listener \"{listener}\" routes by {}-byte tokens; token \"{hex}\" has {} bytes",
+                    t.length,
+                    bytes.len()
+                ));
+            }
+            Some(crate::flow_key::token_hash(&bytes))
+        }
+        (Some(t), None) => {
+            return Err(format!(
+                "listener \"{listener}\" routes by token: give the {}-byte token in hex (--token HEX)",
+                t.length
+            ))
+        }
+        (None, Some(_)) => return Err(format!("listener \"{listener}\" does not route by token")),
+        (None, None) => None,
+    };
     // The very function a worker calls for a new connection or flow.
-    let selection = crate::conn::select(pool, addr, view.config.hash_key, 5);
+    let selection = match token_hash {
+        Some(hash) => crate::conn::select::select_hash(pool, addr.ip(), hash, 5),
+        None => crate::conn::select(pool, addr, view.config.hash_key, 5),
+    };
     let tcp = view.config.protocol == crate::config::Protocol::Tcp;
     let region = pool.table_for(addr.ip()).1;
     let (region_name, table_name) = match (&pool.geo, region) {
@@ -451,7 +479,8 @@ fn route(server: &Server, listener: &str, client: &str) -> Result<Value, String>
         "listener": listener,
         "client": addr.to_string(),
         "hash_key": format!("{:?}", view.config.hash_key),
-        "port_used": addr.port() != 0 || view.config.hash_key == crate::config::HashKey::SrcIp,
+        "port_used": token_hash.is_none() && (addr.port() != 0 || view.config.hash_key == crate::config::HashKey::SrcIp),
+        "token": token,
         "region": region_name,
         "table": table_name,
         "table_generation": pool.generation,
@@ -459,6 +488,17 @@ fn route(server: &Server, listener: &str, client: &str) -> Result<Value, String>
         "chosen": candidates.iter().find(|c| c["full"] != json!(true)).map(|c| c["addr"].clone()),
         "candidates": candidates,
     }))
+}
+
+/// `"00ff.."` as bytes; `None` unless it is pairs of hex digits.
+fn parse_hex(hex: &str) -> Option<Vec<u8>> {
+    if hex.is_empty() || hex.len() % 2 != 0 || hex.len() > 2 * 64 {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// Configured weight of each backend of pool `name` (the file's, or `ctl weight`'s).
@@ -491,6 +531,7 @@ fn stats(server: &Server) -> Value {
                 "datagrams_in": l.stats.datagrams_in.get(),
                 "datagrams_out": l.stats.datagrams_out.get(),
                 "datagrams_dropped": l.stats.datagrams_dropped.get(),
+                "datagrams_short": l.stats.datagrams_short.get(),
                 "sources": l.limits.source_stats().map(|st| json!({
                     "tracked": st.len,
                     "evictions": st.evictions,

@@ -5,7 +5,7 @@
 //! `{"cmd":"drain","pool":"web","addr":"10.0.0.1:80"}`, `enable`, `disable`,
 //! `{"cmd":"weight","pool":..,"addr":..,"weight":5}`,
 //! `{"cmd":"add","pool":..,"addr":..,"weight":2}`, `remove`, `{"cmd":"reload"}`,
-//! `{"cmd":"stats"}`, `{"cmd":"route","listener":..,"client":..}`. `drain`,
+//! `{"cmd":"stats"}`, `{"cmd":"route","listener":..,"client":..[,"token":HEX]}`. `drain`,
 //! `disable`, `weight`, `add` and `remove` take `"force": true` to leave a
 //! pool with no usable backend. Replies: `{"ok":true,...}` or
 //! `{"ok":false,"error":"..."}`.
@@ -105,6 +105,9 @@ pub enum Request {
         listener: String,
         /// Client address: `ip` or `ip:port`.
         client: String,
+        /// The routing token in hex (`hash_key = "token"` listeners).
+        #[serde(default)]
+        token: Option<String>,
     },
 }
 

@@ -26,7 +26,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::snapshot::Snapshot;
+use crate::config::{ProxyProtocol, SourceMode};
+use crate::snapshot::{Backend, Snapshot};
 use crate::stats::{ListenerStats, RefuseReason};
 use crate::udp::flow::{connect_udp, usable, Flow};
 use crate::udp::flow_poller::FlowPoller;
@@ -73,6 +74,13 @@ pub struct UdpListener {
     worker: usize,
     listener: UdpSocket,
     flows: FlowTable<SocketAddr, Flow>,
+    /// `hash_key = "token"`: token hash -> the backend its first flow took,
+    /// so a new address carrying a known token joins it even after the
+    /// table changed. Bounded and expired like the flows; empty (and
+    /// unallocated) on other listeners.
+    tokens: FlowTable<u64, Arc<Backend>>,
+    /// The address clients send to, for PROXY headers.
+    local: SocketAddr,
     /// The flow sockets; the worker's loop waits on its descriptor.
     poller: FlowPoller,
     /// Flow socket descriptor -> client. An entry may be stale (its flow
@@ -88,6 +96,7 @@ pub struct UdpListener {
     forwarder: Forwarder,
     ready: Vec<RawFd>,
     expired: Vec<(SocketAddr, Flow)>,
+    expired_tokens: Vec<(u64, Arc<Backend>)>,
     next_expiry: Instant,
 }
 
@@ -97,7 +106,10 @@ impl UdpListener {
     pub fn new(worker: usize, io_uring: bool, spec: UdpListenerSpec, now: Instant) -> std::io::Result<UdpListener> {
         spec.socket.set_nonblocking(true)?;
         let forwarder = Forwarder::new(io_uring, worker, &spec.name);
+        let local = spec.socket.local_addr()?;
         Ok(UdpListener {
+            tokens: FlowTable::new(spec.max_flows, spec.idle_timeout, now),
+            local,
             slot: spec.slot,
             worker,
             listener: spec.socket,
@@ -111,6 +123,7 @@ impl UdpListener {
             forwarder,
             ready: Vec::new(),
             expired: Vec::new(),
+            expired_tokens: Vec::new(),
             next_expiry: now + EXPIRY_MIN_GAP,
             name: spec.name,
         })
@@ -190,7 +203,12 @@ impl UdpListener {
         self.flows.expire(now, &mut self.expired);
         // Dropping a flow closes its socket.
         self.expired.clear();
+        if !self.tokens.is_empty() {
+            self.tokens.expire(now, &mut self.expired_tokens);
+            self.expired_tokens.clear();
+        }
         let next = self.flows.next_deadline().unwrap_or(now + EXPIRY_MAX_GAP);
+        let next = self.tokens.next_deadline().map_or(next, |t| t.min(next));
         self.next_expiry = next.clamp(now + EXPIRY_MIN_GAP, now + EXPIRY_MAX_GAP);
     }
 }
@@ -209,7 +227,7 @@ impl UdpListener {
         for i in 0..n {
             // Splitting the borrows: the datagram lives in `recv`, the flows and
             // the forwarder are other fields.
-            let Some((client, data)) = self.recv.get(i) else {
+            let Some((client, buf, start, end)) = self.recv.get_mut(i) else {
                 continue;
             };
             on_datagram(
@@ -217,13 +235,16 @@ impl UdpListener {
                     snapshot,
                     slot: self.slot,
                     flows: &mut self.flows,
+                    tokens: &mut self.tokens,
+                    local: self.local,
                     poller: &self.poller,
                     client_by_fd: &mut self.client_by_fd,
                     stats: &self.stats,
                     forwarder: &mut self.forwarder,
                 },
                 client,
-                data,
+                buf,
+                start..end,
             );
         }
         self.forwarder.finish(&mut self.flows, &self.stats);
@@ -284,29 +305,36 @@ struct Ctx<'a> {
     snapshot: &'a Snapshot,
     slot: usize,
     flows: &'a mut FlowTable<SocketAddr, Flow>,
+    tokens: &'a mut FlowTable<u64, Arc<Backend>>,
+    local: SocketAddr,
     poller: &'a FlowPoller,
     client_by_fd: &'a mut Vec<Option<SocketAddr>>,
     stats: &'a Arc<ListenerStats>,
     forwarder: &'a mut Forwarder,
 }
 
-/// Handles one client datagram: find or open its flow, forward it.
-fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, data: &[u8]) {
+/// Handles one client datagram, `buf[payload]` (with headroom before it
+/// for a PROXY header): find or open its flow, forward it.
+fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, buf: &mut [u8], payload: std::ops::Range<usize>) {
     let Ctx {
         snapshot,
         slot,
         flows,
+        tokens,
+        local,
         poller,
         client_by_fd,
         stats,
         forwarder,
     } = ctx;
     let now = Instant::now();
+    let (mut start, mut end) = (payload.start, payload.end);
     stats.datagrams_in.inc();
-    stats.bytes_in.add(data.len() as u64);
+    stats.bytes_in.add((end - start) as u64);
     let Some(listener) = snapshot.listener(slot) else {
         return;
     };
+    let config = &*listener.config;
     let source = listener.limits.source_key(client.ip());
     if let Err(reason) = listener.limits.check_packet(source, now) {
         // Refused under its real reason, and a datagram dropped all the same.
@@ -314,8 +342,46 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, data: &[u8]) {
         stats.datagrams_dropped.inc();
         return;
     }
+    // Token routing: the key is read (and stripped) before anything else,
+    // so every datagram of a token listener carries one or is dropped.
+    let token = match &config.token {
+        None => None,
+        Some(t) => {
+            let Some(at) = t.locate(end - start) else {
+                stats.datagrams_short.inc();
+                stats.datagrams_dropped.inc();
+                return;
+            };
+            let (a, b) = (start + at.start, start + at.end);
+            let hash = crate::flow_key::token_hash(&buf[a..b]);
+            if t.strip {
+                if b == end {
+                    end = a;
+                } else if a == start {
+                    start = b;
+                } else {
+                    // In the middle: close the gap (at most one datagram's copy).
+                    buf.copy_within(b..end, a);
+                    end -= b - a;
+                }
+            }
+            Some(hash)
+        }
+    };
+    if config.proxy_protocol == ProxyProtocol::V2 {
+        // Into the headroom before the payload: header and payload go out
+        // as one datagram with no copy of the payload.
+        let header = crate::proxy::proxy_protocol::dgram_header(client, local);
+        let h = header.bytes();
+        start -= h.len();
+        buf[start..start + h.len()].copy_from_slice(h);
+    }
+    let data = &buf[start..end];
     if let Some(flow) = flows.get(&client, now) {
         if usable(&flow.backend) {
+            if let Some(hash) = token {
+                tokens.touch(&hash, now);
+            }
             // SAFETY: `data` is in the receive batch, which relay_burst does
             // not reuse before its `finish`; no flow closes before that either
             // (the re-pick below finishes first).
@@ -332,29 +398,53 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, data: &[u8]) {
         stats.datagrams_dropped.inc();
         return;
     }
-    let pool = &snapshot.pools[listener.pool];
-    // The same selection as TCP connects and `ctl route`.
-    let Some(selection) = crate::conn::select(pool, client, listener.config.hash_key, 4) else {
-        stats.refuse(RefuseReason::NoBackend);
-        stats.datagrams_dropped.inc();
-        return;
-    };
     if flows.len() >= flows.capacity() {
         stats.refuse(RefuseReason::FlowTableFull);
         stats.datagrams_dropped.inc();
         return;
     }
-    let Some(backend) = selection
-        .candidates()
-        .iter()
-        .map(|&i| &pool.backends[i as usize])
-        .find(|b| usable(b))
-    else {
-        stats.refuse(RefuseReason::NoBackend);
-        stats.datagrams_dropped.inc();
-        return;
+    let pool = &snapshot.pools[listener.pool];
+    // A known token goes where its first flow went, while that backend is usable.
+    let known = token
+        .and_then(|hash| tokens.get(&hash, now))
+        // Draining counts as usable: a returning player belongs to their
+        // match until its server's drain timeout.
+        .filter(|b| usable(b))
+        .cloned();
+    let backend = match known {
+        Some(b) => b,
+        None => {
+            // The same selection as TCP connects and `ctl route`.
+            let selection = match token {
+                Some(hash) => crate::conn::select::select_hash(pool, client.ip(), hash, 4),
+                None => crate::conn::select(pool, client, config.hash_key, 4),
+            };
+            let Some(selection) = selection else {
+                stats.refuse(RefuseReason::NoBackend);
+                stats.datagrams_dropped.inc();
+                return;
+            };
+            let Some(backend) = selection
+                .candidates()
+                .iter()
+                .map(|&i| &pool.backends[i as usize])
+                .find(|b| usable(b))
+            else {
+                stats.refuse(RefuseReason::NoBackend);
+                stats.datagrams_dropped.inc();
+                return;
+            };
+            if let Some(hash) = token {
+                // Replaces a stale entry; a full token table only loses the
+                // memory of table changes (Maglev still agrees on the rest).
+                tokens.remove(&hash);
+                let _ = tokens.insert(hash, backend.clone(), now);
+            }
+            backend.clone()
+        }
     };
-    let socket = match connect_udp(backend.addr).and_then(|s| poller.add(s.as_raw_fd()).map(|()| s)) {
+    let transparent = (config.source == SourceMode::Client).then_some(client);
+    let socket = match connect_udp(backend.addr, transparent).and_then(|s| poller.add(s.as_raw_fd()).map(|()| s)) {
         Ok(s) => s,
         Err(e) => {
             log::debug!("udp flow {client} -> {}: {e}", backend.addr);
@@ -367,7 +457,7 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, data: &[u8]) {
     stats.active.opened.inc();
     backend.stats.conns.opened.inc();
     let flow = Flow {
-        backend: backend.clone(),
+        backend,
         socket,
         stats: stats.clone(),
     };

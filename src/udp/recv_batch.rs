@@ -9,13 +9,22 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
-use super::mmsg::{MmsgSlots, BATCH, BUF};
+use super::mmsg::{MmsgSlots, BATCH, BUF, HEADROOM};
 
-/// Buffers and headers for one recvmmsg call.
-#[derive(Default)]
+/// Buffers and headers for one recvmmsg call. Each payload lands
+/// [`HEADROOM`] bytes into its buffer, leaving room for a PROXY v2 header.
 pub struct RecvBatch {
     slots: MmsgSlots,
     received: usize,
+}
+
+impl Default for RecvBatch {
+    fn default() -> Self {
+        RecvBatch {
+            slots: MmsgSlots::with_headroom(HEADROOM),
+            received: 0,
+        }
+    }
 }
 
 impl RecvBatch {
@@ -55,7 +64,21 @@ impl RecvBatch {
         // SAFETY: the kernel filled addrs[i] and set msg_namelen to its length.
         let addr = unsafe { socket2::SockAddr::new(self.slots.addrs[i], hdr.msg_hdr.msg_namelen) };
         let len = (hdr.msg_len as usize).min(BUF);
-        Some((addr.as_socket()?, &self.slots.bufs[i][..len]))
+        Some((addr.as_socket()?, &self.slots.bufs[i][HEADROOM..HEADROOM + len]))
+    }
+
+    /// Datagram `i` of the last call as its whole buffer, which the caller
+    /// may rewrite (strip a token, write a header into the headroom), and
+    /// the payload's range in it, which starts at [`HEADROOM`].
+    pub fn get_mut(&mut self, i: usize) -> Option<(SocketAddr, &mut [u8], usize, usize)> {
+        if i >= self.received {
+            return None;
+        }
+        let hdr = &self.slots.hdrs[i];
+        // SAFETY: the kernel filled addrs[i] and set msg_namelen to its length.
+        let addr = unsafe { socket2::SockAddr::new(self.slots.addrs[i], hdr.msg_hdr.msg_namelen) };
+        let len = (hdr.msg_len as usize).min(BUF);
+        Some((addr.as_socket()?, &mut self.slots.bufs[i][..], HEADROOM, HEADROOM + len))
     }
 }
 
