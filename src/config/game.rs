@@ -148,6 +148,88 @@ mod tests {
         }
     }
 
+    fn errors(listener_extra: &str, protocol: &str) -> Result<crate::config::Config, Vec<String>> {
+        let text = format!(
+            "[[listener]]\nname = \"g\"\nbind = \"127.0.0.1:7777\"\nprotocol = \"{protocol}\"\npool = \"p\"\n{listener_extra}\n[[pool]]\nname = \"p\"\n[[pool.backend]]\naddr = \"127.0.0.1:9001\"\n"
+        );
+        crate::config::Config::parse(&text, std::path::Path::new("g.toml"))
+            .map_err(|e| e.0.iter().map(|e| e.to_string()).collect())
+    }
+
+    #[test]
+    fn token_listener_config() {
+        let c = errors(
+            "hash_key = \"token\"\nproxy_protocol = \"v2\"\nsource = \"client\"\n[listener.token]\noffset = -16\nlength = 16\nstrip = true\n",
+            "udp",
+        )
+        .unwrap();
+        let l = &c.listeners[0];
+        assert_eq!(l.hash_key, HashKey::Token);
+        assert_eq!(l.proxy_protocol, crate::config::ProxyProtocol::V2);
+        assert_eq!(l.source, SourceMode::Client);
+        assert_eq!(
+            l.token,
+            Some(TokenConfig {
+                offset: -16,
+                length: 16,
+                strip: true
+            })
+        );
+        // Without [listener.token]: 16 bytes at the end, kept.
+        let c = errors("hash_key = \"token\"\n", "udp").unwrap();
+        assert_eq!(c.listeners[0].token, Some(TokenConfig::default()));
+        let c = errors("", "udp").unwrap();
+        assert_eq!(
+            (c.listeners[0].token, c.listeners[0].source),
+            (None, SourceMode::Balancer)
+        );
+    }
+
+    #[test]
+    fn bad_game_settings_name_file_key_and_problem() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "hash_key = \"token\"\n",
+                "tcp",
+                "g.toml: listener \"g\": hash_key: token only applies to protocol = \"udp\"",
+            ),
+            (
+                "[listener.token]\nlength = 4\n",
+                "udp",
+                "listener \"g\": token: only applies with hash_key = \"token\"",
+            ),
+            (
+                "hash_key = \"token\"\n[listener.token]\nlength = 0\n",
+                "udp",
+                "token.length: 0 is out of range (1..=64)",
+            ),
+            (
+                "hash_key = \"token\"\n[listener.token]\noffset = -4\nlength = 8\n",
+                "udp",
+                "token.offset: -4 with length 8 runs past the end",
+            ),
+            (
+                "hash_key = \"token\"\n[listener.token]\nsize = 8\n",
+                "udp",
+                "unknown field `size`",
+            ),
+            (
+                "source = \"backend\"\n",
+                "udp",
+                "source: \"backend\": expected balancer or client",
+            ),
+            ("proxy_protocol = \"v1\"\n", "udp", "proxy_protocol: v1 has no UDP form"),
+            ("hash_key = \"quic\"\n", "udp", "expected src_ip, src_ip_port or token"),
+        ];
+        for (extra, protocol, want) in cases {
+            let errs = errors(extra, protocol).expect_err(extra);
+            assert!(
+                errs.iter().any(|e| e.contains(want)),
+                "{extra}: want {want:?} in {errs:?}"
+            );
+        }
+    }
+
     #[test]
     fn locates_from_either_end() {
         assert_eq!(t(-16, 16).locate(100), Some(84..100));

@@ -479,7 +479,7 @@ fn route(server: &Server, listener: &str, client: &str, token: Option<&str>) -> 
         "listener": listener,
         "client": addr.to_string(),
         "hash_key": format!("{:?}", view.config.hash_key),
-        "port_used": token_hash.is_none() && (addr.port() != 0 || view.config.hash_key == crate::config::HashKey::SrcIp),
+        "port_used": token_hash.is_some() || addr.port() != 0 || view.config.hash_key == crate::config::HashKey::SrcIp,
         "token": token,
         "region": region_name,
         "table": table_name,

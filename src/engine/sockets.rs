@@ -19,7 +19,11 @@ pub fn backend_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
 /// With `transparent_for` (`source = "client"`), binds the fresh backend
 /// socket `fd` to that client's IP (port chosen at connect) with
 /// `IP_TRANSPARENT`; without it, hands `fd` back untouched.
-pub fn transparent_source(fd: OwnedFd, backend: SocketAddr, transparent_for: Option<SocketAddr>) -> io::Result<OwnedFd> {
+pub fn transparent_source(
+    fd: OwnedFd,
+    backend: SocketAddr,
+    transparent_for: Option<SocketAddr>,
+) -> io::Result<OwnedFd> {
     if let Some(client) = transparent_for {
         let source = crate::transparent::source_for(client, backend, 0)?;
         crate::transparent::bind_transparent(std::os::fd::AsFd::as_fd(&fd), source, true)?;
