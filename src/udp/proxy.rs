@@ -26,9 +26,10 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::{ProxyProtocol, SourceMode};
+use crate::config::SourceMode;
 use crate::snapshot::{Backend, Snapshot};
 use crate::stats::{ListenerStats, RefuseReason};
+use crate::udp::datagram::{prepare, Short};
 use crate::udp::flow::{connect_udp, usable, Flow};
 use crate::udp::flow_poller::FlowPoller;
 use crate::udp::flow_table::FlowTable;
@@ -328,9 +329,8 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, buf: &mut [u8], payload: std::o
         forwarder,
     } = ctx;
     let now = Instant::now();
-    let (mut start, mut end) = (payload.start, payload.end);
     stats.datagrams_in.inc();
-    stats.bytes_in.add((end - start) as u64);
+    stats.bytes_in.add(payload.len() as u64);
     let Some(listener) = snapshot.listener(slot) else {
         return;
     };
@@ -344,39 +344,22 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, buf: &mut [u8], payload: std::o
     }
     // Token routing: the key is read (and stripped) before anything else,
     // so every datagram of a token listener carries one or is dropped.
-    let token = match &config.token {
-        None => None,
-        Some(t) => {
-            let Some(at) = t.locate(end - start) else {
-                stats.datagrams_short.inc();
-                stats.datagrams_dropped.inc();
-                return;
-            };
-            let (a, b) = (start + at.start, start + at.end);
-            let hash = crate::flow_key::token_hash(&buf[a..b]);
-            if t.strip {
-                if b == end {
-                    end = a;
-                } else if a == start {
-                    start = b;
-                } else {
-                    // In the middle: close the gap (at most one datagram's copy).
-                    buf.copy_within(b..end, a);
-                    end -= b - a;
-                }
-            }
-            Some(hash)
+    let (token, range) = match prepare(
+        config.token.as_ref(),
+        config.proxy_protocol,
+        client,
+        local,
+        buf,
+        payload,
+    ) {
+        Ok(done) => done,
+        Err(Short) => {
+            stats.datagrams_short.inc();
+            stats.datagrams_dropped.inc();
+            return;
         }
     };
-    if config.proxy_protocol == ProxyProtocol::V2 {
-        // Into the headroom before the payload: header and payload go out
-        // as one datagram with no copy of the payload.
-        let header = crate::proxy::proxy_protocol::dgram_header(client, local);
-        let h = header.bytes();
-        start -= h.len();
-        buf[start..start + h.len()].copy_from_slice(h);
-    }
-    let data = &buf[start..end];
+    let data = &buf[range];
     if let Some(flow) = flows.get(&client, now) {
         if usable(&flow.backend) {
             if let Some(hash) = token {
