@@ -118,7 +118,7 @@ fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static)
 
 /// Backends on the backend host that tell each client the address they
 /// see: TCP writes `peer=IP:PORT\n`, UDP replies `peer=IP:PORT`. They
-/// serve until the returned sender is dropped... or the test ends.
+/// serve until the test process ends; the receiver says they are bound.
 fn start_backends(ns: &str) -> mpsc::Receiver<()> {
     let (ready_tx, ready) = mpsc::channel();
     in_netns(ns, move || {
@@ -133,10 +133,7 @@ fn start_backends(ns: &str) -> mpsc::Receiver<()> {
         });
         ready_tx.send(()).unwrap();
         let mut buf = [0u8; 2048];
-        loop {
-            let Ok((_, from)) = udp.recv_from(&mut buf) else {
-                break;
-            };
+        while let Ok((_, from)) = udp.recv_from(&mut buf) {
             let _ = udp.send_to(format!("peer={from}").as_bytes(), from);
         }
     });

@@ -13,6 +13,14 @@ use ringlb::udp::flow_table::FlowTable;
 
 const HEAD: usize = 64;
 
+/// A bench case: name, token setting, PROXY setting, (client, local).
+type Case = (
+    &'static str,
+    Option<TokenConfig>,
+    ProxyProtocol,
+    (SocketAddr, SocketAddr),
+);
+
 fn bench(c: &mut Criterion) {
     let v4: (SocketAddr, SocketAddr) = (
         "192.0.2.7:56324".parse().unwrap(),
@@ -27,7 +35,7 @@ fn bench(c: &mut Criterion) {
         length: 16,
         strip: false,
     };
-    let cases: [(&str, Option<TokenConfig>, ProxyProtocol, (SocketAddr, SocketAddr)); 6] = [
+    let cases: [Case; 6] = [
         ("off", None, ProxyProtocol::Off, v4),
         ("proxy_v2/ipv4", None, ProxyProtocol::V2, v4),
         ("proxy_v2/ipv6", None, ProxyProtocol::V2, v6),
