@@ -242,6 +242,29 @@ fn bracket(host: &str) -> String {
     }
 }
 
+/// On a wildcard bind the header names the address the client sent to,
+/// not `0.0.0.0` / `::`.
+fn proxy_v2_on_a_wildcard_bind_names_the_address_reached(engine: &str) {
+    for (wild, host) in [("0.0.0.0", "127.0.0.1"), ("::", "::1")] {
+        let be = UdpBackend::start(&format!("{}:0", bracket(host)), "p1", Mode::Proxy);
+        let lb = start(engine, 1, wild, &[be.addr], "proxy_protocol = \"v2\"");
+        let to = SocketAddr::new(host.parse().unwrap(), lb.listen.port());
+        let c = client(host);
+        // The first datagram may already be queued before ringlb asks for
+        // destinations; from the next burst on, each names its own.
+        ask_retry(&c, to, b"first");
+        for i in 0..5 {
+            let msg = format!("wild {i}");
+            c.send_to(msg.as_bytes(), to).unwrap();
+            let mut buf = [0u8; 2048];
+            let (n, _) = c.recv_from(&mut buf).expect("reply");
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            assert_eq!(text, format!("OK {} {to} {msg}|p1", c.local_addr().unwrap()), "{wild}");
+        }
+        drop(lb);
+    }
+}
+
 fn proxy_v2_ipv4(engine: &str) {
     proxy_v2_header_on_every_datagram(engine, "127.0.0.1");
 }
@@ -439,6 +462,7 @@ macro_rules! on_both_engines {
 on_both_engines!(
     proxy_v2_ipv4,
     proxy_v2_ipv6,
+    proxy_v2_on_a_wildcard_bind_names_the_address_reached,
     a_client_changing_its_port_keeps_its_backend_by_token,
     short_datagrams_are_dropped_and_counted,
     strip_removes_the_token_and_proxy_v2_still_prefixes,

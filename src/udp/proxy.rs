@@ -82,6 +82,9 @@ pub struct UdpListener {
     tokens: FlowTable<u64, Arc<Backend>>,
     /// The address clients send to, for PROXY headers.
     local: SocketAddr,
+    /// A wildcard bind now reads each datagram's destination (asked for
+    /// only once a PROXY header needs it: other listeners pay nothing).
+    destinations: bool,
     /// The flow sockets; the worker's loop waits on its descriptor.
     poller: FlowPoller,
     /// Flow socket descriptor -> client. An entry may be stale (its flow
@@ -111,6 +114,7 @@ impl UdpListener {
         Ok(UdpListener {
             tokens: FlowTable::new(spec.max_flows, spec.idle_timeout, now),
             local,
+            destinations: false,
             slot: spec.slot,
             worker,
             listener: spec.socket,
@@ -144,6 +148,9 @@ impl UdpListener {
     /// the budget is used. Returns true when it stopped on the budget (the
     /// loop should call again soon).
     pub fn on_readable(&mut self, snapshot: &Snapshot) -> bool {
+        if self.local.ip().is_unspecified() && !self.destinations {
+            self.want_destinations(snapshot);
+        }
         let fd = self.listener.as_raw_fd();
         let mut read = 0;
         while read < READ_BUDGET {
@@ -223,11 +230,59 @@ impl Drop for UdpListener {
 }
 
 impl UdpListener {
+    /// On a wildcard bind with PROXY v2 on: asks the kernel for each
+    /// datagram's destination address, so the header names the address the
+    /// client reached rather than `0.0.0.0` (datagrams already queued still
+    /// name the wildcard).
+    fn want_destinations(&mut self, snapshot: &Snapshot) {
+        let Some(l) = snapshot.listener(self.slot) else {
+            return;
+        };
+        if l.config.proxy_protocol != crate::config::ProxyProtocol::V2 {
+            return;
+        }
+        self.destinations = true;
+        let (level, name) = if self.local.is_ipv4() {
+            (libc::IPPROTO_IP, libc::IP_PKTINFO)
+        } else {
+            (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+        };
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on our open listener socket with a pointer to a
+        // live c_int and its size; the result is checked.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.listener.as_raw_fd(),
+                level,
+                name,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        let set = if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        };
+        match set {
+            Ok(()) => self.recv.want_destinations(),
+            Err(e) => log::warn!(
+                "udp listener \"{}\": cannot read datagram destinations ({e}): PROXY headers name {}",
+                self.name,
+                self.local
+            ),
+        }
+    }
+
     /// Forwards the first `n` datagrams of a received burst.
     fn relay_burst(&mut self, snapshot: &Snapshot, n: usize) {
         for i in 0..n {
             // Splitting the borrows: the datagram lives in `recv`, the flows and
             // the forwarder are other fields.
+            let local = match self.recv.destination(i) {
+                Some(ip) => SocketAddr::new(ip, self.local.port()),
+                None => self.local,
+            };
             let Some((client, buf, start, end)) = self.recv.get_mut(i) else {
                 continue;
             };
@@ -237,7 +292,7 @@ impl UdpListener {
                     slot: self.slot,
                     flows: &mut self.flows,
                     tokens: &mut self.tokens,
-                    local: self.local,
+                    local,
                     poller: &self.poller,
                     client_by_fd: &mut self.client_by_fd,
                     stats: &self.stats,
