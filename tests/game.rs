@@ -265,6 +265,31 @@ fn proxy_v2_on_a_wildcard_bind_names_the_address_reached(engine: &str) {
     }
 }
 
+/// A reload switches the header on for the listener's flows, open ones
+/// included, and a reload to `v1` on UDP is refused and changes nothing.
+fn reload_turns_proxy_v2_on_and_refuses_v1(engine: &str) {
+    let be = UdpBackend::start("127.0.0.1:0", "p1", Mode::Proxy);
+    let lb = start(engine, 1, "127.0.0.1", &[be.addr], "");
+    let c = client("127.0.0.1");
+    let (body, _) = ask_retry(&c, lb.listen, b"plain");
+    assert_eq!(body, b"BAD no v2 signature");
+    let text = std::fs::read_to_string(&lb.lb.config).unwrap();
+    let v1 = text.replace("pool = \"p\"\n", "pool = \"p\"\nproxy_protocol = \"v1\"\n");
+    std::fs::write(&lb.lb.config, &v1).unwrap();
+    let (code, r) = ctl_json(&lb.sock, &["reload"]);
+    assert_eq!(code, 1, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("v1 has no UDP form"), "{r}");
+    assert_eq!(ask_retry(&c, lb.listen, b"still").0, b"BAD no v2 signature");
+    std::fs::write(&lb.lb.config, v1.replace("\"v1\"", "\"v2\"")).unwrap();
+    let (code, r) = ctl_json(&lb.sock, &["reload"]);
+    assert_eq!(code, 0, "{r}");
+    let (body, _) = ask_retry(&c, lb.listen, b"now");
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        format!("OK {} {} now", c.local_addr().unwrap(), lb.listen)
+    );
+}
+
 fn proxy_v2_ipv4(engine: &str) {
     proxy_v2_header_on_every_datagram(engine, "127.0.0.1");
 }
@@ -463,6 +488,7 @@ on_both_engines!(
     proxy_v2_ipv4,
     proxy_v2_ipv6,
     proxy_v2_on_a_wildcard_bind_names_the_address_reached,
+    reload_turns_proxy_v2_on_and_refuses_v1,
     a_client_changing_its_port_keeps_its_backend_by_token,
     short_datagrams_are_dropped_and_counted,
     strip_removes_the_token_and_proxy_v2_still_prefixes,
