@@ -346,8 +346,12 @@ fn a_client_changing_its_port_keeps_its_backend_by_token(engine: &str) {
     }
     // Tokens, not one address, pick backends: 24 tokens reach several.
     assert!(seen.len() >= 3, "24 tokens reached only {seen:?}");
-    // The address does not matter: same token, another client address family of ports,
-    // same backend; and route without --token is refused with the reason.
+    let (code, out, _) = ctl_text(&lb.sock, &["route", "g", "127.0.0.1:9", "--token", &hex(&token(0))]);
+    assert_eq!(code, 0);
+    assert!(out.contains(&format!("token   {}", hex(&token(0)))), "{out}");
+    assert!(!out.contains("port 0 was hashed"), "{out}");
+    // On a token listener route without --token, or with a token of the
+    // wrong length, is refused with the reason.
     let (code, r) = ctl_json(&lb.sock, &["route", "g", "127.0.0.1:9"]);
     assert_eq!(code, 1, "{r}");
     assert!(r["error"].as_str().unwrap().contains("routes by token"), "{r}");
