@@ -360,6 +360,36 @@ fn a_client_changing_its_port_keeps_its_backend_by_token(engine: &str) {
     assert!(r["error"].as_str().unwrap().contains("16-byte tokens"), "{r}");
 }
 
+/// An address that a NAT hands from one player to another: its datagrams
+/// now carry another token, and they go to that token's backend.
+fn an_address_carrying_another_token_follows_the_new_token(engine: &str) {
+    let bes = tag_backends(4);
+    let addrs: Vec<_> = bes.iter().map(|b| b.addr).collect();
+    let lb = start(engine, 1, "127.0.0.1", &addrs, "hash_key = \"token\"");
+    let c = client("127.0.0.1");
+    let with = |i: usize| {
+        let mut m = b"p ".to_vec();
+        m.extend_from_slice(&token(i));
+        m
+    };
+    let first = ask_retry(&c, lb.listen, &with(0)).1;
+    let route = |i: usize| {
+        let (_, r) = ctl_json(&lb.sock, &["route", "g", "127.0.0.1:9", "--token", &hex(&token(i))]);
+        let a = r["chosen"].as_str().unwrap().to_string();
+        bes.iter().find(|b| b.addr.to_string() == a).unwrap().tag.clone()
+    };
+    let other = (1..50)
+        .find(|&i| route(i) != first)
+        .expect("a token on another backend");
+    assert_eq!(
+        ask_retry(&c, lb.listen, &with(other)).1,
+        route(other),
+        "the new session's backend"
+    );
+    assert_eq!(ask_retry(&c, lb.listen, &with(other)).1, route(other));
+    assert_eq!(ask_retry(&c, lb.listen, &with(0)).1, first, "and back");
+}
+
 fn short_datagrams_are_dropped_and_counted(engine: &str) {
     let bes = tag_backends(2);
     let addrs: Vec<_> = bes.iter().map(|b| b.addr).collect();
@@ -495,6 +525,7 @@ on_both_engines!(
     reload_turns_proxy_v2_on_and_refuses_v1,
     a_client_changing_its_port_keeps_its_backend_by_token,
     short_datagrams_are_dropped_and_counted,
+    an_address_carrying_another_token_follows_the_new_token,
     strip_removes_the_token_and_proxy_v2_still_prefixes,
     a_new_address_with_a_known_token_joins_its_backend_after_a_table_change,
     two_instances_send_a_token_to_the_same_backend,

@@ -15,6 +15,10 @@ pub struct Flow {
     pub socket: UdpSocket,
     /// The listener's counters (the flow counts itself closed on drop).
     pub stats: Arc<ListenerStats>,
+    /// `hash_key = "token"`: the hash of the token the flow was opened with
+    /// (0 on other listeners). A datagram from the same address with another
+    /// token is another session (an address handed on by a NAT): it re-picks.
+    pub token: u64,
 }
 
 impl Drop for Flow {

@@ -416,7 +416,8 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, buf: &mut [u8], payload: std::o
     };
     let data = &buf[range];
     if let Some(flow) = flows.get(&client, now) {
-        if usable(&flow.backend) {
+        let same_session = token.is_none_or(|hash| hash == flow.token);
+        if same_session && usable(&flow.backend) {
             if let Some(hash) = token {
                 tokens.touch(&hash, now);
             }
@@ -426,7 +427,8 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, buf: &mut [u8], payload: std::o
             unsafe { forwarder.forward(flow, client, stats, data) };
             return;
         }
-        // Its backend is down, removed or past its drain: re-pick below.
+        // Its backend is down, removed or past its drain, or the address now
+        // carries another session's token: re-pick below.
         // Queued sends may name its socket: run them before it closes.
         forwarder.finish(flows, stats);
         flows.remove(&client);
@@ -498,6 +500,7 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, buf: &mut [u8], payload: std::o
         backend,
         socket,
         stats: stats.clone(),
+        token: token.unwrap_or(0),
     };
     let Ok(flow) = flows.insert(client, flow, now) else {
         stats.refuse(RefuseReason::FlowTableFull);
