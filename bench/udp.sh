@@ -13,6 +13,11 @@
 # stopped on exit or Ctrl-C; files live in a temp dir (KEEP_TMP=1 keeps it).
 # Ports: PORT_BASE (19400) + 1, 2 (backends), 21 (ringlb), 41 (nginx).
 # NGINX_RESPONSES= (empty) drops nginx's "proxy_responses 1" (a side experiment).
+# Comparing two ringlb builds or settings: RINGLB_B=BIN adds "ringlb_b" (that
+# binary, port +22) to the rotation; RINGLB_EXTRA / RINGLB_B_EXTRA are lines
+# added to each one's listener (e.g. 'proxy_protocol = "v2"'); SYSTEMS picks
+# what runs (default "ringlb nginx direct", plus ringlb_b when set). With
+# proxy_protocol in either, the echo backends answer without the header.
 set -euo pipefail
 
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -29,6 +34,9 @@ WARMUP=${WARMUP:-0.5}
 PORT_BASE=${PORT_BASE:-19400}
 NGINX_RESPONSES=${NGINX_RESPONSES-1}   # nginx proxy_responses; NGINX_RESPONSES= (empty) omits it
 RINGLB=${RINGLB:-$REPO/target/release/ringlb}
+RINGLB_B=${RINGLB_B:-}
+RINGLB_EXTRA=${RINGLB_EXTRA:-}
+RINGLB_B_EXTRA=${RINGLB_B_EXTRA:-}
 
 usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
@@ -57,7 +65,8 @@ NGX_STREAM_MOD=/usr/lib/nginx/modules/ngx_stream_module.so
 [ -x "$RINGLB" ] || { echo "missing $RINGLB: cargo build --release" >&2; exit 1; }
 
 BE1=$((PORT_BASE + 1)); BE2=$((PORT_BASE + 2))
-declare -A PORT=([direct]=$BE1 [ringlb]=$((PORT_BASE + 21)) [nginx]=$((PORT_BASE + 41)))
+declare -A PORT=([direct]=$BE1 [ringlb]=$((PORT_BASE + 21)) [ringlb_b]=$((PORT_BASE + 22)) [nginx]=$((PORT_BASE + 41)))
+[ -z "$RINGLB_B" ] || [ -x "$RINGLB_B" ] || { echo "RINGLB_B=$RINGLB_B is not an executable" >&2; exit 1; }
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 TMP=$(mktemp -d /tmp/ringlb-udpbench.XXXXXX)
@@ -89,7 +98,7 @@ wait_udp() {
     for _ in $(seq 1 100); do udp_bound "$1" && return 0; sleep 0.05; done
     die "$2 did not bind udp 127.0.0.1:$1"
 }
-for p in "$BE1" "$BE2" "${PORT[ringlb]}" "${PORT[nginx]}"; do
+for p in "$BE1" "$BE2" "${PORT[ringlb]}" "${PORT[ringlb_b]}" "${PORT[nginx]}"; do
     udp_bound "$p" && die "udp port $p already in use (set PORT_BASE)"
 done
 
@@ -98,26 +107,31 @@ gcc -O2 -Wall -o "$TMP/udp_echo" "$BENCH/udp_echo.c"
 gcc -O2 -Wall -o "$TMP/udp_load" "$BENCH/udp_load.c"
 
 # --- backends ----------------------------------------------------------------
-"$TMP/udp_echo" "$BE1" > "$TMP/echo1.log" 2>&1 & STARTED+=($!); ECHO1=$!
-"$TMP/udp_echo" "$BE2" > "$TMP/echo2.log" 2>&1 & STARTED+=($!); ECHO2=$!
+ECHO_ARGS=()
+case "$RINGLB_EXTRA$RINGLB_B_EXTRA" in *proxy_protocol*) ECHO_ARGS=(--strip-proxy) ;; esac
+"$TMP/udp_echo" "$BE1" "${ECHO_ARGS[@]}" > "$TMP/echo1.log" 2>&1 & STARTED+=($!); ECHO1=$!
+"$TMP/udp_echo" "$BE2" "${ECHO_ARGS[@]}" > "$TMP/echo2.log" 2>&1 & STARTED+=($!); ECHO2=$!
 wait_udp "$BE1" "udp_echo"; wait_udp "$BE2" "udp_echo"
 
 # --- ringlb ------------------------------------------------------------------
-cat > "$TMP/ringlb.toml" <<EOF
+# ringlb_config NAME PORT EXTRA: a config with one udp listener.
+ringlb_config() {
+cat <<EOF
 [runtime]
 workers = $WORKERS
 io_engine = "$ENGINE"
 shutdown_timeout = "1s"
 
 [control]
-socket = "$TMP/ctl.sock"
+socket = "$TMP/$1.sock"
 
 [[listener]]
 name = "udp"
-bind = "127.0.0.1:${PORT[ringlb]}"
+bind = "127.0.0.1:$2"
 protocol = "udp"
 pool = "echo"
 idle_timeout = "60s"
+$3
 
 [[pool]]
 name = "echo"
@@ -128,9 +142,18 @@ addr = "127.0.0.1:$BE1"
 [[pool.backend]]
 addr = "127.0.0.1:$BE2"
 EOF
+}
+ringlb_config ringlb "${PORT[ringlb]}" "$RINGLB_EXTRA" > "$TMP/ringlb.toml"
 "$RINGLB" check -c "$TMP/ringlb.toml" >/dev/null || die "ringlb check failed"
 RUST_LOG=${RUST_LOG:-info} "$RINGLB" run -c "$TMP/ringlb.toml" > "$TMP/ringlb.log" 2>&1 & STARTED+=($!); RINGLB_PID=$!
 wait_udp "${PORT[ringlb]}" "ringlb"
+RINGLB_B_PID=""
+if [ -n "$RINGLB_B" ]; then
+    ringlb_config ringlb_b "${PORT[ringlb_b]}" "$RINGLB_B_EXTRA" > "$TMP/ringlb_b.toml"
+    "$RINGLB_B" check -c "$TMP/ringlb_b.toml" >/dev/null || die "ringlb_b check failed"
+    RUST_LOG=${RUST_LOG:-info} "$RINGLB_B" run -c "$TMP/ringlb_b.toml" > "$TMP/ringlb_b.log" 2>&1 & STARTED+=($!); RINGLB_B_PID=$!
+    wait_udp "${PORT[ringlb_b]}" "ringlb_b"
+fi
 
 # --- nginx stream (UDP) ------------------------------------------------------
 mkdir -p "$TMP/nginx/logs"
@@ -165,13 +188,14 @@ sleep 0.2
 cpu_pids() {
     case "$1" in
         ringlb) echo "$RINGLB_PID" ;;
+        ringlb_b) echo "$RINGLB_B_PID" ;;
         nginx) echo "$NGINX_PID $(pgrep -P "$NGINX_PID" | tr '\n' ' ')" | xargs | tr ' ' ',' ;;
         direct) echo "$ECHO1" ;;   # the one echo backend it hits (informational)
     esac
 }
 udp_rcvbuf_errors() { awk '/^Udp:/ { if (h) { print $6; exit } h = 1 }' /proc/net/snmp; }
-ringlb_counters() {  # datagrams_in datagrams_out datagrams_dropped refused(sum)
-    "$RINGLB" ctl -s "$TMP/ctl.sock" --json stats 2>/dev/null | python3 -c '
+ringlb_counters() {  # SYSTEM -> datagrams_in datagrams_out datagrams_dropped refused(sum)
+    "$RINGLB" ctl -s "$TMP/$1.sock" --json stats 2>/dev/null | python3 -c '
 import json, sys
 d = json.load(sys.stdin)
 d = d.get("data", d)
@@ -183,31 +207,39 @@ print(l["datagrams_in"], l["datagrams_out"], l["datagrams_dropped"], sum(l["refu
 echo "# udp.sh: rounds=$ROUNDS duration=${DUR}s workers=$WORKERS engine=$ENGINE flows=$FLOWS window=$WINDOW size=${SIZE}B" \
      "nproc=$(nproc) kernel=$(uname -r)"
 echo "# ringlb $("$RINGLB" --version 2>/dev/null | head -1), $(nginx -v 2>&1), nginx proxy_responses ${NGINX_RESPONSES:-(not set)}"
+echo "# ringlb: $RINGLB ${RINGLB_EXTRA:+[$RINGLB_EXTRA]}${RINGLB_B:+; ringlb_b: $RINGLB_B ${RINGLB_B_EXTRA:+[$RINGLB_B_EXTRA]}}"
 RAW="$TMP/raw.tsv"
 printf 'round\tsystem\tpps\treplies\tlost\tlate\terrors\tp50_us\tp99_us\tcpu_s\tload_cpu_s\trcvbuf_drops\tnote\n' > "$RAW"
 
-SYSTEMS=(ringlb nginx direct)
+if [ -n "${SYSTEMS:-}" ]; then
+    read -r -a SYSTEMS <<< "$SYSTEMS"
+elif [ -n "$RINGLB_B" ]; then
+    SYSTEMS=(ringlb ringlb_b nginx direct)
+else
+    SYSTEMS=(ringlb nginx direct)
+fi
 for ((r = 1; r <= ROUNDS; r++)); do
     order=()
     for ((i = 0; i < ${#SYSTEMS[@]}; i++)); do order+=("${SYSTEMS[$(( (i + r - 1) % ${#SYSTEMS[@]} ))]}"); done
     for sys in "${order[@]}"; do
         note=""
         before=""
-        [ "$sys" = ringlb ] && before=$(ringlb_counters)
+        case "$sys" in ringlb|ringlb_b) before=$(ringlb_counters "$sys") ;; esac
         rcv0=$(udp_rcvbuf_errors)
         out=$(timeout $((DUR + 30)) "$TMP/udp_load" 127.0.0.1 "${PORT[$sys]}" --flows "$FLOWS" --window "$WINDOW" \
                 --duration "$DUR" --size "$SIZE" --warmup "$WARMUP" --pids "$(cpu_pids "$sys")") \
             || { echo "udp_load against $sys failed (rc $?)" >&2; out=""; }
         rcvdrops=$(( $(udp_rcvbuf_errors) - rcv0 ))
-        if [ "$sys" = ringlb ]; then
-            kill -0 "$RINGLB_PID" 2>/dev/null || die "ringlb exited during the run: $(tail -5 "$TMP/ringlb.log")"
-            after=$(ringlb_counters)
+        if [ "$sys" = ringlb ] || [ "$sys" = ringlb_b ]; then
+            pid=$RINGLB_PID; [ "$sys" = ringlb_b ] && pid=$RINGLB_B_PID
+            kill -0 "$pid" 2>/dev/null || die "$sys exited during the run: $(tail -5 "$TMP/$sys.log")"
+            after=$(ringlb_counters "$sys")
             note=$(python3 -c '
 import sys
 b, a = sys.argv[1].split(), sys.argv[2].split()
 if "?" in b or "?" in a: print("ctl stats unavailable"); sys.exit()
 d = [int(y) - int(x) for x, y in zip(b, a)]
-print(f"ringlb in={d[0]} out={d[1]} dropped={d[2]} refused={d[3]}")' "$before" "$after")
+print(f"in={d[0]} out={d[1]} dropped={d[2]} refused={d[3]}")' "$before" "$after")
         elif [ "$sys" = nginx ]; then
             kill -0 "$NGINX_PID" 2>/dev/null || die "nginx exited during the run"
             note="nginx error.log lines: $(wc -l < "$TMP/nginx/error.log")"
@@ -241,7 +273,7 @@ lcpu = {s: med(s, lambda r: 100 * float(r["load_cpu_s"]) / (int(r["replies"]) / 
 print()
 print("| system | median pps | vs nginx | vs direct | CPU µs/packet | p50 RTT µs | p99 RTT µs | timed out / late / kernel rcvbuf drops (all rounds) | load gen CPU % | pps per round |")
 print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-for s in ["ringlb", "nginx", "direct"]:
+for s in ["ringlb", "ringlb_b", "nginx", "direct"]:
     if s not in by:
         continue
     vn = pps[s] / pps["nginx"] if pps.get("nginx") else float("nan")
@@ -256,6 +288,17 @@ for r in sorted({x["round"] for x in rows}):
     b = [x for x in rows if x["round"] == r and x["system"] == "nginx"]
     if a and b and float(b[0]["pps"]) > 0:
         rr.append(float(a[0]["pps"]) / float(b[0]["pps"]))
+rb = []
+for r in sorted({x["round"] for x in rows}):
+    a = [x for x in rows if x["round"] == r and x["system"] == "ringlb"]
+    b = [x for x in rows if x["round"] == r and x["system"] == "ringlb_b"]
+    if a and b and float(b[0]["pps"]) > 0:
+        rb.append((float(a[0]["pps"]) / float(b[0]["pps"]),
+                   float(a[0]["cpu_s"]) / max(1, int(a[0]["replies"])) * 1e6 - float(b[0]["cpu_s"]) / max(1, int(b[0]["replies"])) * 1e6))
+if rb:
+    print()
+    print("ringlb/ringlb_b pps per round: " + ", ".join(f"{x:.3f}" for x, _ in rb) + f" (median {statistics.median(x for x, _ in rb):.3f});"
+          " CPU µs/packet ringlb - ringlb_b per round: " + ", ".join(f"{y:+.3f}" for _, y in rb) + f" (median {statistics.median(y for _, y in rb):+.3f})")
 print()
 print("CPU µs/packet: balancer utime+stime (all threads; nginx master+workers) / replies, measured window only;")
 print("direct: the echo backend's own CPU. timed out: no reply within 200 ms (re-sent); late: a reply that")

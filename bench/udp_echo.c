@@ -1,10 +1,12 @@
 /*
  * udp_echo: a UDP echo server for the ringlb UDP benchmark (bench/udp.sh).
  *
- *   udp_echo PORT [--bind ADDR]
+ *   udp_echo PORT [--bind ADDR] [--strip-proxy]
  *
  * Binds ADDR:PORT (default 127.0.0.1) and sends every datagram back to its
- * sender, unchanged, until killed. One thread, blocking recvmmsg/sendmmsg in
+ * sender, unchanged, until killed. With --strip-proxy a datagram that starts
+ * with a PROXY v2 header (ringlb's proxy_protocol = "v2" on UDP) is echoed
+ * without it, as a server that reads the header would answer. One thread, blocking recvmmsg/sendmmsg in
  * batches of up to BATCH datagrams, so one system call moves many packets
  * when the load is high.
  */
@@ -42,18 +44,21 @@ int main(int argc, char **argv)
 {
     const char *addr = "127.0.0.1";
     int port = 0;
+    int strip_proxy = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--bind") && i + 1 < argc)
             addr = argv[++i];
+        else if (!strcmp(argv[i], "--strip-proxy"))
+            strip_proxy = 1;
         else if (argv[i][0] != '-' && port == 0)
             port = atoi(argv[i]);
         else {
-            fprintf(stderr, "usage: udp_echo PORT [--bind ADDR]\n");
+            fprintf(stderr, "usage: udp_echo PORT [--bind ADDR] [--strip-proxy]\n");
             return 2;
         }
     }
     if (port <= 0 || port > 65535) {
-        fprintf(stderr, "usage: udp_echo PORT [--bind ADDR]\n");
+        fprintf(stderr, "usage: udp_echo PORT [--bind ADDR] [--strip-proxy]\n");
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
@@ -96,7 +101,16 @@ int main(int argc, char **argv)
         }
         for (int i = 0; i < n; i++) {
             out[i].msg_hdr = in[i].msg_hdr;
+            iov[i].iov_base = bufs[i];
             iov[i].iov_len = in[i].msg_len; /* echo exactly what came in */
+            static const char sig[12] = "\r\n\r\n\0\r\nQUIT\n";
+            if (strip_proxy && in[i].msg_len >= 16 && !memcmp(bufs[i], sig, 12)) {
+                size_t h = 16 + (((unsigned char)bufs[i][14] << 8) | (unsigned char)bufs[i][15]);
+                if (h <= in[i].msg_len) {
+                    iov[i].iov_base = bufs[i] + h;
+                    iov[i].iov_len = in[i].msg_len - h;
+                }
+            }
             out[i].msg_hdr.msg_iov = &iov[i];
         }
         int done = 0;

@@ -24,9 +24,27 @@ pub fn flow_hash(client: SocketAddr, key: HashKey) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(&bytes, FLOW_HASH_SEED)
 }
 
+/// Hashes a routing token (`hash_key = "token"`) for a Maglev lookup: the
+/// token bytes alone, with the same fleet seed, so every instance sends a
+/// token to the same backend whatever address carries it.
+#[inline]
+pub fn token_hash(token: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(token, FLOW_HASH_SEED)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_golden_value_never_changes() {
+        // Part of the fleet contract, like the address hash.
+        assert_eq!(
+            token_hash(b"0123456789abcdef"),
+            xxhash_rust::xxh3::xxh3_64_with_seed(b"0123456789abcdef", FLOW_HASH_SEED)
+        );
+        assert_ne!(token_hash(b"0123456789abcdef"), token_hash(b"0123456789abcdeg"));
+    }
 
     #[test]
     fn src_ip_ignores_port_and_src_ip_port_does_not() {

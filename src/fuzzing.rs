@@ -267,10 +267,15 @@ pub fn check_control_request(data: &[u8]) {
                     assert_eq!(*weight, opt_i("weight"));
                     ("what_if", &["pool", "change", "addr", "weight"])
                 }
-                Request::Route { listener, client } => {
+                Request::Route {
+                    listener,
+                    client,
+                    token,
+                } => {
                     assert_eq!(Some(listener.as_str()), s("listener"));
                     assert_eq!(Some(client.as_str()), s("client"));
-                    ("route", &["listener", "client"])
+                    assert_eq!(token.as_deref(), s("token"));
+                    ("route", &["listener", "client", "token"])
                 }
             };
             assert_eq!(s("cmd"), Some(cmd), "{req:?}");
@@ -340,7 +345,8 @@ impl Bytes<'_> {
 ///
 /// Off gives no header; otherwise the header fits in `MAX_HEADER` and decodes back to the
 /// addresses, as v1 text (`PROXY TCP4|TCP6 src dst sport dport\r\n`, at most 107 bytes as
-/// the spec allows) or v2 binary (signature, PROXY command, family, length, addresses).
+/// the spec allows) or v2 binary (signature, PROXY command, family, length, addresses);
+/// the v2 DGRAM header of a UDP datagram differs from it only in the transport.
 pub fn check_proxy_header(data: &[u8]) {
     let mut b = Bytes(data);
     let version = match b.u8() % 3 {
@@ -409,6 +415,14 @@ pub fn check_proxy_header(data: &[u8]) {
             assert_eq!((got_src, got_dst), (src, dst));
             let port = |i: usize| u16::from_be_bytes([bytes[i], bytes[i + 1]]);
             assert_eq!((port(ports), port(ports + 2)), (client.port(), local.port()));
+            // The per-datagram header of a UDP listener: the same bytes but
+            // the transport nibble, DGRAM (0x12 / 0x22) for STREAM.
+            let d = crate::proxy::proxy_protocol::dgram_header(client, local);
+            let d = d.bytes();
+            assert!(d.len() <= crate::proxy::proxy_protocol::MAX_V2_HEADER);
+            assert_eq!(d.len(), bytes.len());
+            assert_eq!(d[13], bytes[13] + 1, "DGRAM family byte");
+            assert_eq!((&d[..13], &d[14..]), (&bytes[..13], &bytes[14..]));
         }
         ProxyProtocol::Off => unreachable!(),
     }

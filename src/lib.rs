@@ -23,6 +23,7 @@ pub mod snapshot;
 pub mod sockaddr;
 pub mod startup;
 pub mod stats;
+pub mod transparent;
 pub mod udp;
 pub mod whatif;
 pub mod worker;

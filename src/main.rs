@@ -243,6 +243,9 @@ enum CtlCommand {
         listener: String,
         /// `ip` or `ip:port`.
         client: String,
+        /// `hash_key = "token"` listeners: the token, in hex (e.g. 32 hex digits for 16 bytes).
+        #[arg(long)]
+        token: Option<String>,
     },
 }
 
@@ -281,7 +284,15 @@ impl CtlCommand {
             CtlCommand::Remove { pool, addr, force } => Request::Remove { pool, addr, force },
             CtlCommand::Reload => Request::Reload {},
             CtlCommand::Stats => Request::Stats {},
-            CtlCommand::Route { listener, client } => Request::Route { listener, client },
+            CtlCommand::Route {
+                listener,
+                client,
+                token,
+            } => Request::Route {
+                listener,
+                client,
+                token,
+            },
             // Not one request: `ctl top` asks for stats and backends itself
             // (and is handled before any request is built).
             CtlCommand::Top { .. } => Request::Stats {},

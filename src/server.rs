@@ -195,7 +195,16 @@ impl Server {
             .await
             .map_err(|e| format!("reading the config failed: {e}"))?
             .map_err(|e| e.to_string())?;
-        // Bind what is new before touching anything: which listeners those
+        // The capability check `run` makes (Config::check_host), so a
+        // reload cannot switch on a source ringlb could never bind.
+        if let Some(l) = new
+            .listeners
+            .iter()
+            .find(|l| l.source == crate::config::SourceMode::Client)
+        {
+            crate::transparent::probe().map_err(|p| format!("listener \"{}\": source: {p}", l.name))?;
+        }
+        // Bind what is new before touching anything; which listeners those
         // are is read under the model lock, the binding (whose probe may
         // wait for orphaned sockets) is done without it.
         let to_bind = self.model.lock().listeners_to_bind(&new);

@@ -218,6 +218,9 @@ pub struct ListenerStats {
     pub datagrams_out: Counter,
     /// UDP datagrams dropped (send failed, backend unreachable).
     pub datagrams_dropped: Counter,
+    /// UDP datagrams dropped because they were too short to carry the
+    /// routing token (`hash_key = "token"`); also in `datagrams_dropped`.
+    pub datagrams_short: Counter,
     /// Bytes from clients to backends.
     pub bytes_in: Counter,
     /// Bytes from backends to clients.
@@ -241,6 +244,7 @@ impl ListenerStats {
             datagrams_in: Counter::new(workers),
             datagrams_out: Counter::new(workers),
             datagrams_dropped: Counter::new(workers),
+            datagrams_short: Counter::new(workers),
             bytes_in: Counter::new(workers),
             bytes_out: Counter::new(workers),
             accept_errors: Counter::new(workers),

@@ -97,6 +97,7 @@ fn every_reply_decodes_into_the_protocol_types_and_status_names_the_protocol() {
     let route = Request::Route {
         listener: "web".into(),
         client: "127.0.0.1:5000".into(),
+        token: None,
     };
     match ctl_request(&s.sock, &route) {
         Reply::Route(r) => assert_eq!(r.chosen, Some(b.addr.to_string())),

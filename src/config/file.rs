@@ -97,6 +97,10 @@ pub struct ListenerFile {
     pub relay: Option<String>,
     /// `off`, `v1` or `v2`: PROXY protocol header to the backend.
     pub proxy_protocol: Option<String>,
+    /// `balancer` or `client`: the address backends are connected to from.
+    pub source: Option<String>,
+    /// `[listener.token]`
+    pub token: Option<super::game::TokenFile>,
 }
 
 /// `[listener.rate_limit]`: per-source token buckets.

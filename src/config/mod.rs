@@ -8,11 +8,13 @@
 mod duration;
 mod error;
 pub mod file;
+pub mod game;
 pub mod types;
 pub mod validate;
 
 pub use duration::{format_duration, parse_duration};
 pub use error::{ConfigError, ConfigErrors};
+pub use game::{SourceMode, TokenConfig};
 pub use types::*;
 pub use validate::{addresses_overlap, pool_rule_problems, validate, validate_backend_request, PoolMember};
 
@@ -88,6 +90,16 @@ impl Config {
                     format!("listener \"{}\": bind", l.name),
                     format!("{}: cannot bind here: {e}", l.bind),
                 );
+            }
+            if l.source == SourceMode::Client {
+                if let Err(problem) = crate::transparent::probe() {
+                    err(format!("listener \"{}\": source", l.name), problem);
+                }
+            }
+            if l.source == SourceMode::Client {
+                if let Err(problem) = crate::transparent::probe() {
+                    err(format!("listener \"{}\": source", l.name), problem);
+                }
             }
         }
         if let Some(m) = self.control.metrics {

@@ -167,7 +167,10 @@ fn proxy_protocol_on_listeners_and_checks() {
     assert!(e.contains("proxy_protocol: \"v3\": expected off, v1 or v2"), "{e}");
     let udp = GOOD.replace("hash_key = \"src_ip\"", "protocol = \"udp\"\nproxy_protocol = \"v1\"");
     let e = errors(&udp).join("\n");
-    assert!(e.contains("proxy_protocol: only applies to protocol = \"tcp\""), "{e}");
+    assert!(e.contains("proxy_protocol: v1 has no UDP form: use \"v2\""), "{e}");
+    // v2 on UDP: a header on every datagram.
+    let udp = GOOD.replace("hash_key = \"src_ip\"", "protocol = \"udp\"\nproxy_protocol = \"v2\"");
+    assert_eq!(parse(&udp).unwrap().listeners[0].proxy_protocol, ProxyProtocol::V2);
 
     // Checks of PROXY-only backends open with the "our own connection" header.
     let check = |extra: &str| {

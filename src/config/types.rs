@@ -128,6 +128,8 @@ pub enum HashKey {
     SrcIp,
     /// Client IP and port: connections of one client spread.
     SrcIpPort,
+    /// UDP: a token carried in each datagram (`[listener.token]`).
+    Token,
 }
 
 /// `[[listener]]`
@@ -161,8 +163,12 @@ pub struct ListenerConfig {
     pub rate_limit: Option<RateLimitConfig>,
     /// How TCP bytes are moved.
     pub relay: RelayMode,
-    /// PROXY protocol header sent to the backend first.
+    /// PROXY protocol header sent to the backend first (UDP: on every datagram).
     pub proxy_protocol: ProxyProtocol,
+    /// Which address backends are connected to from.
+    pub source: super::SourceMode,
+    /// UDP with `hash_key = "token"`: where the token is.
+    pub token: Option<super::TokenConfig>,
 }
 
 impl ListenerConfig {

@@ -15,7 +15,7 @@ use super::{parse_duration, ConfigError, ConfigErrors};
 use crate::maglev;
 
 /// Collects errors while validating so that one run reports them all.
-struct Checker<'a> {
+pub(super) struct Checker<'a> {
     file: &'a Path,
     errors: Vec<ConfigError>,
     /// Region names met so far ("default" is always there).
@@ -23,11 +23,11 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
-    fn err(&mut self, place: &str, problem: impl Into<String>) {
+    pub(super) fn err(&mut self, place: &str, problem: impl Into<String>) {
         self.errors.push(ConfigError::new(self.file, place, problem));
     }
 
-    fn duration(&mut self, place: &str, key: &str, v: &Option<String>, default: Duration) -> Duration {
+    pub(super) fn duration(&mut self, place: &str, key: &str, v: &Option<String>, default: Duration) -> Duration {
         match v {
             None => default,
             Some(s) => parse_duration(s).unwrap_or_else(|e| {
@@ -104,7 +104,7 @@ impl Checker<'_> {
         }
     }
 
-    fn ranged(&mut self, place: &str, v: Option<i64>, min: i64, max: i64, default: i64) -> i64 {
+    pub(super) fn ranged(&mut self, place: &str, v: Option<i64>, min: i64, max: i64, default: i64) -> i64 {
         match v {
             None => default,
             Some(x) if x < min || x > max => {
@@ -330,10 +330,11 @@ fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Opti
     let hash_key = match l.hash_key.as_deref() {
         None | Some("src_ip_port") => HashKey::SrcIpPort,
         Some("src_ip") => HashKey::SrcIp,
+        Some("token") => HashKey::Token,
         Some(other) => {
             c.err(
                 &format!("{place}hash_key"),
-                format!("\"{other}\": expected src_ip or src_ip_port"),
+                format!("\"{other}\": expected src_ip, src_ip_port or token"),
             );
             HashKey::SrcIpPort
         }
@@ -398,12 +399,18 @@ fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Opti
         c.err(&format!("{place}relay"), "only applies to protocol = \"tcp\"");
     }
     let proxy_protocol = c.proxy_protocol(&place, "proxy_protocol", &l.proxy_protocol);
-    if proxy_protocol != ProxyProtocol::Off && protocol == Protocol::Udp {
-        c.err(&format!("{place}proxy_protocol"), "only applies to protocol = \"tcp\"");
+    if proxy_protocol == ProxyProtocol::V1 && protocol == Protocol::Udp {
+        c.err(
+            &format!("{place}proxy_protocol"),
+            "v1 has no UDP form: use \"v2\" on a udp listener",
+        );
     }
+    let (source, token) = super::game::validate_game(c, &place, protocol, hash_key, &l.source, &l.token);
     Some(ListenerConfig {
         relay,
         proxy_protocol,
+        source,
+        token,
         max_flows,
         max_connections,
         max_connections_per_source,

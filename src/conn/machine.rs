@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::admission::limits::ListenerLimits;
 use crate::admission::SourceKey;
-use crate::config::{ListenerConfig, ProxyProtocol, RelayMode};
+use crate::config::{ListenerConfig, ProxyProtocol, RelayMode, SourceMode};
 use crate::errno::ConnectBlame;
 use crate::proxy::proxy_protocol::{self, Header};
 use crate::snapshot::{Backend, PoolSnapshot};
@@ -113,6 +113,9 @@ pub enum Op {
         addr: SocketAddr,
         /// When the attempt counts as timed out.
         deadline: Instant,
+        /// `source = "client"`: bind the socket to this client's address
+        /// (`IP_TRANSPARENT`) before connecting.
+        transparent_for: Option<SocketAddr>,
     },
     /// Abandon the connect in flight; its completion (an error) follows.
     CancelConnect,
@@ -399,6 +402,7 @@ impl Conn {
                 out.push(Op::Connect {
                     addr: backend.addr,
                     deadline: self.connect_deadline,
+                    transparent_for: (self.config.source == SourceMode::Client).then_some(self.peer),
                 });
                 return;
             }

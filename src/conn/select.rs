@@ -3,7 +3,7 @@
 //! TCP connects, UDP flow creation and `ctl route` all call [`select`], so
 //! `route` explains exactly what a worker does.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::config::HashKey;
 use crate::flow_key::flow_hash;
@@ -35,9 +35,15 @@ impl Selection {
 /// [`MAX_CANDIDATES`]); `None` when the pool has no usable backend for the
 /// client (fail fast, `no_backend`).
 pub fn select(pool: &PoolSnapshot, client: SocketAddr, key: HashKey, max: usize) -> Option<Selection> {
-    let (table, region) = pool.table_for(client.ip());
+    select_hash(pool, client.ip(), flow_hash(client, key), max)
+}
+
+/// Like [`select`] with the flow hash given: UDP token routing hashes the
+/// token carried in the datagram ([`crate::flow_key::token_hash`]); the
+/// client's IP still picks the region's table in a geo pool.
+pub fn select_hash(pool: &PoolSnapshot, client: IpAddr, hash: u64, max: usize) -> Option<Selection> {
+    let (table, region) = pool.table_for(client);
     let table = table?;
-    let hash = flow_hash(client, key);
     let mut sel = Selection {
         region,
         hash,

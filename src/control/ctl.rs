@@ -236,6 +236,9 @@ pub fn human(reply: &Reply<'_>) -> String {
         }
         Reply::Route(r) => {
             let _ = writeln!(out, "client {} on listener {}", r.client, r.listener);
+            if let Some(token) = &r.token {
+                let _ = writeln!(out, "token   {token} (the client address does not count)");
+            }
             if let Some(region) = &r.region {
                 let _ = writeln!(out, "region  {region}");
             }

@@ -214,7 +214,11 @@ pub async fn handle(server: &Arc<Server>, req: Request) -> Reply<'static> {
             Reply::parse(&Request::Backends { pool, limit, offset }, &line).unwrap_or_else(Reply::Error)
         }
         Request::Stats {} => Reply::Stats(stats(server)),
-        Request::Route { listener, client } => match route(server, &listener, &client) {
+        Request::Route {
+            listener,
+            client,
+            token,
+        } => match route(server, &listener, &client, token.as_deref()) {
             Ok(r) => Reply::Route(r),
             Err(e) => Reply::Error(e),
         },
@@ -380,7 +384,7 @@ pub fn backends_line(server: &Server, only: Option<&str>, offset: usize, limit: 
 
 /// Explains the routing decision for `client` on `listener`, from the same
 /// snapshot and the same code path workers use.
-fn route(server: &Server, listener: &str, client: &str) -> Result<RouteReply, String> {
+fn route(server: &Server, listener: &str, client: &str, token: Option<&str>) -> Result<RouteReply, String> {
     let addr: std::net::SocketAddr = match client.parse::<std::net::SocketAddr>() {
         Ok(a) => a,
         Err(_) => {
@@ -398,8 +402,32 @@ fn route(server: &Server, listener: &str, client: &str) -> Result<RouteReply, St
         .find(|l| l.config.name == listener)
         .ok_or_else(|| format!("no listener named \"{listener}\""))?;
     let pool = &snapshot.pools[view.pool];
+    let token_hash = match (&view.config.token, token) {
+        (Some(t), Some(hex)) => {
+            let bytes = parse_hex(hex).ok_or_else(|| format!("token \"{hex}\" is not hex (two digits per byte)"))?;
+            if bytes.len() != t.length as usize {
+                return Err(format!(
+                    "listener \"{listener}\" routes by {}-byte tokens; token \"{hex}\" has {} bytes",
+                    t.length,
+                    bytes.len()
+                ));
+            }
+            Some(crate::flow_key::token_hash(&bytes))
+        }
+        (Some(t), None) => {
+            return Err(format!(
+                "listener \"{listener}\" routes by token: give the {}-byte token in hex (--token HEX)",
+                t.length
+            ))
+        }
+        (None, Some(_)) => return Err(format!("listener \"{listener}\" does not route by token")),
+        (None, None) => None,
+    };
     // The very function a worker calls for a new connection or flow.
-    let selection = crate::conn::select(pool, addr, view.config.hash_key, 5);
+    let selection = match token_hash {
+        Some(hash) => crate::conn::select::select_hash(pool, addr.ip(), hash, 5),
+        None => crate::conn::select(pool, addr, view.config.hash_key, 5),
+    };
     let tcp = view.config.protocol == crate::config::Protocol::Tcp;
     let region = pool.table_for(addr.ip()).1;
     let (region_name, table_name) = match (&pool.geo, region) {
@@ -449,7 +477,8 @@ fn route(server: &Server, listener: &str, client: &str) -> Result<RouteReply, St
         listener: listener.to_string(),
         client: addr.to_string(),
         hash_key: format!("{:?}", view.config.hash_key),
-        port_used: addr.port() != 0 || view.config.hash_key == crate::config::HashKey::SrcIp,
+        port_used: token_hash.is_some() || addr.port() != 0 || view.config.hash_key == crate::config::HashKey::SrcIp,
+        token: token.map(str::to_string),
         region: region_name,
         table: table_name,
         table_generation: pool.generation,
@@ -490,6 +519,17 @@ fn what_if(
     crate::whatif::prepare(&model, pool, &change, now)
 }
 
+/// `"00ff.."` as bytes; `None` unless it is pairs of hex digits.
+fn parse_hex(hex: &str) -> Option<Vec<u8>> {
+    if hex.is_empty() || hex.len() % 2 != 0 || hex.len() > 2 * 64 {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 /// Configured weight of each backend of pool `name` (the file's, or `ctl weight`'s).
 fn configured_weights(server: &Server, name: &str) -> HashMap<std::net::SocketAddr, u32> {
     let model = server.model.lock();
@@ -522,6 +562,7 @@ fn stats(server: &Server) -> StatsReply {
                 datagrams_in: l.stats.datagrams_in.get(),
                 datagrams_out: l.stats.datagrams_out.get(),
                 datagrams_dropped: l.stats.datagrams_dropped.get(),
+                datagrams_short: l.stats.datagrams_short.get(),
                 sources: l.limits.source_stats().map(|st| SourceCounters {
                     tracked: st.len,
                     evictions: st.evictions,

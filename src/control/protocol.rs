@@ -6,7 +6,7 @@
 //! `{"cmd":"drain","pool":"web","addr":"10.0.0.1:80"}`, `enable`, `disable`,
 //! `{"cmd":"weight","pool":..,"addr":..,"weight":5}`,
 //! `{"cmd":"add","pool":..,"addr":..,"weight":2}`, `remove`, `{"cmd":"reload"}`,
-//! `{"cmd":"stats"}`, `{"cmd":"route","listener":..,"client":..}`,
+//! `{"cmd":"stats"}`, `{"cmd":"route","listener":..,"client":..[,"token":HEX]}`,
 //! `{"cmd":"what_if","pool":..,"change":"remove|add|weight","addr":..,"weight":3}`. `drain`,
 //! `disable`, `weight`, `add` and `remove` take `"force": true` to leave a
 //! pool with no usable backend. Replies: `{"ok":true,...}` with the verb's
@@ -133,6 +133,9 @@ pub enum Request {
         listener: String,
         /// Client address: `ip` or `ip:port`.
         client: String,
+        /// The routing token in hex (`hash_key = "token"` listeners).
+        #[serde(default)]
+        token: Option<String>,
     },
 }
 
@@ -474,6 +477,9 @@ pub struct ListenerCounters {
     pub datagrams_out: u64,
     /// UDP datagrams dropped.
     pub datagrams_dropped: u64,
+    /// UDP datagrams too short to carry the listener's token (dropped too).
+    #[serde(default)]
+    pub datagrams_short: u64,
     /// The per-source table, when the listener limits sources.
     pub sources: Option<SourceCounters>,
 }
@@ -519,6 +525,9 @@ pub struct RouteReply {
     pub hash_key: String,
     /// Whether the port took part in the hash.
     pub port_used: bool,
+    /// The token routed by (`hash_key = "token"` listeners), as given.
+    #[serde(default)]
+    pub token: Option<String>,
     /// The client's region in a geo pool.
     pub region: Option<String>,
     /// Which table was used.

@@ -16,6 +16,21 @@ pub fn backend_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// With `transparent_for` (`source = "client"`), binds the fresh backend
+/// socket `fd` to that client's IP (port chosen at connect) with
+/// `IP_TRANSPARENT`; without it, hands `fd` back untouched.
+pub fn transparent_source(
+    fd: OwnedFd,
+    backend: SocketAddr,
+    transparent_for: Option<SocketAddr>,
+) -> io::Result<OwnedFd> {
+    if let Some(client) = transparent_for {
+        let source = crate::transparent::source_for(client, backend, 0)?;
+        crate::transparent::bind_transparent(std::os::fd::AsFd::as_fd(&fd), source, true)?;
+    }
+    Ok(fd)
+}
+
 /// `TCP_NODELAY` on `fd`.
 pub fn set_nodelay(fd: &OwnedFd) -> io::Result<()> {
     socket2::SockRef::from(fd).set_nodelay(true)

@@ -33,6 +33,11 @@ const V2_LOCAL: u8 = 0x20;
 /// AF_INET / AF_INET6 with STREAM, in the family byte.
 const V2_TCP4: u8 = 0x11;
 const V2_TCP6: u8 = 0x21;
+/// AF_INET / AF_INET6 with DGRAM (UDP listeners: one header per datagram).
+const V2_UDP4: u8 = 0x12;
+const V2_UDP6: u8 = 0x22;
+/// The longest v2 header with addresses (IPv6: 16 + 36 bytes).
+pub const MAX_V2_HEADER: usize = 52;
 
 /// A built header: `bytes()` is what goes to the backend first.
 pub struct Header {
@@ -73,32 +78,54 @@ pub fn header(version: ProxyProtocol, client: SocketAddr, local: SocketAddr) -> 
             );
             h.len = MAX_HEADER - cursor.len();
         }
-        ProxyProtocol::V2 => {
-            h.buf[..12].copy_from_slice(&V2_SIGNATURE);
-            h.buf[12] = V2_PROXY;
-            let mut at = 16;
-            let mut put = |bytes: &[u8]| {
-                h.buf[at..at + bytes.len()].copy_from_slice(bytes);
-                at += bytes.len();
-            };
-            match (src.ip(), dst.ip()) {
-                (IpAddr::V4(s), IpAddr::V4(d)) => {
-                    put(&s.octets());
-                    put(&d.octets());
-                }
-                (s, d) => {
-                    put(&to_v6(s).octets());
-                    put(&to_v6(d).octets());
-                }
-            }
-            put(&src.port().to_be_bytes());
-            put(&dst.port().to_be_bytes());
-            h.buf[13] = if src.is_ipv4() { V2_TCP4 } else { V2_TCP6 };
-            h.buf[14..16].copy_from_slice(&((at - 16) as u16).to_be_bytes());
-            h.len = at;
-        }
+        ProxyProtocol::V2 => write_v2(&mut h, src, dst, false),
     }
     Some(h)
+}
+
+/// The v2 header that prefixes one datagram from `client` to `local` (the
+/// address the client sent to): command PROXY, transport DGRAM. Families
+/// are chosen as in [`header`].
+#[inline]
+pub fn dgram_header(client: SocketAddr, local: SocketAddr) -> Header {
+    let mut h = Header {
+        buf: [0; MAX_HEADER],
+        len: 0,
+    };
+    let (src, dst) = same_family(client, local);
+    write_v2(&mut h, src, dst, true);
+    h
+}
+
+/// Writes a v2 PROXY header for `src` -> `dst` (of one family) into `h`.
+fn write_v2(h: &mut Header, src: SocketAddr, dst: SocketAddr, dgram: bool) {
+    h.buf[..12].copy_from_slice(&V2_SIGNATURE);
+    h.buf[12] = V2_PROXY;
+    let mut at = 16;
+    let mut put = |bytes: &[u8]| {
+        h.buf[at..at + bytes.len()].copy_from_slice(bytes);
+        at += bytes.len();
+    };
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            put(&s.octets());
+            put(&d.octets());
+        }
+        (s, d) => {
+            put(&to_v6(s).octets());
+            put(&to_v6(d).octets());
+        }
+    }
+    put(&src.port().to_be_bytes());
+    put(&dst.port().to_be_bytes());
+    h.buf[13] = match (src.is_ipv4(), dgram) {
+        (true, false) => V2_TCP4,
+        (false, false) => V2_TCP6,
+        (true, true) => V2_UDP4,
+        (false, true) => V2_UDP6,
+    };
+    h.buf[14..16].copy_from_slice(&((at - 16) as u16).to_be_bytes());
+    h.len = at;
 }
 
 /// The header for a connection of ringlb's own (a health check): v1
@@ -205,6 +232,27 @@ mod tests {
         assert_eq!(&b[32..48], &Ipv6Addr::LOCALHOST.octets());
         assert_eq!(u16::from_be_bytes([b[48], b[49]]), 1);
         assert_eq!(u16::from_be_bytes([b[50], b[51]]), 5432);
+    }
+
+    #[test]
+    fn v2_dgram_layout() {
+        let b4 = dgram_header(sa("192.0.2.7:56324"), sa("198.51.100.1:7777"));
+        let b = b4.bytes();
+        assert_eq!(b.len(), 28);
+        assert_eq!(&b[..12], b"\r\n\r\n\0\r\nQUIT\n");
+        assert_eq!(b[12], 0x21, "version 2, PROXY");
+        assert_eq!(b[13], 0x12, "UDP over IPv4");
+        assert_eq!(&b[16..20], &[192, 0, 2, 7]);
+        assert_eq!(u16::from_be_bytes([b[26], b[27]]), 7777);
+        let b6 = dgram_header(sa("[2001:db8::7]:1"), sa("[::1]:5432"));
+        let b = b6.bytes();
+        assert_eq!(b.len(), MAX_V2_HEADER);
+        assert_eq!(b[13], 0x22, "UDP over IPv6");
+        assert_eq!(u16::from_be_bytes([b[14], b[15]]), 36);
+        // The stream header for the same addresses differs only in the family byte.
+        let tcp = header(ProxyProtocol::V2, sa("[2001:db8::7]:1"), sa("[::1]:5432")).unwrap();
+        assert_eq!(&tcp.bytes()[..13], &b[..13]);
+        assert_eq!(&tcp.bytes()[14..], &b[14..]);
     }
 
     #[test]

@@ -15,6 +15,10 @@ pub struct Flow {
     pub socket: UdpSocket,
     /// The listener's counters (the flow counts itself closed on drop).
     pub stats: Arc<ListenerStats>,
+    /// `hash_key = "token"`: the hash of the token the flow was opened with
+    /// (0 on other listeners). A datagram from the same address with another
+    /// token is another session (an address handed on by a NAT): it re-picks.
+    pub token: u64,
 }
 
 impl Drop for Flow {
@@ -31,8 +35,21 @@ pub fn usable(backend: &Backend) -> bool {
     !backend.is_closing() && !backend.is_down()
 }
 
-/// A new non-blocking UDP socket connected to `backend` from an ephemeral port.
-pub fn connect_udp(backend: SocketAddr) -> std::io::Result<UdpSocket> {
+/// A new non-blocking UDP socket connected to `backend`: from an ephemeral
+/// port of ours, or with `transparent_for` from that client's own address
+/// and port (`source = "client"`).
+pub fn connect_udp(backend: SocketAddr, transparent_for: Option<SocketAddr>) -> std::io::Result<UdpSocket> {
+    if let Some(client) = transparent_for {
+        let source = crate::transparent::source_for(client, backend, client.port())?;
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(backend),
+            socket2::Type::DGRAM.nonblocking().cloexec(),
+            None,
+        )?;
+        crate::transparent::bind_transparent(std::os::fd::AsFd::as_fd(&s), source, false)?;
+        s.connect(&backend.into())?;
+        return Ok(s.into());
+    }
     let socket = UdpSocket::bind(crate::sockaddr::udp_local_for(backend))?;
     socket.connect(backend)?;
     socket.set_nonblocking(true)?;

@@ -1,4 +1,5 @@
 //! UDP balancing: per-flow backend choice with a bounded flow table.
+pub mod datagram;
 pub mod flow;
 pub mod flow_poller;
 pub mod flow_table;

@@ -26,8 +26,10 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::snapshot::Snapshot;
+use crate::config::SourceMode;
+use crate::snapshot::{Backend, Snapshot};
 use crate::stats::{ListenerStats, RefuseReason};
+use crate::udp::datagram::{prepare, Short};
 use crate::udp::flow::{connect_udp, usable, Flow};
 use crate::udp::flow_poller::FlowPoller;
 use crate::udp::flow_table::FlowTable;
@@ -73,6 +75,16 @@ pub struct UdpListener {
     worker: usize,
     listener: UdpSocket,
     flows: FlowTable<SocketAddr, Flow>,
+    /// `hash_key = "token"`: token hash -> the backend its first flow took,
+    /// so a new address carrying a known token joins it even after the
+    /// table changed. Bounded and expired like the flows; empty (and
+    /// unallocated) on other listeners.
+    tokens: FlowTable<u64, Arc<Backend>>,
+    /// The address clients send to, for PROXY headers.
+    local: SocketAddr,
+    /// A wildcard bind now reads each datagram's destination (asked for
+    /// only once a PROXY header needs it: other listeners pay nothing).
+    destinations: bool,
     /// The flow sockets; the worker's loop waits on its descriptor.
     poller: FlowPoller,
     /// Flow socket descriptor -> client. An entry may be stale (its flow
@@ -88,6 +100,7 @@ pub struct UdpListener {
     forwarder: Forwarder,
     ready: Vec<RawFd>,
     expired: Vec<(SocketAddr, Flow)>,
+    expired_tokens: Vec<(u64, Arc<Backend>)>,
     next_expiry: Instant,
 }
 
@@ -97,7 +110,11 @@ impl UdpListener {
     pub fn new(worker: usize, io_uring: bool, spec: UdpListenerSpec, now: Instant) -> std::io::Result<UdpListener> {
         spec.socket.set_nonblocking(true)?;
         let forwarder = Forwarder::new(io_uring, worker, &spec.name);
+        let local = spec.socket.local_addr()?;
         Ok(UdpListener {
+            tokens: FlowTable::new(spec.max_flows, spec.idle_timeout, now),
+            local,
+            destinations: false,
             slot: spec.slot,
             worker,
             listener: spec.socket,
@@ -111,6 +128,7 @@ impl UdpListener {
             forwarder,
             ready: Vec::new(),
             expired: Vec::new(),
+            expired_tokens: Vec::new(),
             next_expiry: now + EXPIRY_MIN_GAP,
             name: spec.name,
         })
@@ -130,6 +148,9 @@ impl UdpListener {
     /// the budget is used. Returns true when it stopped on the budget (the
     /// loop should call again soon).
     pub fn on_readable(&mut self, snapshot: &Snapshot) -> bool {
+        if self.local.ip().is_unspecified() && !self.destinations {
+            self.want_destinations(snapshot);
+        }
         let fd = self.listener.as_raw_fd();
         let mut read = 0;
         while read < READ_BUDGET {
@@ -190,7 +211,12 @@ impl UdpListener {
         self.flows.expire(now, &mut self.expired);
         // Dropping a flow closes its socket.
         self.expired.clear();
+        if !self.tokens.is_empty() {
+            self.tokens.expire(now, &mut self.expired_tokens);
+            self.expired_tokens.clear();
+        }
         let next = self.flows.next_deadline().unwrap_or(now + EXPIRY_MAX_GAP);
+        let next = self.tokens.next_deadline().map_or(next, |t| t.min(next));
         self.next_expiry = next.clamp(now + EXPIRY_MIN_GAP, now + EXPIRY_MAX_GAP);
     }
 }
@@ -204,12 +230,60 @@ impl Drop for UdpListener {
 }
 
 impl UdpListener {
+    /// On a wildcard bind with PROXY v2 on: asks the kernel for each
+    /// datagram's destination address, so the header names the address the
+    /// client reached rather than `0.0.0.0` (datagrams already queued still
+    /// name the wildcard).
+    fn want_destinations(&mut self, snapshot: &Snapshot) {
+        let Some(l) = snapshot.listener(self.slot) else {
+            return;
+        };
+        if l.config.proxy_protocol != crate::config::ProxyProtocol::V2 {
+            return;
+        }
+        self.destinations = true;
+        let (level, name) = if self.local.is_ipv4() {
+            (libc::IPPROTO_IP, libc::IP_PKTINFO)
+        } else {
+            (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+        };
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on our open listener socket with a pointer to a
+        // live c_int and its size; the result is checked.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.listener.as_raw_fd(),
+                level,
+                name,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        let set = if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        };
+        match set {
+            Ok(()) => self.recv.want_destinations(),
+            Err(e) => log::warn!(
+                "udp listener \"{}\": cannot read datagram destinations ({e}): PROXY headers name {}",
+                self.name,
+                self.local
+            ),
+        }
+    }
+
     /// Forwards the first `n` datagrams of a received burst.
     fn relay_burst(&mut self, snapshot: &Snapshot, n: usize) {
         for i in 0..n {
             // Splitting the borrows: the datagram lives in `recv`, the flows and
             // the forwarder are other fields.
-            let Some((client, data)) = self.recv.get(i) else {
+            let local = match self.recv.destination(i) {
+                Some(ip) => SocketAddr::new(ip, self.local.port()),
+                None => self.local,
+            };
+            let Some((client, buf, start, end)) = self.recv.get_mut(i) else {
                 continue;
             };
             on_datagram(
@@ -217,13 +291,16 @@ impl UdpListener {
                     snapshot,
                     slot: self.slot,
                     flows: &mut self.flows,
+                    tokens: &mut self.tokens,
+                    local,
                     poller: &self.poller,
                     client_by_fd: &mut self.client_by_fd,
                     stats: &self.stats,
                     forwarder: &mut self.forwarder,
                 },
                 client,
-                data,
+                buf,
+                start..end,
             );
         }
         self.forwarder.finish(&mut self.flows, &self.stats);
@@ -284,6 +361,8 @@ struct Ctx<'a> {
     snapshot: &'a Snapshot,
     slot: usize,
     flows: &'a mut FlowTable<SocketAddr, Flow>,
+    tokens: &'a mut FlowTable<u64, Arc<Backend>>,
+    local: SocketAddr,
     poller: &'a FlowPoller,
     client_by_fd: &'a mut Vec<Option<SocketAddr>>,
     stats: &'a Arc<ListenerStats>,
@@ -299,12 +378,15 @@ fn refuse(stats: &ListenerStats, reason: RefuseReason) {
     stats.datagrams_dropped.inc();
 }
 
-/// Handles one client datagram: find or open its flow, forward it.
-fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, data: &[u8]) {
+/// Handles one client datagram, `buf[payload]` (with headroom before it
+/// for a PROXY header): find or open its flow, forward it.
+fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, buf: &mut [u8], payload: std::ops::Range<usize>) {
     let Ctx {
         snapshot,
         slot,
         flows,
+        tokens,
+        local,
         poller,
         client_by_fd,
         stats,
@@ -312,25 +394,49 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, data: &[u8]) {
     } = ctx;
     let now = Instant::now();
     stats.datagrams_in.inc();
-    stats.bytes_in.add(data.len() as u64);
+    stats.bytes_in.add(payload.len() as u64);
     let Some(listener) = snapshot.listener(slot) else {
         return;
     };
+    let config = &*listener.config;
     let source = listener.limits.source_key(client.ip());
     if let Err(reason) = listener.limits.check_packet(source, now) {
         // Refused under its real reason, and a datagram dropped all the same.
         refuse(stats, reason);
         return;
     }
+    // Token routing: the key is read (and stripped) before anything else,
+    // so every datagram of a token listener carries one or is dropped.
+    let (token, range) = match prepare(
+        config.token.as_ref(),
+        config.proxy_protocol,
+        client,
+        local,
+        buf,
+        payload,
+    ) {
+        Ok(done) => done,
+        Err(Short) => {
+            stats.datagrams_short.inc();
+            stats.datagrams_dropped.inc();
+            return;
+        }
+    };
+    let data = &buf[range];
     if let Some(flow) = flows.get(&client, now) {
-        if usable(&flow.backend) {
+        let same_session = token.is_none_or(|hash| hash == flow.token);
+        if same_session && usable(&flow.backend) {
+            if let Some(hash) = token {
+                tokens.touch(&hash, now);
+            }
             // SAFETY: `data` is in the receive batch, which relay_burst does
             // not reuse before its `finish`; no flow closes before that either
             // (the re-pick below finishes first).
             unsafe { forwarder.forward(flow, client, stats, data) };
             return;
         }
-        // Its backend is down, removed or past its drain: re-pick below.
+        // Its backend is down, removed or past its drain, or the address now
+        // carries another session's token: re-pick below.
         // Queued sends may name its socket: run them before it closes.
         forwarder.finish(flows, stats);
         flows.remove(&client);
@@ -339,26 +445,50 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, data: &[u8]) {
         refuse(stats, reason);
         return;
     }
-    let pool = &snapshot.pools[listener.pool];
-    // The same selection as TCP connects and `ctl route`.
-    let Some(selection) = crate::conn::select(pool, client, listener.config.hash_key, 4) else {
-        refuse(stats, RefuseReason::NoBackend);
-        return;
-    };
     if flows.len() >= flows.capacity() {
         refuse(stats, RefuseReason::FlowTableFull);
         return;
     }
-    let Some(backend) = selection
-        .candidates()
-        .iter()
-        .map(|&i| &pool.backends[i as usize])
-        .find(|b| usable(b))
-    else {
-        refuse(stats, RefuseReason::NoBackend);
-        return;
+    let pool = &snapshot.pools[listener.pool];
+    // A known token goes where its first flow went, while that backend is usable.
+    let known = token
+        .and_then(|hash| tokens.get(&hash, now))
+        // Draining counts as usable: a returning player belongs to their
+        // match until its server's drain timeout.
+        .filter(|b| usable(b))
+        .cloned();
+    let backend = match known {
+        Some(b) => b,
+        None => {
+            // The same selection as TCP connects and `ctl route`.
+            let selection = match token {
+                Some(hash) => crate::conn::select::select_hash(pool, client.ip(), hash, 4),
+                None => crate::conn::select(pool, client, config.hash_key, 4),
+            };
+            let Some(selection) = selection else {
+                refuse(stats, RefuseReason::NoBackend);
+                return;
+            };
+            let Some(backend) = selection
+                .candidates()
+                .iter()
+                .map(|&i| &pool.backends[i as usize])
+                .find(|b| usable(b))
+            else {
+                refuse(stats, RefuseReason::NoBackend);
+                return;
+            };
+            if let Some(hash) = token {
+                // Replaces a stale entry; a full token table only loses the
+                // memory of table changes (Maglev still agrees on the rest).
+                tokens.remove(&hash);
+                let _ = tokens.insert(hash, backend.clone(), now);
+            }
+            backend.clone()
+        }
     };
-    let socket = match connect_udp(backend.addr).and_then(|s| poller.add(s.as_fd()).map(|()| s)) {
+    let transparent = (config.source == SourceMode::Client).then_some(client);
+    let socket = match connect_udp(backend.addr, transparent).and_then(|s| poller.add(s.as_fd()).map(|()| s)) {
         Ok(s) => s,
         Err(e) => {
             log::debug!("udp flow {client} -> {}: {e}", backend.addr);
@@ -371,9 +501,10 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, data: &[u8]) {
     backend.stats.conns.opened.inc();
     backend.stats.udp_flows.opened.inc();
     let flow = Flow {
-        backend: backend.clone(),
+        backend,
         socket,
         stats: stats.clone(),
+        token: token.unwrap_or(0),
     };
     let Ok(flow) = flows.insert(client, flow, now) else {
         // Not reached (the table's room was checked above). The flow was

@@ -25,7 +25,7 @@ use super::driver::{check_close, drive, fire_timers, ConnSlot, Driver, Immediate
 use super::listener::{accept_client, TcpListener};
 use super::pipe::{Pipe, PipePool, SPLICE_CHUNK};
 use super::slab::Slab;
-use super::sockets::{backend_socket, errno, reset_on_close};
+use super::sockets::{backend_socket, errno, reset_on_close, transparent_source};
 use super::token::{Kind, Token};
 
 /// Events read per epoll_wait.
@@ -433,8 +433,10 @@ impl EpollWorker {
             return;
         };
         match op {
-            Op::Connect { addr, .. } => {
-                let fd = match backend_socket(addr) {
+            Op::Connect {
+                addr, transparent_for, ..
+            } => {
+                let fd = match backend_socket(addr).and_then(|fd| transparent_source(fd, addr, transparent_for)) {
                     Ok(fd) => fd,
                     Err(e) => {
                         return self

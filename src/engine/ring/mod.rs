@@ -34,7 +34,7 @@ use super::driver::{check_close, drive, fire_timers, ConnSlot, Driver, Immediate
 use super::listener::{accept_client, TcpListener};
 use super::pipe::{Pipe, PipePool, SPLICE_CHUNK};
 use super::slab::Slab;
-use super::sockets::{errno, reset_on_close, set_nodelay, tcp_socket};
+use super::sockets::{errno, reset_on_close, set_nodelay, tcp_socket, transparent_source};
 use super::token::{Kind, Token};
 use buf_ring::BufRing;
 
@@ -552,8 +552,12 @@ impl RingWorker {
             return;
         };
         match op {
-            Op::Connect { addr, deadline } => {
-                let fd = match tcp_socket(addr) {
+            Op::Connect {
+                addr,
+                deadline,
+                transparent_for,
+            } => {
+                let fd = match tcp_socket(addr).and_then(|fd| transparent_source(fd, addr, transparent_for)) {
                     Ok(fd) => fd,
                     Err(e) => {
                         self.driver
