@@ -6,6 +6,7 @@
 mod duration;
 mod error;
 pub mod file;
+pub mod preread;
 
 pub use duration::{format_duration, parse_duration};
 pub use error::{ConfigError, ConfigErrors};
@@ -120,8 +121,22 @@ pub struct ControlConfig {
     pub socket: Option<PathBuf>,
     /// Prometheus endpoint address.
     pub metrics: Option<SocketAddr>,
-    /// Log one line per connection at info.
-    pub access_log: bool,
+    /// Log one line per connection at info (text) or as JSON.
+    pub access_log: AccessLog,
+    /// JSON access log file (stderr when `None`).
+    pub access_log_file: Option<PathBuf>,
+}
+
+/// `[control] access_log`: one record per closed connection and expired UDP flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccessLog {
+    /// No access log.
+    #[default]
+    Off,
+    /// One `info` line per closed TCP connection, through the log.
+    Text,
+    /// One JSON object per line, written by a thread of its own.
+    Json,
 }
 
 /// Transport of a listener.
@@ -175,6 +190,10 @@ pub struct ListenerConfig {
     pub relay: RelayMode,
     /// PROXY protocol header sent to the backend first.
     pub proxy_protocol: ProxyProtocol,
+    /// PROXY headers accepted from clients (`accept_proxy`).
+    pub accept_proxy: Option<preread::AcceptProxyConfig>,
+    /// Routing by TLS server name (`[[listener.route]]`).
+    pub sni: Option<preread::SniConfig>,
 }
 
 /// Whether, and in which version, a TCP listener tells its backends the
@@ -663,8 +682,34 @@ pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
             .metrics
             .as_ref()
             .and_then(|_| c.addr("control.", "metrics", &file.control.metrics)),
-        access_log: file.control.access_log.unwrap_or(false),
+        access_log: match &file.control.access_log {
+            None | Some(file::AccessLogFile::Bool(false)) => AccessLog::Off,
+            Some(file::AccessLogFile::Bool(true)) => AccessLog::Text,
+            Some(file::AccessLogFile::Name(n)) => match n.as_str() {
+                "off" => AccessLog::Off,
+                "text" => AccessLog::Text,
+                "json" => AccessLog::Json,
+                other => {
+                    c.err(
+                        "control.access_log",
+                        format!("\"{other}\": expected off, text or json (or true/false)"),
+                    );
+                    AccessLog::Off
+                }
+            },
+        },
+        access_log_file: match file.control.access_log_file.as_deref() {
+            None => None,
+            Some("") => {
+                c.err("control.access_log_file", "empty path");
+                None
+            }
+            Some(p) => Some(PathBuf::from(p)),
+        },
     };
+    if control.access_log_file.is_some() && control.access_log != AccessLog::Json {
+        c.err("control.access_log_file", "only applies with access_log = \"json\"");
+    }
 
     let mut pools = Vec::new();
     let mut pool_names = HashSet::new();
@@ -702,6 +747,14 @@ pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
         }
         if !pool_names.contains(&lc.pool) {
             c.err(&format!("{label}: pool"), format!("no pool named \"{}\"", lc.pool));
+        }
+        for (i, r) in lc.sni.iter().flat_map(|s| s.routes.iter()).enumerate() {
+            if !pool_names.contains(&r.pool) {
+                c.err(
+                    &format!("{label}: route {}: pool", i + 1),
+                    format!("no pool named \"{}\"", r.pool),
+                );
+            }
         }
         listeners.push(lc);
     }
@@ -869,7 +922,10 @@ fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Opti
     if proxy_protocol != ProxyProtocol::Off && protocol == Protocol::Udp {
         c.err(&format!("{place}proxy_protocol"), "only applies to protocol = \"tcp\"");
     }
+    let (accept_proxy, sni) = preread::validate(c, &place, l, protocol);
     Some(ListenerConfig {
+        accept_proxy,
+        sni,
         relay,
         proxy_protocol,
         max_flows,
