@@ -748,12 +748,15 @@ pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
         if !pool_names.contains(&lc.pool) {
             c.err(&format!("{label}: pool"), format!("no pool named \"{}\"", lc.pool));
         }
-        for (i, r) in lc.sni.iter().flat_map(|s| s.routes.iter()).enumerate() {
-            if !pool_names.contains(&r.pool) {
-                c.err(
-                    &format!("{label}: route {}: pool", i + 1),
-                    format!("no pool named \"{}\"", r.pool),
-                );
+        for (i, r) in l.route.iter().flatten().enumerate() {
+            match &r.pool {
+                Some(p) if !p.is_empty() && !pool_names.contains(p) => {
+                    c.err(
+                        &format!("{label}: route {}: pool", i + 1),
+                        format!("no pool named \"{p}\""),
+                    );
+                }
+                _ => {}
             }
         }
         listeners.push(lc);
