@@ -99,22 +99,23 @@ fn starts_like(buf: &[u8], sig: &[u8]) -> bool {
 
 fn parse_v1(buf: &[u8]) -> Result<Option<Parsed>, ProxyError> {
     let window = &buf[..buf.len().min(MAX_V1)];
-    let Some(cr) = window.iter().position(|&b| b == b'\r') else {
-        if window.contains(&b'\n') {
-            return Err(ProxyError::Malformed("v1 line ends without CR"));
-        }
+    let Some(cr) = window.iter().position(|&b| b == b'\r' || b == b'\n') else {
         return if buf.len() >= MAX_V1 {
             Err(ProxyError::Oversized)
         } else {
             Ok(None)
         };
     };
+    if buf[cr] == b'\n' {
+        return Err(ProxyError::Malformed("v1 line ends without CR"));
+    }
+    if cr + 2 > MAX_V1 {
+        // The LF would be byte 108 (found by fuzzing: the verdict used to
+        // depend on the byte after the CR).
+        return Err(ProxyError::Oversized);
+    }
     if cr + 1 >= buf.len() {
-        return if cr + 1 >= MAX_V1 {
-            Err(ProxyError::Oversized)
-        } else {
-            Ok(None)
-        };
+        return Ok(None);
     }
     if buf[cr + 1] != b'\n' {
         return Err(ProxyError::Malformed("v1 line: CR not followed by LF"));
@@ -439,6 +440,12 @@ mod tests {
         long.resize(200, b'1');
         assert_eq!(parse(&long, Accept::V1), Err(ProxyError::Oversized));
         assert_eq!(parse(&long[..106], Accept::V1), Ok(None));
+        // A CR as byte 107: the LF could only be byte 108, over the limit.
+        let mut cr_last = long[..106].to_vec();
+        cr_last.push(b'\r');
+        assert_eq!(parse(&cr_last, Accept::V1), Err(ProxyError::Oversized));
+        cr_last.push(b'\n');
+        assert_eq!(parse(&cr_last, Accept::V1), Err(ProxyError::Oversized));
         // v2: wrong version, command, family, transport, short body, oversized length.
         assert_eq!(
             parse(&v2(0x11, 0x11, &[0; 12]), Accept::V2),
