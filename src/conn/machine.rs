@@ -364,7 +364,7 @@ impl Conn {
             // bytes: the PROXY header names the real client, the
             // ClientHello the pool.
             conn.phase = Phase::Preread;
-            conn.pre = Some(Box::new(Preread::new(&p.config, now)));
+            conn.pre = Some(Box::new(Preread::new(p.config, now)));
             conn.snapshot = p.snapshot;
             conn.pool = Some(p.pool.clone());
             conn.recv(Side::Client, out);
