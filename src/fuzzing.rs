@@ -602,3 +602,87 @@ fn naive_lookup(prefixes: &[(Cidr, RegionId)], default: RegionId, ip: IpAddr) ->
         .max_by_key(|(c, _)| c.prefix_len())
         .map_or(default, |&(_, r)| r)
 }
+
+/// Target `proxy_accept`: [`crate::proxy::proxy_accept::parse`] over arbitrary bytes
+/// (the first byte picks the accepted versions).
+///
+/// Never panics; a complete header is at most `MAX_HEADER` bytes and within the input,
+/// the verdict does not change with bytes after it, and every shorter prefix of it is
+/// "incomplete" (so a header split over reads is never refused early). An input that
+/// is incomplete is shorter than the bound; a refusal stays a refusal with more bytes.
+pub fn check_proxy_accept(data: &[u8]) {
+    use crate::proxy::proxy_accept::{parse, Accept, MAX_HEADER as MAX_IN};
+    let Some((&first, input)) = data.split_first() else {
+        return;
+    };
+    let accept = match first % 3 {
+        0 => Accept::V1,
+        1 => Accept::V2,
+        _ => Accept::Any,
+    };
+    let verdict = parse(input, accept);
+    let mut longer = input.to_vec();
+    longer.extend_from_slice(b"\r\n\0PROXY \x16\x03");
+    match verdict {
+        Ok(Some(p)) => {
+            assert!(p.len <= input.len() && p.len <= MAX_IN, "{p:?} of {}", input.len());
+            assert!(
+                p.len >= 15,
+                "shortest header is 15 bytes (v1 UNKNOWN) or 16 (v2): {p:?}"
+            );
+            assert_eq!(
+                parse(&input[..p.len], accept),
+                verdict,
+                "depends on bytes after the header"
+            );
+            assert_eq!(parse(&longer, accept), verdict);
+            for cut in [0, 1, p.len / 2, p.len - 1] {
+                assert_eq!(parse(&input[..cut], accept), Ok(None), "prefix of {cut} bytes refused");
+            }
+            if let Some((src, dst)) = p.addrs {
+                assert_eq!(src.is_ipv4(), dst.is_ipv4(), "one family per header");
+            }
+        }
+        Ok(None) => assert!(input.len() < MAX_IN, "undecided after {} bytes", input.len()),
+        Err(e) => {
+            assert!(!e.to_string().is_empty());
+            assert_eq!(parse(&longer, accept), verdict, "a refusal changed with more bytes");
+        }
+    }
+}
+
+/// Target `client_hello`: [`crate::proxy::client_hello::server_name`] over arbitrary bytes.
+///
+/// Never panics; a name is a sub-slice of the first record, a valid host name (letters,
+/// digits, `-`, `_`, dots between non-empty labels, at most 255 bytes); a decided
+/// verdict does not change with bytes after it; "incomplete" only below the size bound.
+pub fn check_client_hello(data: &[u8]) {
+    use crate::proxy::client_hello::{server_name, Hello, MAX_HELLO};
+    let verdict = server_name(data);
+    match verdict {
+        Hello::Incomplete => assert!(data.len() < MAX_HELLO, "undecided after {} bytes", data.len()),
+        Hello::Sni(name) => {
+            assert!(!name.is_empty() && name.len() <= 255);
+            let start = name.as_ptr() as usize - data.as_ptr() as usize;
+            assert!(
+                start + name.len() <= data.len().min(MAX_HELLO),
+                "name outside the record"
+            );
+            assert!(
+                name.iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'),
+                "{name:?}"
+            );
+            assert!(
+                !name.split(|&b| b == b'.').any(|l| l.is_empty()),
+                "empty label: {name:?}"
+            );
+        }
+        Hello::NotTls | Hello::NoSni => {}
+    }
+    if verdict != Hello::Incomplete {
+        let mut longer = data.to_vec();
+        longer.extend_from_slice(&[0x16, 3, 1, 0, 5, 1, 0, 0, 1]);
+        assert_eq!(server_name(&longer), verdict, "verdict changed with bytes after it");
+    }
+}

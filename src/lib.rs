@@ -1,4 +1,5 @@
 //! ringlb: an L4 TCP/UDP load balancer for Linux on io_uring.
+pub mod access_log;
 pub mod admission;
 pub mod config;
 pub mod conn;

@@ -25,6 +25,19 @@ pub fn run(config: Config) -> Result<(), String> {
         log::warn!("io_uring unavailable ({why}); workers run on the epoll engine");
     }
     raise_fd_limit();
+    if config.control.access_log == crate::config::AccessLog::Json {
+        crate::access_log::start(config.control.access_log_file.clone()).map_err(|e| {
+            format!(
+                "control.access_log_file: {}: {e}",
+                config
+                    .control
+                    .access_log_file
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new("stderr"))
+                    .display()
+            )
+        })?;
+    }
     let workers = config.runtime.workers;
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(Default::default()),
@@ -32,7 +45,11 @@ pub fn run(config: Config) -> Result<(), String> {
         workers,
         engine,
         pin_workers: config.runtime.pin_workers,
-        access_log: AtomicBool::new(config.control.access_log),
+        access_log: std::sync::atomic::AtomicU8::new(match config.control.access_log {
+            crate::config::AccessLog::Off => 0,
+            crate::config::AccessLog::Text => 1,
+            crate::config::AccessLog::Json => 2,
+        }),
         started: Instant::now(),
         worker_setup: Mutex::new(Vec::new()),
     });

@@ -171,11 +171,25 @@ pub enum RefuseReason {
     Overloaded,
     /// The UDP flow table is full.
     FlowTableFull,
+    /// `accept_proxy`: the connection came from outside `trusted_sources`.
+    ProxyUntrusted,
+    /// `accept_proxy`: the first bytes are not a valid PROXY header.
+    ProxyMalformed,
+    /// `accept_proxy`: the header is longer than ringlb reads.
+    ProxyOversized,
+    /// `accept_proxy`: no whole header within `proxy_header_timeout`.
+    ProxyTimeout,
+    /// The client closed or reset before its PROXY header or ClientHello was read.
+    ClientClosed,
+    /// SNI routing with `sni_fallback = "refuse"`: not TLS, no SNI, or no route.
+    SniUnmatched,
+    /// SNI routing with `sni_fallback = "refuse"`: no ClientHello within `sni_timeout`.
+    SniTimeout,
 }
 
 impl RefuseReason {
     /// Every reason, for exposition (index = `reason as usize`).
-    pub const ALL: [RefuseReason; 9] = [
+    pub const ALL: [RefuseReason; 16] = [
         RefuseReason::NoBackend,
         RefuseReason::ConnectFailed,
         RefuseReason::RateLimited,
@@ -185,6 +199,13 @@ impl RefuseReason {
         RefuseReason::BackendFull,
         RefuseReason::Overloaded,
         RefuseReason::FlowTableFull,
+        RefuseReason::ProxyUntrusted,
+        RefuseReason::ProxyMalformed,
+        RefuseReason::ProxyOversized,
+        RefuseReason::ProxyTimeout,
+        RefuseReason::ClientClosed,
+        RefuseReason::SniUnmatched,
+        RefuseReason::SniTimeout,
     ];
 
     /// The label used in metrics and `ctl stats`.
@@ -199,6 +220,13 @@ impl RefuseReason {
             RefuseReason::BackendFull => "backend_full",
             RefuseReason::Overloaded => "overloaded",
             RefuseReason::FlowTableFull => "flow_table_full",
+            RefuseReason::ProxyUntrusted => "proxy_untrusted",
+            RefuseReason::ProxyMalformed => "proxy_malformed",
+            RefuseReason::ProxyOversized => "proxy_oversized",
+            RefuseReason::ProxyTimeout => "proxy_timeout",
+            RefuseReason::ClientClosed => "client_closed",
+            RefuseReason::SniUnmatched => "sni_unmatched",
+            RefuseReason::SniTimeout => "sni_timeout",
         }
     }
 }

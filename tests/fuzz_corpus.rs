@@ -58,3 +58,13 @@ fn proxy_header() {
 fn region_map() {
     replay("region_map", fuzzing::check_region_map);
 }
+
+#[test]
+fn proxy_accept() {
+    replay("proxy_accept", fuzzing::check_proxy_accept);
+}
+
+#[test]
+fn client_hello() {
+    replay("client_hello", fuzzing::check_client_hello);
+}

@@ -59,8 +59,22 @@ pub struct ControlFile {
     pub socket: Option<String>,
     /// `host:port` of the Prometheus endpoint.
     pub metrics: Option<String>,
-    /// One log line per closed connection, at info.
-    pub access_log: Option<bool>,
+    /// `false`/`"off"`, `true`/`"text"` (one info line per closed
+    /// connection) or `"json"` (one JSON object per line).
+    pub access_log: Option<AccessLogFile>,
+    /// `"json"` access log lines go to this file (reopened on SIGUSR1)
+    /// instead of stderr.
+    pub access_log_file: Option<String>,
+}
+
+/// `access_log` as written: a boolean (the old form) or a format name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum AccessLogFile {
+    /// `true` = text, `false` = off.
+    Bool(bool),
+    /// `off`, `text` or `json`.
+    Name(String),
 }
 
 /// `[[listener]]`: one address ringlb accepts on.
@@ -101,6 +115,18 @@ pub struct ListenerFile {
     pub source: Option<String>,
     /// `[listener.token]`
     pub token: Option<super::game::TokenFile>,
+    /// `off`, `v1`, `v2` or `any`: PROXY headers accepted from clients.
+    pub accept_proxy: Option<String>,
+    /// CIDRs allowed to send PROXY headers (required with `accept_proxy`).
+    pub trusted_sources: Option<Vec<String>>,
+    /// Time a client has to send its whole PROXY header.
+    pub proxy_header_timeout: Option<String>,
+    /// `[[listener.route]]`: pools by TLS server name.
+    pub route: Option<Vec<super::preread::RouteFile>>,
+    /// Time a client has to send its ClientHello.
+    pub sni_timeout: Option<String>,
+    /// `default` or `refuse`: not TLS, no SNI, or no route matched.
+    pub sni_fallback: Option<String>,
 }
 
 /// `[listener.rate_limit]`: per-source token buckets.

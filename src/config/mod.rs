@@ -9,6 +9,7 @@ mod duration;
 mod error;
 pub mod file;
 pub mod game;
+pub mod preread;
 pub mod types;
 pub mod validate;
 

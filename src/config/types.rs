@@ -108,8 +108,22 @@ pub struct ControlConfig {
     pub socket: Option<PathBuf>,
     /// Prometheus endpoint address.
     pub metrics: Option<SocketAddr>,
-    /// Log one line per connection at info.
-    pub access_log: bool,
+    /// Log one line per connection at info (text) or as JSON.
+    pub access_log: AccessLog,
+    /// JSON access log file (stderr when `None`).
+    pub access_log_file: Option<PathBuf>,
+}
+
+/// `[control] access_log`: one record per closed connection and expired UDP flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccessLog {
+    /// No access log.
+    #[default]
+    Off,
+    /// One `info` line per closed TCP connection, through the log.
+    Text,
+    /// One JSON object per line, written by a thread of its own.
+    Json,
 }
 
 /// Transport of a listener.
@@ -169,6 +183,10 @@ pub struct ListenerConfig {
     pub source: super::SourceMode,
     /// UDP with `hash_key = "token"`: where the token is.
     pub token: Option<super::TokenConfig>,
+    /// PROXY headers accepted from clients (`accept_proxy`).
+    pub accept_proxy: Option<super::preread::AcceptProxyConfig>,
+    /// Routing by TLS server name (`[[listener.route]]`).
+    pub sni: Option<super::preread::SniConfig>,
 }
 
 impl ListenerConfig {

@@ -195,8 +195,34 @@ pub fn validate(file: ConfigFile, path: &Path, prefixes: Option<PrefixesFile>) -
             .metrics
             .as_ref()
             .and_then(|_| c.addr("control.", "metrics", &file.control.metrics)),
-        access_log: file.control.access_log.unwrap_or(false),
+        access_log: match &file.control.access_log {
+            None | Some(file::AccessLogFile::Bool(false)) => AccessLog::Off,
+            Some(file::AccessLogFile::Bool(true)) => AccessLog::Text,
+            Some(file::AccessLogFile::Name(n)) => match n.as_str() {
+                "off" => AccessLog::Off,
+                "text" => AccessLog::Text,
+                "json" => AccessLog::Json,
+                other => {
+                    c.err(
+                        "control.access_log",
+                        format!("\"{other}\": expected off, text or json (or true/false)"),
+                    );
+                    AccessLog::Off
+                }
+            },
+        },
+        access_log_file: match file.control.access_log_file.as_deref() {
+            None => None,
+            Some("") => {
+                c.err("control.access_log_file", "empty path");
+                None
+            }
+            Some(p) => Some(PathBuf::from(p)),
+        },
     };
+    if control.access_log_file.is_some() && control.access_log != AccessLog::Json {
+        c.err("control.access_log_file", "only applies with access_log = \"json\"");
+    }
 
     let mut pools = Vec::new();
     let mut pool_names = HashSet::new();
@@ -234,6 +260,17 @@ pub fn validate(file: ConfigFile, path: &Path, prefixes: Option<PrefixesFile>) -
         }
         if !pool_names.contains(&lc.pool) {
             c.err(&format!("{label}: pool"), format!("no pool named \"{}\"", lc.pool));
+        }
+        for (i, r) in l.route.iter().flatten().enumerate() {
+            match &r.pool {
+                Some(p) if !p.is_empty() && !pool_names.contains(p) => {
+                    c.err(
+                        &format!("{label}: route {}: pool", i + 1),
+                        format!("no pool named \"{p}\""),
+                    );
+                }
+                _ => {}
+            }
         }
         listeners.push(lc);
     }
@@ -406,11 +443,14 @@ fn validate_listener(c: &mut Checker<'_>, label: &str, l: &ListenerFile) -> Opti
         );
     }
     let (source, token) = super::game::validate_game(c, &place, protocol, hash_key, &l.source, &l.token);
+    let (accept_proxy, sni) = super::preread::validate(c, &place, l, protocol);
     Some(ListenerConfig {
         relay,
         proxy_protocol,
         source,
         token,
+        accept_proxy,
+        sni,
         max_flows,
         max_connections,
         max_connections_per_source,

@@ -19,14 +19,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::access_log::{self, Proto, Record};
 use crate::admission::limits::ListenerLimits;
 use crate::admission::SourceKey;
-use crate::config::{ListenerConfig, ProxyProtocol, RelayMode, SourceMode};
+use crate::config::{AccessLog, ListenerConfig, ProxyProtocol, RelayMode, SourceMode};
 use crate::errno::ConnectBlame;
 use crate::proxy::proxy_protocol::{self, Header};
-use crate::snapshot::{Backend, PoolSnapshot};
+use crate::snapshot::{Backend, PoolSnapshot, Snapshot};
 use crate::stats::{ListenerStats, RefuseReason};
 
+use super::preread::{Preread, Route, Stage, Step};
 use super::select::{select, Selection};
 
 /// Full-buffer reads in a row after which `relay = "auto"` switches a
@@ -65,6 +67,9 @@ pub enum Via {
     Buffer,
     /// Through a kernel pipe the shell holds for the direction (splice).
     Pipe,
+    /// Into the connection's own pre-read buffer ([`Conn::preread_space`]),
+    /// before a backend is chosen (client side only).
+    Preread,
 }
 
 /// What a send takes its bytes from.
@@ -77,6 +82,8 @@ pub enum Data {
     Buffer,
     /// The bytes in the direction's pipe.
     Pipe,
+    /// The client's pre-read bytes not sent yet ([`Conn::preread_unsent`]).
+    Preread,
 }
 
 /// A system error number (the shells see errno values: io_uring returns
@@ -182,12 +189,18 @@ pub struct ConnParams<'a> {
     /// The address the client connected to (only read with PROXY protocol
     /// on; `None` when it could not be found).
     pub local: Option<SocketAddr>,
-    /// Log one line when the connection ends.
-    pub access_log: bool,
+    /// Log one line (text) or record (JSON) when the connection ends.
+    pub access_log: AccessLog,
+    /// The whole snapshot, for a listener that routes by SNI (its routes'
+    /// pools are looked up in it); `None` otherwise.
+    pub snapshot: Option<Arc<Snapshot>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
+    /// Reading the client's first bytes (PROXY header, ClientHello) into
+    /// the pre-read buffer; no backend chosen yet.
+    Preread,
     /// A connect to `selection.candidates()[candidate]` is in flight.
     Connecting,
     /// Both sockets are open and bytes move.
@@ -243,7 +256,24 @@ pub struct Conn {
     /// Admission counts taken (released at the end).
     admitted: bool,
     peer: SocketAddr,
-    access_log: bool,
+    /// The address the client connected to (the PROXY header's destination
+    /// when one was accepted).
+    local: Option<SocketAddr>,
+    access_log: AccessLog,
+    /// Pre-read state (only on listeners with `accept_proxy` or SNI routes).
+    pre: Option<Box<Preread>>,
+    /// The snapshot SNI routes are looked up in (only during the pre-read).
+    snapshot: Option<Arc<Snapshot>>,
+    /// The `[[listener.route]]` entry taken.
+    route: Option<u16>,
+    /// The server name read, kept for the JSON access log.
+    sni: Option<Box<str>>,
+    /// Time of the successful connect.
+    connect_time: Option<Duration>,
+    /// Why it was refused, if it was (for the access log).
+    refused: Option<RefuseReason>,
+    /// The `now` of the last event (the machine reads no clock).
+    seen: Instant,
     /// The pool while connecting (dropped once connected).
     pool: Option<Arc<PoolSnapshot>>,
     selection: Option<Selection>,
@@ -290,7 +320,15 @@ impl Conn {
             source: p.limits.source_key(p.peer.ip()),
             admitted: false,
             peer: p.peer,
+            local: p.local,
             access_log: p.access_log,
+            pre: None,
+            snapshot: None,
+            route: None,
+            sni: None,
+            connect_time: None,
+            refused: None,
+            seen: now,
             pool: None,
             selection: None,
             next_candidate: 0,
@@ -314,31 +352,123 @@ impl Conn {
             opened: false,
         };
         conn.stats.accepted.inc();
-        if let Err(reason) = conn.limits.admit_connection(conn.source, now) {
-            // A reset tells the client at once and leaves no socket of ours
-            // in FIN_WAIT for a flood of refused connections.
-            conn.reset_client = true;
-            conn.refuse(reason, out);
-            return conn;
-        }
-        conn.admitted = true;
-        let Some(selection) = select(p.pool, p.peer, p.config.hash_key, super::select::MAX_CANDIDATES) else {
-            conn.refuse(RefuseReason::NoBackend, out);
-            return conn;
-        };
-        if p.config.proxy_protocol != ProxyProtocol::Off {
-            match p.local {
-                Some(local) => conn.header = proxy_protocol::header(p.config.proxy_protocol, p.peer, local),
-                None => {
-                    conn.refuse(RefuseReason::ConnectFailed, out);
+        if p.config.accept_proxy.is_some() || p.config.sni.is_some() {
+            if let Some(ap) = &p.config.accept_proxy {
+                if !ap.trusts(p.peer.ip()) {
+                    conn.reset_client = true;
+                    conn.refuse(RefuseReason::ProxyUntrusted, out);
                     return conn;
                 }
             }
+            // Admission, the pool and the backend wait for the first
+            // bytes: the PROXY header names the real client, the
+            // ClientHello the pool.
+            conn.phase = Phase::Preread;
+            conn.pre = Some(Box::new(Preread::new(p.config, now)));
+            conn.snapshot = p.snapshot;
+            conn.pool = Some(p.pool.clone());
+            conn.recv(Side::Client, out);
+            return conn;
         }
-        conn.selection = Some(selection);
-        conn.pool = Some(p.pool.clone());
-        conn.connect_next(now, out);
+        conn.start(p.pool, now, out);
         conn
+    }
+
+    /// Admits the client, selects its candidates in `pool` and starts the
+    /// first connect.
+    fn start(&mut self, pool: &Arc<PoolSnapshot>, now: Instant, out: &mut Vec<Op>) {
+        self.phase = Phase::Connecting;
+        if let Err(reason) = self.limits.admit_connection(self.source, now) {
+            // A reset tells the client at once and leaves no socket of ours
+            // in FIN_WAIT for a flood of refused connections.
+            self.reset_client = true;
+            return self.refuse(reason, out);
+        }
+        self.admitted = true;
+        let Some(selection) = select(pool, self.peer, self.config.hash_key, super::select::MAX_CANDIDATES) else {
+            return self.refuse(RefuseReason::NoBackend, out);
+        };
+        if self.config.proxy_protocol != ProxyProtocol::Off {
+            match self.local {
+                Some(local) => self.header = proxy_protocol::header(self.config.proxy_protocol, self.peer, local),
+                None => return self.refuse(RefuseReason::ConnectFailed, out),
+            }
+        }
+        self.selection = Some(selection);
+        self.pool = Some(pool.clone());
+        self.connect_next(now, out);
+    }
+
+    /// Where the shell reads pre-read bytes ([`Via::Preread`]).
+    pub fn preread_space(&mut self) -> &mut [u8] {
+        match self.pre.as_mut() {
+            Some(p) => p.space(),
+            None => &mut [],
+        }
+    }
+
+    /// The pre-read bytes still to send to the backend ([`Data::Preread`]).
+    pub fn preread_unsent(&self) -> &[u8] {
+        self.pre.as_ref().map_or(&[], |p| p.unsent())
+    }
+
+    /// A pre-read receive finished (or was aborted at the deadline).
+    fn on_preread(&mut self, result: Result<usize, Errno>, now: Instant, out: &mut Vec<Op>) {
+        let pre = self.pre.as_mut().expect("pre-read phase has its state");
+        match result {
+            Ok(0) => pre.eof = true,
+            Ok(n) => pre.len += n,
+            Err(e) if e == Errno::CANCELED && pre.timed_out => {}
+            // Reset or error before a backend was chosen.
+            Err(_) => return self.refuse(RefuseReason::ClientClosed, out),
+        }
+        let was_proxy = pre.stage == Stage::Proxy;
+        let step = pre.advance(&self.config, now);
+        if was_proxy && pre.stage != Stage::Proxy {
+            if let Some((src, dst)) = pre.addrs {
+                // The balancer in front says who the client is.
+                self.peer = src;
+                self.local = Some(dst);
+                self.source = self.limits.source_key(src.ip());
+            }
+        }
+        match step {
+            Step::More => {
+                if pre.timed_out {
+                    // The stage that timed out is over; the next one has
+                    // its own deadline and a fresh receive.
+                    pre.timed_out = false;
+                }
+                self.recv(Side::Client, out)
+            }
+            Step::Refuse(reason) => self.refuse(reason, out),
+            Step::Connect(route) => {
+                let snapshot = self.snapshot.take();
+                let mut pool = self.pool.take().expect("pre-read keeps the default pool");
+                if self.access_log == AccessLog::Json {
+                    self.sni = pre
+                        .sni()
+                        .map(|n| String::from_utf8_lossy(n).to_ascii_lowercase().into_boxed_str());
+                }
+                if let Route::Entry(i) = route {
+                    self.route = Some(i);
+                    let name = self
+                        .config
+                        .sni
+                        .as_ref()
+                        .and_then(|s| s.routes.get(i as usize))
+                        .map(|r| r.pool.as_str());
+                    match (snapshot.as_ref(), name) {
+                        (Some(snap), Some(name)) => match snap.pools.iter().find(|p| p.name == name) {
+                            Some(p) => pool = p.clone(),
+                            None => return self.refuse(RefuseReason::NoBackend, out),
+                        },
+                        _ => return self.refuse(RefuseReason::NoBackend, out),
+                    }
+                }
+                self.start(&pool, now, out)
+            }
+        }
     }
 
     /// The PROXY protocol header ([`Data::Header`]); empty when off.
@@ -364,6 +494,7 @@ impl Conn {
     /// When [`Conn::on_timer`] must be called next, if ever.
     pub fn deadline(&self) -> Option<Instant> {
         match self.phase {
+            Phase::Preread => self.pre.as_ref().filter(|p| !p.timed_out).map(|p| p.deadline),
             Phase::Connecting if self.connect_in_flight && !self.connect_cancelled => Some(self.connect_deadline),
             Phase::Relaying => Some(self.last_activity + self.config.idle_timeout),
             _ => None,
@@ -417,6 +548,7 @@ impl Conn {
 
     /// The connect in flight finished.
     pub fn on_connected(&mut self, result: Result<(), Errno>, now: Instant, out: &mut Vec<Op>) {
+        self.seen = now;
         if !self.connect_in_flight {
             debug_assert!(false, "on_connected with no connect in flight");
             return;
@@ -433,6 +565,7 @@ impl Conn {
                     .connect_latency
                     .observe(now.saturating_duration_since(self.connect_started));
                 backend.connect_succeeded();
+                self.connect_time = Some(now.saturating_duration_since(self.connect_started));
                 self.pool = None;
                 self.selection = None;
                 self.phase = Phase::Relaying;
@@ -443,7 +576,7 @@ impl Conn {
                 if self.header.is_some() {
                     self.send_header(out);
                 } else {
-                    self.recv(Side::Client, out);
+                    self.after_header(out);
                 }
                 self.recv(Side::Backend, out);
             }
@@ -489,12 +622,48 @@ impl Conn {
         });
     }
 
+    /// The outgoing PROXY header (if any) is out: the pre-read bytes go
+    /// next, then the client is read as usual.
+    fn after_header(&mut self, out: &mut Vec<Op>) {
+        if let Some(pre) = &self.pre {
+            let len = pre.unsent().len();
+            if len > 0 {
+                self.dirs[Side::Client.index()].send_in_flight = true;
+                out.push(Op::Send {
+                    to: Side::Backend,
+                    data: Data::Preread,
+                    offset: 0,
+                    len,
+                });
+                return;
+            }
+            let eof = pre.eof;
+            // Everything read is forwarded: the buffer goes.
+            self.pre = None;
+            if eof {
+                // The client's FIN came during the pre-read.
+                self.dirs[Side::Client.index()].eof = true;
+                if self.dirs[Side::Backend.index()].eof {
+                    return self.finish(End::Done, out);
+                }
+                out.push(Op::ShutdownWrite(Side::Backend));
+                return;
+            }
+        }
+        self.recv(Side::Client, out);
+    }
+
     fn recv(&mut self, from: Side, out: &mut Vec<Op>) {
         let d = &mut self.dirs[from.index()];
         d.recv_in_flight = true;
         d.chunk = 0;
         d.sent = 0;
-        out.push(Op::Recv { from, via: d.via });
+        let via = if self.phase == Phase::Preread {
+            Via::Preread
+        } else {
+            d.via
+        };
+        out.push(Op::Recv { from, via });
     }
 
     /// A receive from `from` finished: `Ok(0)` is the end of its stream.
@@ -508,9 +677,13 @@ impl Conn {
         now: Instant,
         out: &mut Vec<Op>,
     ) {
+        self.seen = now;
         let d = &mut self.dirs[from.index()];
         debug_assert!(d.recv_in_flight, "on_received with no receive in flight");
         d.recv_in_flight = false;
+        if self.phase == Phase::Preread && from == Side::Client {
+            return self.on_preread(result, now, out);
+        }
         if self.phase != Phase::Relaying {
             return self.maybe_close(out);
         }
@@ -553,6 +726,7 @@ impl Conn {
 
     /// A send to `to` finished (possibly short).
     pub fn on_sent(&mut self, to: Side, result: Result<usize, Errno>, now: Instant, out: &mut Vec<Op>) {
+        self.seen = now;
         let from = to.other();
         let d = &mut self.dirs[from.index()];
         debug_assert!(d.send_in_flight, "on_sent with no send in flight");
@@ -573,7 +747,19 @@ impl Conn {
             if self.header_sent < self.proxy_header().len() {
                 return self.send_header(out);
             }
-            return self.recv(Side::Client, out);
+            return self.after_header(out);
+        }
+        if from == Side::Client && self.pre.is_some() {
+            // Pre-read bytes: counted as client bytes when they are out.
+            let pre = self.pre.as_mut().expect("checked");
+            pre.sent += n;
+            self.dirs[0].bytes += n as u64;
+            self.stats.bytes_in.add(n as u64);
+            if let Some(b) = &self.backend {
+                b.stats.bytes_in.add(n as u64);
+            }
+            self.last_activity = now;
+            return self.after_header(out);
         }
         let d = &mut self.dirs[from.index()];
         d.sent += n;
@@ -624,7 +810,17 @@ impl Conn {
     /// The timer asked for by [`Conn::deadline`] is due (or early: the
     /// machine checks the time itself).
     pub fn on_timer(&mut self, now: Instant, out: &mut Vec<Op>) {
+        self.seen = now;
         match self.phase {
+            Phase::Preread => {
+                let Some(pre) = self.pre.as_mut() else { return };
+                if !pre.timed_out && now >= pre.deadline {
+                    // Stop the receive; its completion decides (a timeout
+                    // refusal, or the SNI fallback).
+                    pre.timed_out = true;
+                    out.push(Op::Abort);
+                }
+            }
             Phase::Connecting if self.connect_in_flight && !self.connect_cancelled && now >= self.connect_deadline => {
                 self.connect_cancelled = true;
                 out.push(Op::CancelConnect);
@@ -652,6 +848,7 @@ impl Conn {
 
     fn refuse(&mut self, reason: RefuseReason, out: &mut Vec<Op>) {
         self.stats.refuse(reason);
+        self.refused = Some(reason);
         self.phase = Phase::Closing;
         self.maybe_close(out);
     }
@@ -668,9 +865,10 @@ impl Conn {
         if matches!(self.phase, Phase::Closing | Phase::Done) {
             return;
         }
-        if self.phase == Phase::Connecting {
+        if matches!(self.phase, Phase::Connecting | Phase::Preread) {
             // Accepted but never relayed: it still ends with one outcome.
             self.stats.refuse(RefuseReason::ConnectFailed);
+            self.refused = Some(RefuseReason::ConnectFailed);
         }
         self.end = end;
         self.phase = Phase::Closing;
@@ -695,12 +893,15 @@ impl Conn {
             reset_backend: self.reset_backend,
         });
         self.release_counts();
+        if self.access_log == AccessLog::Json {
+            self.log_record(self.seen.saturating_duration_since(self.started));
+        }
         if self.opened {
             self.opened = false;
             let backend = self.backend.as_ref().expect("opened has a backend");
             backend.stats.conns.closed.inc();
             self.stats.active.closed.inc();
-            if self.access_log {
+            if self.access_log == AccessLog::Text {
                 let how = match self.end {
                     End::Done => "done",
                     End::IdleTimeout => "idle timeout",
@@ -718,6 +919,33 @@ impl Conn {
             }
         }
         self.pool = None;
+    }
+
+    /// Queues the connection's JSON access log record.
+    fn log_record(&mut self, duration: Duration) {
+        let end = match (self.refused, self.end) {
+            (Some(_), _) => "refused",
+            (None, End::Done) => "done",
+            (None, End::IdleTimeout) => "idle_timeout",
+            (None, End::Closed) => "closed",
+        };
+        access_log::push(Record {
+            time: std::time::SystemTime::now(),
+            proto: Proto::Tcp,
+            listener: self.config.clone(),
+            route: self.route,
+            client: self.peer,
+            backend: self.backend.as_ref().map(|b| b.addr),
+            sni: self.sni.take(),
+            bytes_up: self.dirs[0].bytes,
+            bytes_down: self.dirs[1].bytes,
+            datagrams: None,
+            duration,
+            connect: self.connect_time,
+            attempts: self.attempts,
+            end,
+            reason: self.refused.map(|r| r.label()),
+        });
     }
 
     /// Gives back what admission and the backend's limit counted.

@@ -9,6 +9,7 @@
 //! or a clock.
 
 pub mod machine;
+mod preread;
 pub mod select;
 pub mod timer_wheel;
 

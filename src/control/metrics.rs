@@ -72,6 +72,13 @@ pub fn render(server: &Server) -> String {
     }
     let n = family(
         &mut out,
+        "ringlb_access_log_dropped_total",
+        "counter",
+        "JSON access log records dropped because the queue was full.",
+    );
+    let _ = writeln!(out, "{n} {}", crate::access_log::dropped());
+    let n = family(
+        &mut out,
         "ringlb_backend_connect_duration_seconds",
         "histogram",
         "Time to connect to a backend.",

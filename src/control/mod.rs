@@ -49,6 +49,7 @@ pub fn run_control_plane(server: Arc<Server>, endpoints: ControlEndpoints) -> Re
         let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
         let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
         let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+        let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;
 
         if let Some(sock) = endpoints.socket {
             tokio::spawn(socket::serve(sock, server.clone()));
@@ -64,6 +65,10 @@ pub fn run_control_plane(server: Arc<Server>, endpoints: ControlEndpoints) -> Re
             tokio::select! {
                 _ = term.recv() => { log::info!("SIGTERM received"); break; }
                 _ = int.recv() => { log::info!("SIGINT received"); break; }
+                _ = usr1.recv() => {
+                    log::info!("SIGUSR1 received: reopening the access log file");
+                    crate::access_log::reopen();
+                }
                 _ = hup.recv() => {
                     log::info!("SIGHUP received: reloading");
                     if let Err(e) = server.reload().await {
@@ -85,6 +90,8 @@ pub fn run_control_plane(server: Arc<Server>, endpoints: ControlEndpoints) -> Re
             _ = term.recv() => (second(&server), "by the second signal"),
             _ = int.recv() => (second(&server), "by the second signal"),
         };
+        // The access log's last records are written before the exit.
+        crate::access_log::flush();
         log::info!("ringlb stopped ({closed} connection(s) closed {when})");
         Ok(())
     })
@@ -585,5 +592,10 @@ fn stats(server: &Server) -> StatsReply {
             .collect(),
         snapshot_generation: model.generation(),
         config_generation: model.config_generation,
+        // The JSON access log's queue: records written, and dropped when full.
+        access_log: protocol::AccessLogCounters {
+            written: crate::access_log::written(),
+            dropped: crate::access_log::dropped(),
+        },
     }
 }

@@ -270,6 +270,15 @@ impl Reply<'_> {
     }
 }
 
+/// The JSON access log's queue in `stats`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AccessLogCounters {
+    /// Records written.
+    pub written: u64,
+    /// Records dropped because the queue was full.
+    pub dropped: u64,
+}
+
 /// `what_if`: what a change would move. The report's fields (`change`,
 /// `moved_fraction`, `moves`, `regions`, `udp_flows_repick`, ...) are
 /// those `crate::whatif` writes; see the README.
@@ -449,6 +458,9 @@ pub struct StatsReply {
     pub snapshot_generation: u64,
     /// Successful config loads.
     pub config_generation: u64,
+    /// The JSON access log's queue.
+    #[serde(default)]
+    pub access_log: AccessLogCounters,
 }
 
 /// One listener's counters in `stats`.

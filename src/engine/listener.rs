@@ -107,6 +107,13 @@ pub fn accept_client(
         _ => local_addr(client.as_fd(), view.config.bind),
     };
     let pool = snapshot.pools.get(view.pool)?;
+    // SNI routes look their pools up in this snapshot once the ClientHello
+    // is read (one reference count; nothing for other listeners).
+    let routes = view
+        .config
+        .sni
+        .as_ref()
+        .map(|_| arc_swap::Guard::into_inner(shared.snapshot.load()));
     Some(Conn::accept(
         ConnParams {
             config: &view.config,
@@ -115,7 +122,8 @@ pub fn accept_client(
             pool,
             peer,
             local,
-            access_log: shared.access_log.load(std::sync::atomic::Ordering::Relaxed),
+            access_log: shared.access_log(),
+            snapshot: routes,
         },
         now,
         out,

@@ -19,6 +19,24 @@ pub struct Flow {
     /// (0 on other listeners). A datagram from the same address with another
     /// token is another session (an address handed on by a NAT): it re-picks.
     pub token: u64,
+    /// What the JSON access log records of it (only when that log is on).
+    pub log: Option<Box<FlowLog>>,
+}
+
+/// A flow's JSON access log record in the making.
+pub struct FlowLog {
+    /// Its listener.
+    pub listener: Arc<crate::config::ListenerConfig>,
+    /// The client.
+    pub client: SocketAddr,
+    /// When it opened.
+    pub opened: std::time::Instant,
+    /// Datagrams and payload bytes from the client.
+    pub up: (u64, u64),
+    /// Datagrams and payload bytes to the client.
+    pub down: (u64, u64),
+    /// How it ends: `idle_timeout` when expired, else `closed`.
+    pub end: &'static str,
 }
 
 impl Drop for Flow {
@@ -26,6 +44,25 @@ impl Drop for Flow {
         self.stats.active.closed.inc();
         self.backend.stats.conns.closed.inc();
         self.backend.stats.udp_flows.closed.inc();
+        if let Some(l) = self.log.take() {
+            crate::access_log::push(crate::access_log::Record {
+                time: std::time::SystemTime::now(),
+                proto: crate::access_log::Proto::Udp,
+                listener: l.listener,
+                route: None,
+                client: l.client,
+                backend: Some(self.backend.addr),
+                sni: None,
+                bytes_up: l.up.1,
+                bytes_down: l.down.1,
+                datagrams: Some((l.up.0, l.down.0)),
+                duration: l.opened.elapsed(),
+                connect: None,
+                attempts: 1,
+                end: l.end,
+                reason: None,
+            });
+        }
     }
 }
 

@@ -209,6 +209,11 @@ impl UdpListener {
     /// to the flows that expire, not to all flows).
     pub fn expire(&mut self, now: Instant) {
         self.flows.expire(now, &mut self.expired);
+        for (_, f) in self.expired.iter_mut() {
+            if let Some(l) = f.log.as_mut() {
+                l.end = "idle_timeout";
+            }
+        }
         // Dropping a flow closes its socket.
         self.expired.clear();
         if !self.tokens.is_empty() {
@@ -321,6 +326,10 @@ impl UdpListener {
         };
         match flow.socket.recv(batch.next_buf()) {
             Ok(n) => {
+                if let Some(l) = flow.log.as_mut() {
+                    l.down.0 += 1;
+                    l.down.1 += n as u64;
+                }
                 flow.backend.connect_succeeded();
                 flow.backend.stats.bytes_out.add(n as u64);
                 batch.push(n, client);
@@ -429,6 +438,10 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, buf: &mut [u8], payload: std::o
             if let Some(hash) = token {
                 tokens.touch(&hash, now);
             }
+            if let Some(l) = flow.log.as_mut() {
+                l.up.0 += 1;
+                l.up.1 += data.len() as u64;
+            }
             // SAFETY: `data` is in the receive batch, which relay_burst does
             // not reuse before its `finish`; no flow closes before that either
             // (the re-pick below finishes first).
@@ -505,6 +518,17 @@ fn on_datagram(ctx: Ctx<'_>, client: SocketAddr, buf: &mut [u8], payload: std::o
         socket,
         stats: stats.clone(),
         token: token.unwrap_or(0),
+        // One allocation per flow, only with the JSON access log on.
+        log: crate::access_log::enabled().then(|| {
+            Box::new(super::flow::FlowLog {
+                listener: listener.config.clone(),
+                client,
+                opened: now,
+                up: (1, data.len() as u64),
+                down: (0, 0),
+                end: "closed",
+            })
+        }),
     };
     let Ok(flow) = flows.insert(client, flow, now) else {
         // Not reached (the table's room was checked above). The flow was

@@ -31,8 +31,8 @@ pub struct Shared {
     /// Workers are pinned to CPUs (`runtime.pin_workers` at start), so new
     /// TCP connections are steered to the worker on the receiving CPU.
     pub pin_workers: bool,
-    /// Log one line per connection.
-    pub access_log: AtomicBool,
+    /// Access log mode: 0 off, 1 text, 2 JSON ([`Shared::access_log`]).
+    pub access_log: std::sync::atomic::AtomicU8,
     /// When ringlb started.
     pub started: Instant,
     /// How each worker's loop was set up (e.g. the io_uring flags), for
@@ -41,6 +41,16 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The access log mode for a new connection.
+    #[inline]
+    pub fn access_log(&self) -> crate::config::AccessLog {
+        match self.access_log.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => crate::config::AccessLog::Text,
+            2 => crate::config::AccessLog::Json,
+            _ => crate::config::AccessLog::Off,
+        }
+    }
+
     /// Records how worker `id`'s loop was set up (shown by `ctl status`).
     pub fn set_worker_setup(&self, id: usize, setup: String) {
         let mut all = self.worker_setup.lock();

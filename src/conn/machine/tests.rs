@@ -60,7 +60,8 @@ impl World {
                 pool: &self.pool,
                 peer,
                 local: Some("127.0.0.1:7000".parse().unwrap()),
-                access_log: false,
+                access_log: crate::config::AccessLog::Off,
+                snapshot: None,
             },
             self.now,
             out,
@@ -413,7 +414,8 @@ fn an_empty_pool_refuses_with_no_backend() {
             pool: &empty,
             peer: "192.0.2.1:1".parse().unwrap(),
             local: None,
-            access_log: false,
+            access_log: crate::config::AccessLog::Off,
+            snapshot: None,
         },
         w.now,
         &mut out,
@@ -737,4 +739,174 @@ mod property {
             }
         }
     }
+}
+
+// === the pre-read: accepting PROXY headers, routing by SNI ===
+
+const PRE: Op = Op::Recv {
+    from: Side::Client,
+    via: Via::Preread,
+};
+
+/// Feeds `bytes` as one pre-read receive.
+fn feed(c: &mut Conn, bytes: &[u8], now: Instant, out: &mut Vec<Op>) {
+    c.preread_space()[..bytes.len()].copy_from_slice(bytes);
+    c.on_received(Side::Client, Ok(bytes.len()), 0, now, out);
+}
+
+#[test]
+fn a_proxy_header_split_over_reads_names_the_client_and_the_rest_is_relayed() {
+    let w = World::new(
+        "accept_proxy = \"v1\"\ntrusted_sources = [\"192.0.2.0/24\"]\nproxy_protocol = \"v2\"\n",
+        1,
+    );
+    let mut out = Vec::new();
+    let mut c = w.accept(&mut out);
+    assert_eq!(take(&mut out), vec![PRE], "no connect before the header");
+    assert_eq!(c.deadline(), Some(w.now + Duration::from_secs(3)));
+    feed(&mut c, b"PROXY TCP4 203.0.113.9 ", w.now, &mut out);
+    assert_eq!(take(&mut out), vec![PRE]);
+    feed(&mut c, b"198.51.100.1 4000 443\r\nhello", w.now, &mut out);
+    connect_addr(&take(&mut out));
+    assert_eq!(c.peer(), "203.0.113.9:4000".parse().unwrap());
+    c.on_connected(Ok(()), w.now, &mut out);
+    let ops = take(&mut out);
+    // The outgoing v2 header carries the header's client and destination.
+    let h = crate::proxy::proxy_accept::parse(c.proxy_header(), crate::proxy::proxy_accept::Accept::V2)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        h.addrs,
+        Some(("203.0.113.9:4000".parse().unwrap(), "198.51.100.1:443".parse().unwrap()))
+    );
+    assert!(
+        matches!(
+            ops[0],
+            Op::Send {
+                to: Side::Backend,
+                data: Data::Header,
+                ..
+            }
+        ),
+        "{ops:?}"
+    );
+    c.on_sent(Side::Backend, Ok(c.proxy_header().len()), w.now, &mut out);
+    assert_eq!(
+        take(&mut out),
+        vec![Op::Send {
+            to: Side::Backend,
+            data: Data::Preread,
+            offset: 0,
+            len: 5
+        }]
+    );
+    assert_eq!(c.preread_unsent(), b"hello");
+    c.on_sent(Side::Backend, Ok(5), w.now, &mut out);
+    assert_eq!(
+        take(&mut out),
+        vec![Op::Recv {
+            from: Side::Client,
+            via: Via::Buffer
+        }]
+    );
+    assert_eq!(w.stats.bytes_in.get(), 5, "the PROXY header is not client data");
+    w.assert_outcomes_add_up();
+}
+
+#[test]
+fn a_late_header_is_refused_after_its_receive_is_aborted() {
+    let w = World::new(
+        "accept_proxy = \"any\"\ntrusted_sources = [\"192.0.2.1\"]\nproxy_header_timeout = \"1s\"\n",
+        1,
+    );
+    let mut out = Vec::new();
+    let mut c = w.accept(&mut out);
+    take(&mut out);
+    feed(&mut c, b"PROXY ", w.now, &mut out);
+    take(&mut out);
+    c.on_timer(w.now + Duration::from_millis(999), &mut out);
+    assert!(out.is_empty());
+    c.on_timer(w.now + Duration::from_secs(1), &mut out);
+    assert_eq!(take(&mut out), vec![Op::Abort]);
+    assert_eq!(c.deadline(), None);
+    c.on_received(Side::Client, Err(Errno::CANCELED), 0, w.now, &mut out);
+    assert_eq!(closes(&take(&mut out)), 1);
+    assert_eq!(w.refused(RefuseReason::ProxyTimeout), 1);
+    w.assert_outcomes_add_up();
+}
+
+#[test]
+fn an_untrusted_source_is_reset_without_a_read() {
+    let w = World::new("accept_proxy = \"v2\"\ntrusted_sources = [\"10.0.0.0/8\"]\n", 1);
+    let mut out = Vec::new();
+    let _c = w.accept(&mut out);
+    assert_eq!(
+        take(&mut out),
+        vec![Op::Close {
+            reset_client: true,
+            reset_backend: false
+        }]
+    );
+    assert_eq!(w.refused(RefuseReason::ProxyUntrusted), 1);
+}
+
+#[test]
+fn no_client_hello_by_the_deadline_takes_the_fallback_pool() {
+    let w = World::new(
+        "sni_timeout = \"1s\"\n[[listener.route]]\nsni = \"a.example\"\npool = \"p\"\n",
+        1,
+    );
+    let mut out = Vec::new();
+    let mut c = w.accept(&mut out);
+    assert_eq!(take(&mut out), vec![PRE]);
+    c.on_timer(w.now + Duration::from_secs(1), &mut out);
+    assert_eq!(take(&mut out), vec![Op::Abort]);
+    c.on_received(
+        Side::Client,
+        Err(Errno::CANCELED),
+        0,
+        w.now + Duration::from_secs(1),
+        &mut out,
+    );
+    connect_addr(&take(&mut out));
+    c.on_connected(Ok(()), w.now, &mut out);
+    // Nothing was read: the client is read as usual.
+    assert_eq!(
+        take(&mut out),
+        vec![
+            Op::Recv {
+                from: Side::Client,
+                via: Via::Buffer
+            },
+            Op::Recv {
+                from: Side::Backend,
+                via: Via::Buffer
+            }
+        ]
+    );
+}
+
+#[test]
+fn a_fin_during_the_pre_read_is_passed_on_after_the_bytes() {
+    let w = World::new("[[listener.route]]\nsni = \"a.example\"\npool = \"p\"\n", 1);
+    let mut out = Vec::new();
+    let mut c = w.accept(&mut out);
+    take(&mut out);
+    feed(&mut c, b"\x16\x03\x01\x00\x10\x01", w.now, &mut out);
+    assert_eq!(take(&mut out), vec![PRE]);
+    c.on_received(Side::Client, Ok(0), 0, w.now, &mut out);
+    connect_addr(&take(&mut out));
+    c.on_connected(Ok(()), w.now, &mut out);
+    let ops = take(&mut out);
+    assert_eq!(
+        ops[0],
+        Op::Send {
+            to: Side::Backend,
+            data: Data::Preread,
+            offset: 0,
+            len: 6
+        }
+    );
+    c.on_sent(Side::Backend, Ok(6), w.now, &mut out);
+    assert_eq!(take(&mut out), vec![Op::ShutdownWrite(Side::Backend)]);
 }

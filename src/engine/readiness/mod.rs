@@ -584,6 +584,18 @@ impl EpollWorker {
                 };
                 (res, cap)
             }
+            Via::Preread => {
+                let space = slot.conn.preread_space();
+                let cap = space.len();
+                // SAFETY: reads at most `cap` bytes into the machine's own buffer.
+                let n = unsafe { libc::recv(fd, space.as_mut_ptr().cast(), cap, libc::MSG_DONTWAIT) };
+                let res = if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                };
+                (res, cap)
+            }
             Via::Pipe => {
                 let pipe = slot.pipe[from as usize].as_mut().expect("splice with a pipe");
                 let socket = slot.fds[from as usize].as_ref().map(AsFd::as_fd);
@@ -622,9 +634,10 @@ impl EpollWorker {
                 .as_mut()
                 .expect("splice with a pipe")
                 .drain_to(slot.fds[to as usize].as_ref().map(AsFd::as_fd), len),
-            Data::Header | Data::Buffer => {
+            Data::Header | Data::Buffer | Data::Preread => {
                 let bytes: &[u8] = match data {
                     Data::Header => slot.conn.proxy_header(),
+                    Data::Preread => slot.conn.preread_unsent(),
                     _ => slot.buffer[to.other() as usize].as_deref().unwrap_or(&[]),
                 };
                 let bytes = &bytes[offset.min(bytes.len())..(offset + len).min(bytes.len())];

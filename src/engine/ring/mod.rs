@@ -626,6 +626,17 @@ impl RingWorker {
                             .user_data(Token::new(recv_kind(from), index, gen).0);
                         self.push(&[sqe]);
                     }
+                    Via::Preread => {
+                        // Into the connection's own buffer: it lives in the
+                        // machine (a stable heap allocation) until Close,
+                        // which comes only after this receive completed.
+                        let fd = types::Fd(slot.fd(from));
+                        let space = slot.conn.preread_space();
+                        let sqe = opcode::Recv::new(fd, space.as_mut_ptr(), space.len() as u32)
+                            .build()
+                            .user_data(Token::new(recv_kind(from), index, gen).0);
+                        self.push(&[sqe]);
+                    }
                     Via::Pipe => {
                         if slot.pipe[from as usize].is_none() {
                             match self.pipes.take() {
@@ -648,6 +659,8 @@ impl RingWorker {
             Op::Send { to, data, offset, len } => {
                 let ptr = match data {
                     Data::Header => slot.conn.proxy_header()[offset..].as_ptr(),
+                    // Held by the machine until this send completed.
+                    Data::Preread => slot.conn.preread_unsent()[offset..].as_ptr(),
                     Data::Buffer => match slot.buffer[to.other() as usize] {
                         // SAFETY: offset < len <= the buffer's size.
                         Some(id) => unsafe { self.bufs.ptr(id).add(offset) },
