@@ -152,6 +152,11 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     if line.is_empty() {
         return Err("empty request".into());
     }
+    // serde's tagged enums also take a sequence (`["drain","web","10.0.0.1:80"]`
+    // would drain): the protocol is one JSON object per line, nothing else.
+    if !line.starts_with('{') {
+        return Err("bad request: expected a JSON object such as {\"cmd\":\"status\"}".into());
+    }
     serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))
 }
 
@@ -640,6 +645,10 @@ mod tests {
             r#"{"cmd":"explode"}"#,
             r#"{"cmd":"drain","pool":"p"}"#,
             r#"{"cmd":"status","x":1}"#,
+            // Found by the control_request fuzzer: serde took an array as the
+            // variant's fields, so this reloaded and the next one drained.
+            r#"["reload"]"#,
+            r#"["drain","web","10.0.0.1:80"]"#,
         ] {
             assert!(parse_request(bad).is_err(), "{bad:?} accepted");
         }
