@@ -19,5 +19,6 @@ pub mod proxy;
 pub mod server;
 pub mod snapshot;
 pub mod stats;
+pub mod systemd;
 pub mod udp;
 pub mod worker;

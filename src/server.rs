@@ -111,6 +111,19 @@ impl Server {
             .reloading
             .try_lock()
             .map_err(|_| "a reload is already in progress; try again when it has finished".to_string())?;
+        crate::systemd::reloading();
+        // READY=1 follows every RELOADING=1, whether the reload was applied
+        // or rejected: either way the process serves on.
+        let result = self.reload_locked().await;
+        crate::systemd::ready(&match &result {
+            Ok(_) => format!("serving; config generation {}", self.model.lock().config_generation),
+            Err(_) => "serving; last reload rejected".to_string(),
+        });
+        result
+    }
+
+    /// The reload proper, run under [`Server::reloading`].
+    async fn reload_locked(&self) -> Result<Vec<String>, String> {
         let path = self
             .model
             .lock()
@@ -278,6 +291,7 @@ pub fn run(config: Config) -> Result<(), String> {
         env!("CARGO_PKG_VERSION"),
         config.summary()
     );
+    crate::systemd::ready(&format!("serving; {}", config.summary()));
     let result = run_control_plane(server, endpoints);
     if let Some(p) = &config.control.socket {
         let _ = std::fs::remove_file(p);
@@ -307,6 +321,7 @@ fn raise_fd_limit() {
 /// Stops accepting, waits for open connections up to `timeout`, then closes
 /// the rest. Returns how many were closed by force.
 pub async fn graceful_shutdown(server: &Server, timeout: Duration) -> u64 {
+    crate::systemd::stopping();
     for l in &server.model.lock().listeners {
         l.stop.stop();
     }
