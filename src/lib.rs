@@ -18,6 +18,7 @@ pub mod output;
 pub mod proxy;
 pub mod server;
 pub mod snapshot;
+pub mod state_file;
 pub mod stats;
 pub mod systemd;
 pub mod udp;

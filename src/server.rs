@@ -31,12 +31,47 @@ pub struct Server {
     /// backend's state): the control plane's ticker rebuilds dirty pools
     /// then, at most once per tick, instead of once per change.
     pub rebuild_soon: tokio::sync::Notify,
+    /// The state file as last written (or read at start): a change is
+    /// written only when the operator states differ from it.
+    pub state_saved: Mutex<Option<(std::path::PathBuf, crate::state_file::StateDoc)>>,
 }
 
 impl Server {
     /// Publishes the model as a new snapshot (one atomic swap).
     pub fn publish(&self, model: &mut Model) {
         self.shared.snapshot.store(Arc::new(model.snapshot()));
+    }
+
+    /// Writes the operator states to `[control] state_file` if they changed
+    /// since the last write: after every control command and reload. A
+    /// failed write is logged and tried again at the next change; the
+    /// running state is not touched by it.
+    pub fn save_state(&self) {
+        let (path, doc) = {
+            let model = self.model.lock();
+            let Some(path) = model.config.control.state_file.clone() else {
+                return;
+            };
+            (path, crate::state_file::collect(&model))
+        };
+        let mut saved = self.state_saved.lock();
+        if saved.as_ref().is_some_and(|(p, d)| *p == path && *d == doc) {
+            return;
+        }
+        match crate::state_file::write(&path, &doc) {
+            Ok(()) => {
+                log::debug!(
+                    "state file {}: {} operator state(s) written",
+                    path.display(),
+                    doc.backends.len()
+                );
+                *saved = Some((path, doc));
+            }
+            Err(e) => log::warn!(
+                "state file {}: cannot write it: {e}; operator states will not survive a restart until it can be",
+                path.display()
+            ),
+        }
     }
 
     /// Sends every worker a command built by `make`. The queue is bounded; a
@@ -185,6 +220,7 @@ impl Server {
         self.publish(&mut model);
         let generation = model.config_generation;
         drop(model);
+        self.save_state();
         if changes.is_empty() {
             log::info!("reload (config generation {generation}): no changes");
         } else {
@@ -271,13 +307,17 @@ pub fn run(config: Config) -> Result<(), String> {
             .map_err(|e| format!("cannot start worker {id}: {e}"))?;
         senders.push(handle);
     }
-    let model = Model::new(config.clone(), workers, Instant::now());
+    let mut model = Model::new(config.clone(), workers, Instant::now());
+    // Before anything is served: a drained backend never takes a connection.
+    let state_saved = crate::state_file::restore(&mut model, Instant::now())
+        .and_then(|doc| Some((config.control.state_file.clone()?, doc)));
     let server = Arc::new(Server {
         shared,
         model: Mutex::new(model),
         workers: senders,
         reloading: tokio::sync::Mutex::new(()),
         rebuild_soon: tokio::sync::Notify::new(),
+        state_saved: Mutex::new(state_saved),
     });
     {
         let mut model = server.model.lock();

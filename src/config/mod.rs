@@ -122,6 +122,9 @@ pub struct ControlConfig {
     pub metrics: Option<SocketAddr>,
     /// Log one line per connection at info.
     pub access_log: bool,
+    /// Operator states kept across restarts and upgrades (relative paths
+    /// are resolved against the config file's directory).
+    pub state_file: Option<PathBuf>,
 }
 
 /// Transport of a listener.
@@ -415,6 +418,11 @@ impl Config {
                 err("control.socket".into(), problem);
             }
         }
+        if let Some(path) = &self.control.state_file {
+            if let Err(problem) = crate::state_file::usable(path) {
+                err("control.state_file".into(), problem);
+            }
+        }
         if let Err(e) = crate::engine::resolve_engine(self.runtime.io_engine) {
             err("runtime.io_engine".into(), e);
         }
@@ -664,6 +672,14 @@ pub fn validate(file: ConfigFile, path: &Path) -> Result<Config, ConfigErrors> {
             .as_ref()
             .and_then(|_| c.addr("control.", "metrics", &file.control.metrics)),
         access_log: file.control.access_log.unwrap_or(false),
+        state_file: match file.control.state_file.as_deref() {
+            None => None,
+            Some("") => {
+                c.err("control.state_file", "empty path");
+                None
+            }
+            Some(f) => Some(path.parent().unwrap_or(Path::new(".")).join(f)),
+        },
     };
 
     let mut pools = Vec::new();

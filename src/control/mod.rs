@@ -202,6 +202,8 @@ pub async fn handle(server: &Arc<Server>, req: Request) -> Value {
                 // (single) snapshot as the command's own rebuild.
                 model.rebuild_dirty(now);
                 server.publish(&mut model);
+                drop(model);
+                server.save_state();
                 ok(v)
             }
             Err(e) => error(e),
