@@ -2,6 +2,7 @@
 //! workers, and the control plane on its own thread.
 
 use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +35,22 @@ pub struct Server {
     /// The state file as last written (or read at start): a change is
     /// written only when the operator states differ from it.
     pub state_saved: Mutex<Option<(std::path::PathBuf, crate::state_file::StateDoc)>>,
+    /// A duplicate of every live listener's sockets (by slot, in worker
+    /// order), kept to hand over to a new process (`run --takeover`).
+    /// Dropped when the listener retires, so a retired socket is closed.
+    pub handover: Mutex<HashMap<usize, Vec<OwnedFd>>>,
+    /// A duplicate of the metrics listener, for the same purpose.
+    pub metrics_fd: Mutex<Option<(std::net::SocketAddr, OwnedFd)>>,
+    /// A takeover is under way (one at a time).
+    pub takeover_busy: AtomicBool,
+    /// A new process serves on this one's sockets: this one drains and exits.
+    pub handed_over: AtomicBool,
+    /// Woken when the handover is done (the control plane then shuts down).
+    pub handover_done: tokio::sync::Notify,
+    /// The control socket's and metrics endpoint's tasks, stopped on handover.
+    pub endpoint_tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// The drain reports of the process this one took over from, while it runs.
+    pub predecessor: Arc<Mutex<Option<serde_json::Value>>>,
 }
 
 impl Server {
@@ -94,44 +111,109 @@ impl Server {
             .sum()
     }
 
-    /// Hands bound sockets of a new listener to the workers.
+    /// Clients accepted that have neither reached a backend nor been
+    /// refused yet (admission, connect attempts): not in
+    /// [`Server::active_connections`], but a stop must wait for them too, or
+    /// they would be closed between accept and connect. Every accepted
+    /// client ends relayed or refused, so this is accepted - relayed -
+    /// refused; the outcomes are read before `accepted`, so a race counts
+    /// one too many (one more wait), never one too few.
+    pub fn connecting(&self) -> u64 {
+        self.model
+            .lock()
+            .listeners
+            .iter()
+            .map(|l| {
+                let settled = l.stats.active.opened.get() + l.stats.refused.iter().map(|c| c.get()).sum::<u64>();
+                l.stats.accepted.get().saturating_sub(settled)
+            })
+            .sum()
+    }
+
+    /// Hands bound sockets of a new listener to the workers: socket i to
+    /// worker i % workers (more sockets than workers happen when a takeover
+    /// inherits more than this process has workers: none is dropped, since
+    /// a dropped socket of the group would reset the clients in its queue).
+    /// A duplicate of each is kept for a later handover.
     fn start_listener(&self, model: &mut Model, config: ListenerConfig, sockets: BoundSockets) {
         let workers = self.workers.len();
         let proto = if config.protocol == Protocol::Udp { "udp" } else { "tcp" };
+        let count = match &sockets {
+            BoundSockets::Tcp(s) => s.len(),
+            BoundSockets::Udp(s) => s.len(),
+        };
         log::info!(
-            "listener \"{}\" bound on {} ({proto}, {workers} sockets, pool \"{}\")",
+            "listener \"{}\" bound on {} ({proto}, {count} sockets, pool \"{}\")",
             config.name,
             config.bind,
             config.pool
         );
         let state = model.add_listener(config.clone());
         let (slot, stop, stats) = (state.slot, state.stop.clone(), state.stats.clone());
+        // In the snapshot before any worker has the socket: a client accepted
+        // on a slot the snapshot does not know is closed, and a handed-over
+        // socket has clients queued from the first moment.
+        self.publish(model);
+        let dups: Vec<OwnedFd> = match &sockets {
+            BoundSockets::Tcp(s) => s.iter().filter_map(|s| s.as_fd().try_clone_to_owned().ok()).collect(),
+            BoundSockets::Udp(s) => s.iter().filter_map(|s| s.as_fd().try_clone_to_owned().ok()).collect(),
+        };
+        if dups.len() == count {
+            self.handover.lock().insert(slot, dups);
+        } else {
+            log::warn!(
+                "listener \"{}\": cannot keep its sockets for a takeover (out of descriptors)",
+                config.name
+            );
+        }
+        let send = |i: usize, cmd: WorkerCmd| {
+            if self.workers[i % workers].try_send(cmd).is_err() {
+                log::error!("worker {}: command queue full; command dropped", i % workers);
+            }
+        };
         match sockets {
             BoundSockets::Tcp(sockets) => {
-                let mut sockets = sockets.into_iter();
-                self.tell_workers(|_| WorkerCmd::ListenTcp {
-                    slot,
-                    name: config.name.clone(),
-                    socket: sockets.next().expect("one socket per worker"),
-                    stop: stop.clone(),
-                });
+                for (i, socket) in sockets.into_iter().enumerate() {
+                    send(
+                        i,
+                        WorkerCmd::ListenTcp {
+                            slot,
+                            name: config.name.clone(),
+                            socket,
+                            stop: stop.clone(),
+                        },
+                    );
+                }
             }
             BoundSockets::Udp(sockets) => {
-                let mut sockets = sockets.into_iter();
-                let per_worker = config.max_flows.div_ceil(workers).max(1);
-                self.tell_workers(|_| {
-                    WorkerCmd::ListenUdp(crate::udp::proxy::UdpListenerSpec {
-                        slot,
-                        name: config.name.clone(),
-                        socket: sockets.next().expect("one socket per worker"),
-                        stop: stop.clone(),
-                        max_flows: per_worker,
-                        idle_timeout: config.idle_timeout,
-                        stats: stats.clone(),
-                    })
-                });
+                let per_socket = config.max_flows.div_ceil(count.max(1)).max(1);
+                for (i, socket) in sockets.into_iter().enumerate() {
+                    send(
+                        i,
+                        WorkerCmd::ListenUdp(crate::udp::proxy::UdpListenerSpec {
+                            slot,
+                            name: config.name.clone(),
+                            socket,
+                            stop: stop.clone(),
+                            max_flows: per_socket,
+                            idle_timeout: config.idle_timeout,
+                            stats: stats.clone(),
+                        }),
+                    );
+                }
             }
         }
+    }
+
+    /// Drops the kept duplicates of listeners that are retired or gone, so
+    /// their sockets close when the workers close theirs.
+    fn prune_handover(&self, model: &Model) {
+        self.handover.lock().retain(|slot, _| {
+            model
+                .listeners
+                .iter()
+                .any(|l| l.slot == *slot && l.retire_deadline.is_none())
+        });
     }
 
     /// Re-reads the config file and applies it. A config that fails
@@ -218,6 +300,7 @@ impl Server {
             self.start_listener(&mut model, l, s);
         }
         self.publish(&mut model);
+        self.prune_handover(&model);
         let generation = model.config_generation;
         drop(model);
         self.save_state();
@@ -254,8 +337,12 @@ fn bind_listener(l: &ListenerConfig, workers: usize, ours: bool, steer: bool) ->
     })
 }
 
-/// Starts ringlb with `config` and blocks until it has shut down.
-pub fn run(config: Config) -> Result<(), String> {
+/// Starts ringlb with `config` and blocks until it has shut down. With
+/// `takeover`, the listening sockets (and the metrics listener) come from
+/// the ringlb answering on the config's control socket, which stops
+/// accepting once this process serves (see [`crate::control::takeover`]).
+pub fn run(config: Config, takeover: bool) -> Result<(), String> {
+    let started = Instant::now();
     let (engine, fallback_reason) = resolve_engine(config.runtime.io_engine)?;
     if let Some(why) = fallback_reason {
         log::warn!("io_uring unavailable ({why}); workers run on the epoll engine");
@@ -273,25 +360,78 @@ pub fn run(config: Config) -> Result<(), String> {
         worker_setup: Mutex::new(Vec::new()),
     });
 
+    let mut inherited = match (takeover, &config.control.socket) {
+        (false, _) => None,
+        (true, None) => {
+            return Err("--takeover needs [control] socket: the running ringlb is asked for its sockets there".into())
+        }
+        (true, Some(path)) => {
+            let got = crate::control::takeover::request(path)?;
+            log::info!(
+                "takeover: process {} (ringlb {}, config generation {}) handed over {} listener(s), {} socket(s)",
+                got.offer.pid,
+                got.offer.version,
+                got.offer.config_generation,
+                got.offer.listeners.len(),
+                got.offer.fds
+            );
+            Some(got)
+        }
+    };
+
     // Bind everything before starting anything: a config whose address is
-    // taken never half-starts.
+    // taken never half-starts (and, in a takeover, never disturbs the
+    // running process, which has changed nothing yet).
     let mut bound = Vec::new();
     for l in &config.listeners {
-        bound.push((l.clone(), bind_listener(l, workers, false, config.runtime.pin_workers)?));
+        let sockets = match inherited.as_mut() {
+            Some(inh) => match inh.take_listener(l.bind, l.protocol) {
+                Some(fds) => inherited_sockets(l, fds, workers)?,
+                None => {
+                    let ours = inh.overlaps(l.bind, l.protocol);
+                    bind_listener(l, workers, ours, config.runtime.pin_workers)?
+                }
+            },
+            None => bind_listener(l, workers, false, config.runtime.pin_workers)?,
+        };
+        bound.push((l.clone(), sockets));
     }
+    if let Some(inh) = &inherited {
+        let dropped = inh.untaken();
+        if !dropped.is_empty() {
+            log::info!(
+                "takeover: listener(s) {} of the previous process are not in this config: closed",
+                dropped.join(", ")
+            );
+        }
+    }
+    let metrics_fd = std::sync::Mutex::new(None);
     let endpoints = ControlEndpoints {
         socket: config
             .control
             .socket
             .as_deref()
-            .map(crate::control::socket::bind_control_socket)
+            .map(|p| {
+                if takeover {
+                    // The running process answers there; the path becomes this one's.
+                    crate::control::socket::rebind_control_socket(p)
+                } else {
+                    crate::control::socket::bind_control_socket(p)
+                }
+            })
             .transpose()?,
         metrics: match config.control.metrics {
             None => None,
             Some(addr) => {
-                let l = std::net::TcpListener::bind(addr)
-                    .map_err(|e| format!("control.metrics: cannot bind {addr}: {e}"))?;
+                let l = match inherited.as_mut().and_then(|inh| inh.take_metrics(addr)) {
+                    Some(fd) => std::net::TcpListener::from(fd),
+                    None => std::net::TcpListener::bind(addr)
+                        .map_err(|e| format!("control.metrics: cannot bind {addr}: {e}"))?,
+                };
                 l.set_nonblocking(true).map_err(|e| e.to_string())?;
+                if let Ok(dup) = l.as_fd().try_clone_to_owned() {
+                    *metrics_fd.lock().expect("not poisoned") = Some((addr, dup));
+                }
                 log::info!("metrics on http://{addr}/metrics");
                 Some(l)
             }
@@ -318,6 +458,13 @@ pub fn run(config: Config) -> Result<(), String> {
         reloading: tokio::sync::Mutex::new(()),
         rebuild_soon: tokio::sync::Notify::new(),
         state_saved: Mutex::new(state_saved),
+        handover: Mutex::new(HashMap::new()),
+        metrics_fd: Mutex::new(metrics_fd.into_inner().expect("not poisoned")),
+        takeover_busy: AtomicBool::new(false),
+        handed_over: AtomicBool::new(false),
+        handover_done: tokio::sync::Notify::new(),
+        endpoint_tasks: Mutex::new(Vec::new()),
+        predecessor: Arc::new(Mutex::new(None)),
     });
     {
         let mut model = server.model.lock();
@@ -331,12 +478,62 @@ pub fn run(config: Config) -> Result<(), String> {
         env!("CARGO_PKG_VERSION"),
         config.summary()
     );
-    crate::systemd::ready(&format!("serving; {}", config.summary()));
-    let result = run_control_plane(server, endpoints);
+    match inherited {
+        None => crate::systemd::ready(&format!("serving; {}", config.summary())),
+        Some(inh) => {
+            let old = inh.offer.pid;
+            match inh.confirm() {
+                Ok(reader) => {
+                    log::info!(
+                        "takeover: serving {:?} after --takeover; process {old} stops accepting and finishes its connections",
+                        started.elapsed()
+                    );
+                    crate::control::takeover::watch_predecessor(reader, server.predecessor.clone());
+                }
+                Err(e) => log::warn!("takeover: {e}; serving anyway (both processes may accept until it stops)"),
+            }
+            crate::systemd::main_pid_ready(&format!("serving (took over from process {old}); {}", config.summary()));
+        }
+    }
+    let result = run_control_plane(server.clone(), endpoints);
+    // After a handover the socket path is the new process's.
     if let Some(p) = &config.control.socket {
-        let _ = std::fs::remove_file(p);
+        if !server.handed_over.load(Ordering::SeqCst) {
+            let _ = std::fs::remove_file(p);
+        }
     }
     result
+}
+
+/// A listener's handed-over sockets, checked to be what the config says;
+/// topped up with new sockets in the same SO_REUSEPORT group when this
+/// process has more workers than the old one had.
+fn inherited_sockets(l: &ListenerConfig, fds: Vec<OwnedFd>, workers: usize) -> Result<BoundSockets, String> {
+    let kind = match l.protocol {
+        Protocol::Tcp => socket2::Type::STREAM,
+        Protocol::Udp => socket2::Type::DGRAM,
+    };
+    for fd in &fds {
+        crate::control::takeover::check_socket(fd, kind, l.bind)
+            .map_err(|e| format!("--takeover: listener \"{}\": {e}", l.name))?;
+    }
+    let missing = workers.saturating_sub(fds.len());
+    Ok(match l.protocol {
+        Protocol::Tcp => {
+            let mut sockets: Vec<std::net::TcpListener> = fds.into_iter().map(std::net::TcpListener::from).collect();
+            if missing > 0 {
+                sockets.extend(bind_tcp_for_workers(&l.name, l.bind, l.backlog, missing, true)?);
+            }
+            BoundSockets::Tcp(sockets)
+        }
+        Protocol::Udp => {
+            let mut sockets: Vec<std::net::UdpSocket> = fds.into_iter().map(std::net::UdpSocket::from).collect();
+            if missing > 0 {
+                sockets.extend(bind_udp_for_workers(&l.name, l.bind, missing, true)?);
+            }
+            BoundSockets::Udp(sockets)
+        }
+    })
 }
 
 /// Raises the soft open-files limit to the hard limit: a proxy holds two fds
@@ -361,14 +558,18 @@ fn raise_fd_limit() {
 /// Stops accepting, waits for open connections up to `timeout`, then closes
 /// the rest. Returns how many were closed by force.
 pub async fn graceful_shutdown(server: &Server, timeout: Duration) -> u64 {
-    crate::systemd::stopping();
+    // After a handover the service is the new process's: a STOPPING=1 from
+    // this one would tell systemd the whole service is stopping.
+    if !server.handed_over.load(Ordering::SeqCst) {
+        crate::systemd::stopping();
+    }
     for l in &server.model.lock().listeners {
         l.stop.stop();
     }
     let deadline = Instant::now() + timeout;
     let mut open = server.active_connections();
     log::info!("shutting down: stopped accepting; {open} connection(s) open, waiting up to {timeout:?}");
-    while open > 0 && Instant::now() < deadline {
+    while (open > 0 || server.connecting() > 0) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
         open = server.active_connections();
     }

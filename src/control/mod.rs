@@ -7,6 +7,7 @@ pub mod health_check;
 pub mod metrics;
 pub mod protocol;
 pub mod socket;
+pub mod takeover;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -46,11 +47,13 @@ pub fn run_control_plane(server: Arc<Server>, endpoints: ControlEndpoints) -> Re
         let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
 
         if let Some(sock) = endpoints.socket {
-            tokio::spawn(socket::serve(sock, server.clone()));
+            let task = tokio::spawn(socket::serve(sock, server.clone()));
+            server.endpoint_tasks.lock().push(task.abort_handle());
         }
         if let Some(m) = endpoints.metrics {
             let listener = tokio::net::TcpListener::from_std(m).map_err(|e| e.to_string())?;
-            tokio::spawn(metrics::serve(listener, server.clone()));
+            let task = tokio::spawn(metrics::serve(listener, server.clone()));
+            server.endpoint_tasks.lock().push(task.abort_handle());
         }
         tokio::spawn(ticker(server.clone()));
         tokio::spawn(health_scheduler(server.clone()));
@@ -59,6 +62,7 @@ pub fn run_control_plane(server: Arc<Server>, endpoints: ControlEndpoints) -> Re
             tokio::select! {
                 _ = term.recv() => { log::info!("SIGTERM received"); break; }
                 _ = int.recv() => { log::info!("SIGINT received"); break; }
+                _ = server.handover_done.notified() => { break; }
                 _ = hup.recv() => {
                     log::info!("SIGHUP received: reloading");
                     if let Err(e) = server.reload().await {
@@ -236,6 +240,7 @@ pub async fn handle(server: &Arc<Server>, req: Request) -> Value {
             force,
         } => change(&|m| m.add_backend(&pool, &addr, weight, force, now)),
         Request::Remove { pool, addr, force } => change(&|m| m.remove_backend(&pool, &addr, force, now)),
+        Request::Takeover { .. } => error("takeover is served on the control socket only"),
         Request::Reload {} => match server.reload().await {
             Ok(changes) => ok(json!({"changes": changes, "config_generation": server.model.lock().config_generation})),
             Err(e) => {
@@ -252,6 +257,10 @@ fn status(server: &Server) -> Value {
     let cpus = crate::worker::pinning_cpus();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        // During an upgrade: the process this one took over from, still
+        // finishing its connections (its last report; null once it exited).
+        "predecessor": server.predecessor.lock().clone(),
         "uptime_seconds": server.shared.started.elapsed().as_secs(),
         "workers": (0..server.shared.workers).map(|id| json!({
             "id": id,

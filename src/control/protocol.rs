@@ -99,6 +99,14 @@ pub enum Request {
     Reload {},
     /// Counters.
     Stats {},
+    /// A new ringlb process (`run --takeover`) asks for the listening
+    /// sockets; served only by the control socket (see `control::takeover`).
+    Takeover {
+        /// The handover protocol the new process speaks.
+        protocol: u32,
+        /// Its process id, for the logs.
+        pid: u32,
+    },
     /// Explain where a client would go: region, table, chosen backend, next candidates.
     Route {
         /// Listener name.

@@ -68,6 +68,18 @@ pub fn bind_control_socket(path: &Path) -> Result<std::os::unix::net::UnixListen
     Ok(listener)
 }
 
+/// Creates the control socket at `path` in place of the running ringlb's
+/// (`run --takeover`): that process keeps serving the connections it has,
+/// new ones reach this process.
+pub fn rebind_control_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, String> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("control socket {}: removing the old one: {e}", path.display())),
+    }
+    bind_control_socket(path)
+}
+
 /// Serves control clients until the process exits.
 pub async fn serve(listener: std::os::unix::net::UnixListener, server: Arc<Server>) {
     let listener = match UnixListener::from_std(listener) {
@@ -149,6 +161,11 @@ async fn serve_client(stream: tokio::net::UnixStream, server: &Arc<Server>) {
                 true,
             ),
             Ok(Ok(Line::Complete(line))) => match parse_request(&line) {
+                Ok(super::protocol::Request::Takeover { protocol, pid }) => {
+                    // The connection is the handover's from here on.
+                    super::takeover::serve(server, reader, write, protocol, pid).await;
+                    return;
+                }
                 Ok(req) => (super::handle_line(server, req).await, false),
                 Err(e) => (error(e).to_string(), false),
             },

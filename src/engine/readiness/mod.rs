@@ -262,15 +262,21 @@ impl EpollWorker {
             }
         }
         for (i, g) in self.udp.keys() {
-            if self.udp.get_mut(i, g).is_some_and(|u| u.stop.is_stopped()) {
-                // Closing its descriptors takes them out of the epoll set.
+            if let Some(u) = self.udp.get_mut(i, g).filter(|u| u.stop.is_stopped()) {
+                // Taken out of the epoll set explicitly: closing the
+                // descriptor does not do it while another process holds the
+                // same socket (an upgrade handed it over), and this
+                // level-triggered registration would then fire for ever.
+                let fd = u.listener_fd();
+                let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, fd, 0, Token(0));
                 self.udp.remove(i);
             }
         }
         for l in &mut self.listeners {
             if l.as_ref().is_some_and(|l| l.stop.is_stopped()) {
                 let l = l.take().expect("checked");
-                // Closing the descriptor takes it out of the epoll set.
+                // As above: the socket may live on in the process it was handed to.
+                let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, l.fd.as_raw_fd(), 0, Token(0));
                 log::debug!("worker {}: listener \"{}\" stopped accepting", self.id, l.name);
             }
         }
