@@ -138,3 +138,70 @@ fn the_shipped_unit_file_is_notify_and_hardened() {
         println!("systemd-analyze not installed: unit file checked by its lines only");
     }
 }
+
+/// The upgrade path of the shipped unit: SIGUSR2 to the main process starts
+/// the binary now at its path with `--takeover`; the new process tells
+/// systemd `MAINPID=` itself and `READY=1`, and the old one, which exits 0,
+/// sends no `STOPPING=1` (that would stop the service).
+#[test]
+fn sigusr2_upgrade_hands_the_service_to_the_new_process() {
+    let backend = Backend::start("b", Behaviour::TagEcho);
+    let listen = lb_addr();
+    let dir = TempDir::new("notify-upgrade");
+    let path = dir.0.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let ctl = dir.0.join("ctl.sock");
+    let body = format!(
+        "[[listener]]\nname = \"t\"\nbind = \"{listen}\"\npool = \"p\"\n\n[[pool]]\nname = \"p\"\n[[pool.backend]]\naddr = \"{}\"\n",
+        backend.addr
+    );
+    let mut lb = Ringlb::start_with(
+        &config_with_control("epoll", &ctl, &body),
+        listen,
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    );
+    let mut seen = Vec::new();
+    wait_message(&sock, "READY=1", &mut seen);
+    let load = Load::start(listen, 2);
+    std::thread::sleep(Duration::from_millis(200));
+    lb.signal(libc::SIGUSR2);
+    let msg = wait_message(&sock, "READY=1", &mut seen);
+    let new_pid: u32 = msg
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .unwrap_or_else(|| panic!("no MAINPID in {msg:?}"))
+        .parse()
+        .unwrap();
+    // The successor is a process this test caused: stopped at the end.
+    struct Stop(u32);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            // SAFETY: signals the successor this test started through ringlb.
+            unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
+            let proc_dir = format!("/proc/{}", self.0);
+            wait_until(Duration::from_secs(5), || !std::path::Path::new(&proc_dir).exists());
+        }
+    }
+    let _stop = Stop(new_pid);
+    assert_ne!(new_pid, lb.pid());
+    assert_eq!(
+        lb.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "the old process exits 0"
+    );
+    let (tried, failed, _) = load.finish();
+    assert_eq!(
+        failed, 0,
+        "{failed} of {tried} connections failed across the SIGUSR2 upgrade"
+    );
+    // Whatever else came, no STOPPING=1: the service is running.
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = sock.recv(&mut buf) {
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(!seen.iter().any(|m| m.contains("STOPPING=1")), "{seen:?}");
+    let (code, v) = ctl_json(&ctl, &["status"]);
+    assert_eq!((code, v["pid"].as_u64()), (0, Some(u64::from(new_pid))), "{v}");
+    assert_eq!(read_tag(listen, None).unwrap(), "b");
+}

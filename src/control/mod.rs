@@ -45,6 +45,7 @@ pub fn run_control_plane(server: Arc<Server>, endpoints: ControlEndpoints) -> Re
         let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
         let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
         let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+        let mut usr2 = signal(SignalKind::user_defined2()).map_err(|e| e.to_string())?;
 
         if let Some(sock) = endpoints.socket {
             let task = tokio::spawn(socket::serve(sock, server.clone()));
@@ -63,6 +64,10 @@ pub fn run_control_plane(server: Arc<Server>, endpoints: ControlEndpoints) -> Re
                 _ = term.recv() => { log::info!("SIGTERM received"); break; }
                 _ = int.recv() => { log::info!("SIGINT received"); break; }
                 _ = server.handover_done.notified() => { break; }
+                _ = usr2.recv() => {
+                    log::info!("SIGUSR2 received: starting the upgraded binary with --takeover");
+                    takeover::spawn_successor(&server);
+                }
                 _ = hup.recv() => {
                     log::info!("SIGHUP received: reloading");
                     if let Err(e) = server.reload().await {

@@ -340,6 +340,62 @@ fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -
     Ok(n as usize)
 }
 
+// === SIGUSR2: the old process starts its successor ===
+
+/// Starts `ringlb run -c CONFIG --takeover` from the binary now at this
+/// process's path (the upgraded one: once the file is replaced, the kernel
+/// reports the running image as "PATH (deleted)"), as a child of this
+/// process: in a systemd service it then runs in the service's cgroup and
+/// sandbox, with its `NOTIFY_SOCKET`, and becomes the main process by its
+/// own `MAINPID=`. Its exit is logged if it fails; this process serves on.
+pub fn spawn_successor(server: &Server) {
+    let Some(config) = server.model.lock().config.source.clone() else {
+        log::warn!("SIGUSR2: this ringlb runs an embedded config; no upgrade");
+        return;
+    };
+    if server.takeover_busy.load(Ordering::SeqCst) {
+        log::warn!("SIGUSR2: a takeover is already in progress");
+        return;
+    }
+    let exe = match std::fs::read_link("/proc/self/exe") {
+        Ok(p) => {
+            let text = p.to_string_lossy();
+            std::path::PathBuf::from(text.strip_suffix(" (deleted)").unwrap_or(&text).to_string())
+        }
+        Err(e) => {
+            log::warn!("SIGUSR2: cannot tell this binary's path: {e}; no upgrade");
+            return;
+        }
+    };
+    let child = std::process::Command::new(&exe)
+        .arg("run")
+        .arg("-c")
+        .arg(&config)
+        .arg("--takeover")
+        .stdin(std::process::Stdio::null())
+        .spawn();
+    match child {
+        Ok(mut child) => {
+            let pid = child.id();
+            log::info!(
+                "SIGUSR2: started {} run -c {} --takeover as process {pid}",
+                exe.display(),
+                config.display()
+            );
+            // Reaps it if it fails (this process then serves on); if it
+            // succeeds, this process exits first and it lives on.
+            let _ = std::thread::Builder::new()
+                .name("ringlb-successor".into())
+                .spawn(move || match child.wait() {
+                    Ok(status) if status.success() => {}
+                    Ok(status) => log::warn!("upgrade: process {pid} exited ({status}); serving on as before"),
+                    Err(e) => log::warn!("upgrade: waiting for process {pid}: {e}"),
+                });
+        }
+        Err(e) => log::warn!("SIGUSR2: cannot start {}: {e}; serving on as before", exe.display()),
+    }
+}
+
 // === the new process ===
 
 /// What `run --takeover` received from the running process.
