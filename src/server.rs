@@ -352,6 +352,7 @@ pub fn run(config: Config, takeover: bool) -> Result<(), String> {
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(Default::default()),
         force_close: AtomicBool::new(false),
+        handed_over: AtomicBool::new(false),
         workers,
         engine,
         pin_workers: config.runtime.pin_workers,

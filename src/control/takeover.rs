@@ -150,6 +150,7 @@ pub async fn serve(
         "takeover: process {pid} is serving; stopped accepting, finishing {open} open connection(s) (up to shutdown_timeout)"
     );
     server.handed_over.store(true, Ordering::SeqCst);
+    server.shared.handed_over.store(true, Ordering::SeqCst);
     // The control socket's path and the metrics address are the new
     // process's now: stop serving them here.
     for task in server.endpoint_tasks.lock().drain(..) {
