@@ -407,20 +407,19 @@ pub fn run(config: Config, takeover: bool) -> Result<(), String> {
         }
     }
     let metrics_fd = std::sync::Mutex::new(None);
+    // In a takeover the running process answers on the path until this one
+    // serves: bound beside it, moved there before the old one lets go.
+    let mut control_temp = None;
     let endpoints = ControlEndpoints {
-        socket: config
-            .control
-            .socket
-            .as_deref()
-            .map(|p| {
-                if takeover {
-                    // The running process answers there; the path becomes this one's.
-                    crate::control::socket::rebind_control_socket(p)
-                } else {
-                    crate::control::socket::bind_control_socket(p)
-                }
-            })
-            .transpose()?,
+        socket: match config.control.socket.as_deref() {
+            None => None,
+            Some(p) if takeover => {
+                let (listener, temp) = crate::control::socket::bind_control_socket_beside(p)?;
+                control_temp = Some(RemoveOnDrop(Some(temp)));
+                Some(listener)
+            }
+            Some(p) => Some(crate::control::socket::bind_control_socket(p)?),
+        },
         metrics: match config.control.metrics {
             None => None,
             Some(addr) => {
@@ -483,6 +482,11 @@ pub fn run(config: Config, takeover: bool) -> Result<(), String> {
         None => crate::systemd::ready(&format!("serving; {}", config.summary())),
         Some(inh) => {
             let old = inh.offer.pid;
+            if let (Some(temp), Some(path)) = (control_temp.as_mut().and_then(|t| t.0.take()), &config.control.socket) {
+                if let Err(e) = crate::control::socket::install_control_socket(&temp, path) {
+                    log::error!("takeover: {e}; ctl reaches the old process there until it exits, then nothing");
+                }
+            }
             match inh.confirm() {
                 Ok(reader) => {
                     log::info!(
@@ -504,6 +508,18 @@ pub fn run(config: Config, takeover: bool) -> Result<(), String> {
         }
     }
     result
+}
+
+/// A file removed when this goes out of scope unless taken out first: the
+/// control socket bound beside the old process's, if the start fails.
+struct RemoveOnDrop(Option<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// A listener's handed-over sockets, checked to be what the config says;

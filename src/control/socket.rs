@@ -9,7 +9,7 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,16 +68,44 @@ pub fn bind_control_socket(path: &Path) -> Result<std::os::unix::net::UnixListen
     Ok(listener)
 }
 
-/// Creates the control socket at `path` in place of the running ringlb's
-/// (`run --takeover`): that process keeps serving the connections it has,
-/// new ones reach this process.
-pub fn rebind_control_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, String> {
+/// Creates the control socket for a process that takes over from the
+/// running ringlb (`run --takeover`): bound beside `path` under a temporary
+/// name, so the running process stays reachable at `path` until
+/// [`install_control_socket`] moves this one there, once it serves. A
+/// start that fails before then leaves `ctl` talking to the old process.
+/// Returns the socket and its temporary path (`path` itself when the
+/// temporary name would not fit a Unix socket path: then it is replaced at once).
+pub fn bind_control_socket_beside(path: &Path) -> Result<(std::os::unix::net::UnixListener, PathBuf), String> {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(format!(".{}", std::process::id()));
+    let temp = path.with_file_name(name);
+    if temp.as_os_str().len() <= 107 {
+        let _ = std::fs::remove_file(&temp);
+        return Ok((bind_control_socket(&temp)?, temp));
+    }
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("control socket {}: removing the old one: {e}", path.display())),
     }
-    bind_control_socket(path)
+    Ok((bind_control_socket(path)?, path.to_path_buf()))
+}
+
+/// Moves a socket bound by [`bind_control_socket_beside`] to `path`
+/// (rename: atomic, so `ctl` finds one process or the other, never none).
+pub fn install_control_socket(temp: &Path, path: &Path) -> Result<(), String> {
+    if temp == path {
+        return Ok(());
+    }
+    std::fs::rename(temp, path).map_err(|e| {
+        let _ = std::fs::remove_file(temp);
+        format!(
+            "control socket {}: moving {} there: {e}",
+            path.display(),
+            temp.display()
+        )
+    })
 }
 
 /// Serves control clients until the process exits.
