@@ -486,6 +486,25 @@ fn failed_upgrades_leave_the_old_process_serving() {
     assert!(text.contains("already in use by another process"), "{text}");
     serving("after a new process that died during start");
 
+    // 2b. It dies later, after binding its control socket: its metrics
+    // address is taken. ctl still reaches the old process, and nothing of
+    // the new one is left in the socket's directory.
+    let late = good.replace("[control]\n", &format!("[control]\nmetrics = \"{taken}\"\n"));
+    let late_path = dir.file("late.toml", &late);
+    let log = dir.0.join("late.log");
+    let mut new = spawn_takeover(&late_path, &log);
+    assert_eq!(wait_exit(&mut new.0, Duration::from_secs(15)), Some(1));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("control.metrics: cannot bind"), "{text}");
+    serving("after a new process that died after binding its control socket");
+    let leftovers: Vec<String> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".ctl.sock"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
     // 3. A version that cannot take the sockets (another handover protocol).
     let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     c.write_all(b"{\"cmd\":\"takeover\",\"protocol\":99,\"pid\":1}\n")
