@@ -580,6 +580,9 @@ pub async fn graceful_shutdown(server: &Server, timeout: Duration) -> u64 {
     if !server.handed_over.load(Ordering::SeqCst) {
         crate::systemd::stopping();
     }
+    // The duplicates kept for a takeover would hold the sockets open (in
+    // LISTEN, queueing clients nobody accepts) after the workers close theirs.
+    server.handover.lock().clear();
     for l in &server.model.lock().listeners {
         l.stop.stop();
     }

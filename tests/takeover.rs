@@ -582,6 +582,12 @@ fn status_shows_the_previous_process_while_it_drains() {
         "status: {shown}"
     );
     assert_eq!(shown["open_connections"], 1, "{shown}");
+    let (_, text, _) = ctl_text(&sock, &["status"]);
+    assert!(
+        text.contains(&format!("previous process {old_pid} (ringlb "))
+            && text.contains("draining, 1 open connection(s)"),
+        "{text}"
+    );
     // The held connection still works through the old process.
     held.write_all(b"ping\n").unwrap();
     let mut back = [0u8; 5];

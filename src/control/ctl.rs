@@ -111,7 +111,24 @@ pub fn human(cmd: &str, r: &Value) -> String {
     let mut out = String::new();
     match cmd {
         "status" => {
-            let _ = writeln!(out, "ringlb {}  up {}s", s(r, "version"), s(r, "uptime_seconds"));
+            let _ = writeln!(
+                out,
+                "ringlb {}  up {}s  pid {}",
+                s(r, "version"),
+                s(r, "uptime_seconds"),
+                s(r, "pid")
+            );
+            if let Some(p) = r.get("predecessor").filter(|p| !p.is_null()) {
+                // During an upgrade: the process this one took over from.
+                let _ = writeln!(
+                    out,
+                    "previous process {} (ringlb {}, config generation {}): draining, {} open connection(s)",
+                    s(p, "pid"),
+                    s(p, "version"),
+                    s(p, "config_generation"),
+                    s(p, "open_connections")
+                );
+            }
             let _ = writeln!(
                 out,
                 "config {} (generation {}), snapshot generation {}",
