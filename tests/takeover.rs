@@ -600,3 +600,62 @@ fn status_shows_the_previous_process_while_it_drains() {
     }));
     udp_stop.store(true, Ordering::SeqCst);
 }
+
+/// An upgrade may change `runtime.workers`: with more workers the new
+/// process adds sockets to the SO_REUSEPORT group, with fewer it serves
+/// every handed-over socket anyway (one dropped would reset the clients in
+/// its queue). Under load, no connection fails either way.
+#[test]
+fn an_upgrade_may_change_the_worker_count() {
+    let backend = Backend::start("a", Behaviour::TagEcho);
+    let (udp_backend, udp_stop) = udp_echo();
+    let dir = TempDir::new("takeover-workers");
+    let sock = dir.0.join("ctl.sock");
+    let tcp = lb_addr();
+    let udp = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let base = config("epoll", &dir.0, tcp, udp, &[backend.addr], udp_backend);
+    let config_path = dir.file("ringlb.toml", &base);
+    let mut current = Proc(
+        Command::new(ringlb_bin())
+            .args(["run", "-c"])
+            .arg(&config_path)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_until(Duration::from_secs(10), || is_listening(tcp)
+        && status_pid(&sock).is_some()));
+    let short = ShortLoad::start(tcp, 3);
+    let udp_load = UdpLoad::start(udp, 2);
+    for (n, workers) in [3, 1, 2].into_iter().enumerate() {
+        std::fs::write(
+            &config_path,
+            base.replace("workers = 2", &format!("workers = {workers}")),
+        )
+        .unwrap();
+        let log = dir.0.join(format!("w{n}.log"));
+        let new = spawn_takeover(&config_path, &log);
+        let new_pid = new.0.id() as u64;
+        assert!(
+            wait_until(Duration::from_secs(15), || status_pid(&sock) == Some(new_pid)),
+            "{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        let (_, v) = ctl_json(&sock, &["status"]);
+        assert_eq!(v["workers"].as_array().unwrap().len(), workers, "{v}");
+        assert_eq!(wait_exit(&mut current.0, Duration::from_secs(15)), Some(0));
+        current = new;
+        thread::sleep(Duration::from_millis(300));
+    }
+    let (tried, failed, _) = short.finish();
+    let (sent, answered) = udp_load.finish();
+    udp_stop.store(true, Ordering::SeqCst);
+    println!(
+        "workers 2 -> 3 -> 1 -> 2: {tried} connections, {failed} failed; UDP {sent} sent, {} unanswered",
+        sent - answered
+    );
+    assert!(tried > 100);
+    assert_eq!(failed, 0);
+    assert_eq!(sent - answered, 0);
+}
