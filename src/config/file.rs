@@ -61,6 +61,8 @@ pub struct ControlFile {
     pub metrics: Option<String>,
     /// One log line per closed connection, at info.
     pub access_log: Option<bool>,
+    /// Where operator states (drains, disables) are kept across restarts.
+    pub state_file: Option<String>,
 }
 
 /// `[[listener]]`: one address ringlb accepts on.

@@ -110,6 +110,9 @@ pub struct ControlConfig {
     pub metrics: Option<SocketAddr>,
     /// Log one line per connection at info.
     pub access_log: bool,
+    /// Operator states kept across restarts and upgrades (relative paths
+    /// are resolved against the config file's directory).
+    pub state_file: Option<PathBuf>,
 }
 
 /// Transport of a listener.

@@ -196,6 +196,14 @@ pub fn validate(file: ConfigFile, path: &Path, prefixes: Option<PrefixesFile>) -
             .as_ref()
             .and_then(|_| c.addr("control.", "metrics", &file.control.metrics)),
         access_log: file.control.access_log.unwrap_or(false),
+        state_file: match file.control.state_file.as_deref() {
+            None => None,
+            Some("") => {
+                c.err("control.state_file", "empty path");
+                None
+            }
+            Some(f) => Some(path.parent().unwrap_or(Path::new(".")).join(f)),
+        },
     };
 
     let mut pools = Vec::new();

@@ -89,6 +89,10 @@ pub struct UdpListener {
     ready: Vec<RawFd>,
     expired: Vec<(SocketAddr, Flow)>,
     next_expiry: Instant,
+    /// Stopped after a handover: the listener socket is no longer read
+    /// (the new process reads it), the existing flows' replies are still
+    /// relayed until the flows go idle.
+    pub draining: bool,
 }
 
 impl UdpListener {
@@ -112,8 +116,14 @@ impl UdpListener {
             ready: Vec::new(),
             expired: Vec::new(),
             next_expiry: now + EXPIRY_MIN_GAP,
+            draining: false,
             name: spec.name,
         })
+    }
+
+    /// Flows open on this worker.
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
     }
 
     /// The listening socket (readable: client datagrams are waiting).
