@@ -267,6 +267,11 @@ pub fn check_control_request(data: &[u8]) {
                     assert_eq!(*weight, opt_i("weight"));
                     ("what_if", &["pool", "change", "addr", "weight"])
                 }
+                Request::Takeover { protocol, pid } => {
+                    assert_eq!(Some(i64::from(*protocol)), i("protocol"));
+                    assert_eq!(Some(i64::from(*pid)), i("pid"));
+                    ("takeover", &["protocol", "pid"])
+                }
                 Request::Route {
                     listener,
                     client,

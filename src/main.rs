@@ -24,6 +24,11 @@ enum Command {
         /// Config file (TOML).
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
+        /// Upgrade: take the listening sockets over from the ringlb running on
+        /// this config's control socket (it stops accepting once this one
+        /// serves, finishes its connections and exits 0).
+        #[arg(long)]
+        takeover: bool,
     },
     /// Validate a config file: print every error and exit 1, or print a
     /// one-line summary and exit 0 (like `nginx -t`). Nothing is bound.
@@ -378,7 +383,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run { config } => match load_checked(&config) {
+        Command::Run { config, takeover } => match load_checked(&config) {
             Err(errors) => {
                 eprintln!("{errors}");
                 eprintln!(
@@ -388,7 +393,7 @@ fn main() -> ExitCode {
                 );
                 ExitCode::FAILURE
             }
-            Ok(cfg) => match ringlb::startup::run(cfg) {
+            Ok(cfg) => match ringlb::startup::run(cfg, takeover) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     log::error!("{e}");

@@ -4,7 +4,8 @@
 //! Start-up is `crate::startup`.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,25 @@ pub struct Server {
     /// worker loops (an eventfd write), so it is the shell's, not the
     /// model's: the model asks for it in [`Effects::stop_listeners`].
     pub stops: Mutex<HashMap<usize, Arc<StopSignal>>>,
+    /// The state file as last written (or read at start): a change is
+    /// written only when the operator states differ from it.
+    pub state_saved: Mutex<Option<(std::path::PathBuf, crate::state_file::StateDoc)>>,
+    /// A duplicate of every live listener's sockets (by slot, in worker
+    /// order), kept to hand over to a new process (`run --takeover`).
+    /// Dropped when the listener stops, so a retired socket is closed.
+    pub handover: Mutex<HashMap<usize, Vec<OwnedFd>>>,
+    /// A duplicate of the metrics listener, for the same purpose.
+    pub metrics_fd: Mutex<Option<(std::net::SocketAddr, OwnedFd)>>,
+    /// A takeover is under way (one at a time).
+    pub takeover_busy: AtomicBool,
+    /// A new process serves on this one's sockets: this one drains and exits.
+    pub handed_over: AtomicBool,
+    /// Woken when the handover is done (the control plane then shuts down).
+    pub handover_done: tokio::sync::Notify,
+    /// The control socket's and metrics endpoint's tasks, stopped on handover.
+    pub endpoint_tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// The drain reports of the process this one took over from, while it runs.
+    pub predecessor: Arc<Mutex<Option<crate::control::protocol::PredecessorStatus>>>,
 }
 
 /// Outcomes of reloads, for the metrics.
@@ -64,8 +84,12 @@ impl Server {
     }
 
     /// Carries out what the model asked for, in order: log lines, listeners
-    /// stopped, new listeners started on their bound `sockets` (by name),
-    /// one publish, a close check, a ticker wake-up. Returns the checks to
+    /// stopped (and their sockets kept for a takeover dropped), one publish,
+    /// new listeners started on their bound `sockets` (by name), a close
+    /// check, a ticker wake-up. The publish comes before the starts: a new
+    /// listener is in the snapshot before any worker has its socket (a
+    /// client accepted on a slot the snapshot does not know is closed, and
+    /// a handed-over socket has clients queued from the first moment). Returns the checks to
     /// run (the caller spawns them). The one place model effects are
     /// applied; `model` is the locked model that produced `fx`.
     pub fn apply(&self, model: &mut Model, fx: Effects, sockets: &mut HashMap<String, BoundSockets>) -> Vec<CheckJob> {
@@ -76,6 +100,10 @@ impl Server {
             if let Some(stop) = self.stops.lock().remove(&slot) {
                 stop.stop();
             }
+            self.handover.lock().remove(&slot);
+        }
+        if fx.publish || !fx.start_listeners.is_empty() {
+            self.publish(model);
         }
         for l in fx.start_listeners {
             match sockets.remove(&l.config.name) {
@@ -86,9 +114,6 @@ impl Server {
                 ),
             }
         }
-        if fx.publish {
-            self.publish(model);
-        }
         if fx.check_close {
             self.tell_workers(|_| WorkerCmd::CheckClose);
         }
@@ -96,6 +121,38 @@ impl Server {
             self.rebuild_soon.notify_one();
         }
         fx.checks
+    }
+
+    /// Writes the operator states to `[control] state_file` if they changed
+    /// since the last write: after every control command and reload. A
+    /// failed write is logged and tried again at the next change; the
+    /// running state is not touched by it.
+    pub fn save_state(&self) {
+        let (path, doc) = {
+            let model = self.model.lock();
+            let Some(path) = model.config.control.state_file.clone() else {
+                return;
+            };
+            (path, crate::state_file::collect(&model))
+        };
+        let mut saved = self.state_saved.lock();
+        if saved.as_ref().is_some_and(|(p, d)| *p == path && *d == doc) {
+            return;
+        }
+        match crate::state_file::write(&path, &doc) {
+            Ok(()) => {
+                log::debug!(
+                    "state file {}: {} operator state(s) written",
+                    path.display(),
+                    doc.backends.len()
+                );
+                *saved = Some((path, doc));
+            }
+            Err(e) => log::warn!(
+                "state file {}: cannot write it: {e}; operator states will not survive a restart until it can be",
+                path.display()
+            ),
+        }
     }
 
     /// Sends every worker a command built by `make`. The queue is bounded; a
@@ -118,43 +175,93 @@ impl Server {
             .sum()
     }
 
-    /// Hands bound sockets of a new listener to the workers.
+    /// Clients accepted that have neither reached a backend nor been
+    /// refused yet (admission, connect attempts): not in
+    /// [`Server::active_connections`], but a stop must wait for them too, or
+    /// they would be closed between accept and connect. Every accepted
+    /// client ends relayed or refused, so this is accepted - relayed -
+    /// refused; the outcomes are read before `accepted`, so a race counts
+    /// one too many (one more wait), never one too few.
+    pub fn connecting(&self) -> u64 {
+        self.model
+            .lock()
+            .listeners
+            .iter()
+            .map(|l| {
+                let settled = l.stats.active.opened.get() + l.stats.refused.iter().map(|c| c.get()).sum::<u64>();
+                l.stats.accepted.get().saturating_sub(settled)
+            })
+            .sum()
+    }
+
+    /// Hands bound sockets of a new listener to the workers: socket i to
+    /// worker i % workers (more sockets than workers happen when a takeover
+    /// inherits more than this process has workers: none is dropped, since
+    /// a dropped socket of the group would reset the clients in its queue).
+    /// A duplicate of each is kept for a later handover.
     fn start_listener(&self, listener: StartListener, sockets: BoundSockets) {
         let StartListener { slot, config, stats } = listener;
         let workers = self.workers.len();
         let proto = if config.protocol == Protocol::Udp { "udp" } else { "tcp" };
+        let count = match &sockets {
+            BoundSockets::Tcp(s) => s.len(),
+            BoundSockets::Udp(s) => s.len(),
+        };
         log::info!(
-            "listener \"{}\" bound on {} ({proto}, {workers} sockets, pool \"{}\")",
+            "listener \"{}\" bound on {} ({proto}, {count} sockets, pool \"{}\")",
             config.name,
             config.bind,
             config.pool
         );
         let stop = Arc::new(StopSignal::default());
         self.stops.lock().insert(slot, stop.clone());
+        let dups: Vec<OwnedFd> = match &sockets {
+            BoundSockets::Tcp(s) => s.iter().filter_map(|s| s.as_fd().try_clone_to_owned().ok()).collect(),
+            BoundSockets::Udp(s) => s.iter().filter_map(|s| s.as_fd().try_clone_to_owned().ok()).collect(),
+        };
+        if dups.len() == count {
+            self.handover.lock().insert(slot, dups);
+        } else {
+            log::warn!(
+                "listener \"{}\": cannot keep its sockets for a takeover (out of descriptors)",
+                config.name
+            );
+        }
+        let send = |i: usize, cmd: WorkerCmd| {
+            if self.workers[i % workers].try_send(cmd).is_err() {
+                log::error!("worker {}: command queue full; command dropped", i % workers);
+            }
+        };
         match sockets {
             BoundSockets::Tcp(sockets) => {
-                let mut sockets = sockets.into_iter();
-                self.tell_workers(|_| WorkerCmd::ListenTcp {
-                    slot,
-                    name: config.name.clone(),
-                    socket: sockets.next().expect("one socket per worker"),
-                    stop: stop.clone(),
-                });
+                for (i, socket) in sockets.into_iter().enumerate() {
+                    send(
+                        i,
+                        WorkerCmd::ListenTcp {
+                            slot,
+                            name: config.name.clone(),
+                            socket,
+                            stop: stop.clone(),
+                        },
+                    );
+                }
             }
             BoundSockets::Udp(sockets) => {
-                let mut sockets = sockets.into_iter();
-                let per_worker = config.max_flows.div_ceil(workers).max(1);
-                self.tell_workers(|_| {
-                    WorkerCmd::ListenUdp(crate::udp::proxy::UdpListenerSpec {
-                        slot,
-                        name: config.name.clone(),
-                        socket: sockets.next().expect("one socket per worker"),
-                        stop: stop.clone(),
-                        max_flows: per_worker,
-                        idle_timeout: config.idle_timeout,
-                        stats: stats.clone(),
-                    })
-                });
+                let per_socket = config.max_flows.div_ceil(count.max(1)).max(1);
+                for (i, socket) in sockets.into_iter().enumerate() {
+                    send(
+                        i,
+                        WorkerCmd::ListenUdp(crate::udp::proxy::UdpListenerSpec {
+                            slot,
+                            name: config.name.clone(),
+                            socket,
+                            stop: stop.clone(),
+                            max_flows: per_socket,
+                            idle_timeout: config.idle_timeout,
+                            stats: stats.clone(),
+                        }),
+                    );
+                }
             }
         }
     }
@@ -184,6 +291,22 @@ impl Server {
             .reloading
             .try_lock()
             .map_err(|_| format!("{RELOAD_BUSY}; try again when it has finished"))?;
+        crate::systemd::reloading();
+        // READY=1 follows every RELOADING=1, whether the reload was applied
+        // or rejected: either way the process serves on.
+        let result = self.reload_locked().await;
+        crate::systemd::ready(&match &result {
+            Ok(r) => format!("serving; config generation {}", r.config_generation),
+            Err(_) => "serving; last reload rejected".to_string(),
+        });
+        if result.is_ok() {
+            self.save_state();
+        }
+        result
+    }
+
+    /// The reload proper, run under [`Server::reloading`].
+    async fn reload_locked(&self) -> Result<crate::control::protocol::ReloadReply, String> {
         let path = self
             .model
             .lock()
@@ -251,13 +374,21 @@ pub fn bind_listener(l: &ListenerConfig, workers: usize, ours: bool, steer: bool
 /// Stops accepting, waits for open connections up to `timeout`, then closes
 /// the rest. Returns how many were closed by force.
 pub async fn graceful_shutdown(server: &Server, timeout: Duration) -> u64 {
+    // After a handover the service is the new process's: a STOPPING=1 from
+    // this one would tell systemd the whole service is stopping.
+    if !server.handed_over.load(Ordering::SeqCst) {
+        crate::systemd::stopping();
+    }
+    // The duplicates kept for a takeover would hold the sockets open (in
+    // LISTEN, queueing clients nobody accepts) after the workers close theirs.
+    server.handover.lock().clear();
     for stop in server.stops.lock().values() {
         stop.stop();
     }
     let deadline = Instant::now() + timeout;
     let mut open = server.active_connections();
     log::info!("shutting down: stopped accepting; {open} connection(s) open, waiting up to {timeout:?}");
-    while open > 0 && Instant::now() < deadline {
+    while (open > 0 || server.connecting() > 0) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
         open = server.active_connections();
     }

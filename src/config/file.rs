@@ -65,6 +65,8 @@ pub struct ControlFile {
     /// `"json"` access log lines go to this file (reopened on SIGUSR1)
     /// instead of stderr.
     pub access_log_file: Option<String>,
+    /// Where operator states (drains, disables) are kept across restarts.
+    pub state_file: Option<String>,
 }
 
 /// `access_log` as written: a boolean (the old form) or a format name.

@@ -113,6 +113,11 @@ impl Config {
                 err("control.socket".into(), problem);
             }
         }
+        if let Some(path) = &self.control.state_file {
+            if let Err(problem) = crate::state_file::usable(path) {
+                err("control.state_file".into(), problem);
+            }
+        }
         if let Err(e) = crate::engine::resolve_engine(self.runtime.io_engine) {
             err("runtime.io_engine".into(), e);
         }

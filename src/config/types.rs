@@ -112,6 +112,9 @@ pub struct ControlConfig {
     pub access_log: AccessLog,
     /// JSON access log file (stderr when `None`).
     pub access_log_file: Option<PathBuf>,
+    /// Operator states kept across restarts and upgrades (relative paths
+    /// are resolved against the config file's directory).
+    pub state_file: Option<PathBuf>,
 }
 
 /// `[control] access_log`: one record per closed connection and expired UDP flow.

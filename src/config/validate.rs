@@ -219,6 +219,14 @@ pub fn validate(file: ConfigFile, path: &Path, prefixes: Option<PrefixesFile>) -
             }
             Some(p) => Some(PathBuf::from(p)),
         },
+        state_file: match file.control.state_file.as_deref() {
+            None => None,
+            Some("") => {
+                c.err("control.state_file", "empty path");
+                None
+            }
+            Some(f) => Some(path.parent().unwrap_or(Path::new(".")).join(f)),
+        },
     };
     if control.access_log_file.is_some() && control.access_log != AccessLog::Json {
         c.err("control.access_log_file", "only applies with access_log = \"json\"");

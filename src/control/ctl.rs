@@ -152,7 +152,15 @@ pub fn human(reply: &Reply<'_>) -> String {
     let mut out = String::new();
     match reply {
         Reply::Status(r) => {
-            let _ = writeln!(out, "ringlb {}  up {}s", r.version, r.uptime_seconds);
+            let _ = writeln!(out, "ringlb {}  up {}s  pid {}", r.version, r.uptime_seconds, r.pid);
+            if let Some(p) = &r.predecessor {
+                // During an upgrade: the process this one took over from.
+                let _ = writeln!(
+                    out,
+                    "previous process {} (ringlb {}, config generation {}): draining, {} open connection(s)",
+                    p.pid, p.version, p.config_generation, p.open_connections
+                );
+            }
             let _ = writeln!(
                 out,
                 "config {} (generation {}), snapshot generation {}",

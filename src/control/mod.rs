@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod socket;
 pub mod status;
+pub mod takeover;
 pub mod top;
 
 use std::collections::HashMap;
@@ -50,13 +51,16 @@ pub fn run_control_plane(server: Arc<Server>, endpoints: ControlEndpoints) -> Re
         let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
         let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
         let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;
+        let mut usr2 = signal(SignalKind::user_defined2()).map_err(|e| e.to_string())?;
 
         if let Some(sock) = endpoints.socket {
-            tokio::spawn(socket::serve(sock, server.clone()));
+            let task = tokio::spawn(socket::serve(sock, server.clone()));
+            server.endpoint_tasks.lock().push(task.abort_handle());
         }
         if let Some(m) = endpoints.metrics {
             let listener = tokio::net::TcpListener::from_std(m).map_err(|e| e.to_string())?;
-            tokio::spawn(http::serve(listener, server.clone()));
+            let task = tokio::spawn(http::serve(listener, server.clone()));
+            server.endpoint_tasks.lock().push(task.abort_handle());
         }
         tokio::spawn(ticker(server.clone()));
         tokio::spawn(health_scheduler(server.clone()));
@@ -68,6 +72,11 @@ pub fn run_control_plane(server: Arc<Server>, endpoints: ControlEndpoints) -> Re
                 _ = usr1.recv() => {
                     log::info!("SIGUSR1 received: reopening the access log file");
                     crate::access_log::reopen();
+                }
+                _ = server.handover_done.notified() => { break; }
+                _ = usr2.recv() => {
+                    log::info!("SIGUSR2 received: starting the upgraded binary with --takeover");
+                    takeover::spawn_successor(&server);
                 }
                 _ = hup.recv() => {
                     log::info!("SIGHUP received: reloading");
@@ -251,6 +260,7 @@ pub async fn handle(server: &Arc<Server>, req: Request) -> Reply<'static> {
                 Reply::Error(e)
             }
         },
+        Request::Takeover { .. } => Reply::Error("takeover is served on the control socket only".into()),
         change => {
             let now = Instant::now();
             let mut model = server.model.lock();
@@ -261,6 +271,10 @@ pub async fn handle(server: &Arc<Server>, req: Request) -> Reply<'static> {
                 fx.merge(model.rebuild_dirty(now));
             }
             let _none = server.apply(&mut model, fx, &mut HashMap::new());
+            drop(model);
+            if reply.is_ok() {
+                server.save_state();
+            }
             reply
         }
     }
@@ -275,6 +289,10 @@ fn status(server: &Server) -> StatusReply {
     let cpus = crate::worker::pinning_cpus();
     StatusReply {
         version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        // During an upgrade: the process this one took over from, still
+        // finishing its connections (its last report; none once it exited).
+        predecessor: server.predecessor.lock().clone(),
         protocol: protocol::PROTOCOL_VERSION,
         uptime_seconds: server.shared.started.elapsed().as_secs(),
         workers: (0..server.shared.workers)

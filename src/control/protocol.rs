@@ -127,6 +127,14 @@ pub enum Request {
         #[serde(default)]
         weight: Option<i64>,
     },
+    /// A new ringlb process (`run --takeover`) asks for the listening
+    /// sockets; served only by the control socket (see `control::takeover`).
+    Takeover {
+        /// The handover protocol the new process speaks.
+        protocol: u32,
+        /// Its process id, for the logs.
+        pid: u32,
+    },
     /// Explain where a client would go: region, table, chosen backend, next candidates.
     Route {
         /// Listener name.
@@ -271,6 +279,9 @@ impl Reply<'_> {
             Request::Remove { .. } => Reply::Remove(body(line)?),
             Request::Reload {} => Reply::Reload(body(line)?),
             Request::WhatIf { .. } => Reply::WhatIf(body(line)?),
+            // Answered by an offer and descriptors (`control::takeover`),
+            // not by a reply line.
+            Request::Takeover { .. } => return Err("a takeover is answered by a socket offer, not a reply".into()),
         })
     }
 }
@@ -299,6 +310,13 @@ pub struct WhatIfReply {
 pub struct StatusReply {
     /// ringlb's version.
     pub version: String,
+    /// This process's id.
+    #[serde(default)]
+    pub pid: u32,
+    /// During an upgrade: the process this one took over from, still
+    /// finishing its connections (its last report; null once it exited).
+    #[serde(default)]
+    pub predecessor: Option<PredecessorStatus>,
     /// The control protocol the server speaks ([`PROTOCOL_VERSION`]).
     pub protocol: u32,
     /// Seconds since start.
@@ -321,6 +339,20 @@ pub struct StatusReply {
     /// at a glance (`ringlb fleet check` does it).
     #[serde(default)]
     pub pools: Vec<PoolStatus>,
+}
+
+/// The draining previous process in `status` (as it last reported itself
+/// over the handover connection, `control::takeover`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredecessorStatus {
+    /// Its process id.
+    pub pid: u32,
+    /// Its version.
+    pub version: String,
+    /// Its config generation.
+    pub config_generation: u64,
+    /// Connections it still has open.
+    pub open_connections: u64,
 }
 
 /// One pool in `status`.

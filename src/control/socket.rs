@@ -9,7 +9,7 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,6 +66,46 @@ pub fn bind_control_socket(path: &Path) -> Result<std::os::unix::net::UnixListen
         .map_err(|e| format!("control socket {}: chmod 0600: {e}", path.display()))?;
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     Ok(listener)
+}
+
+/// Creates the control socket for a process that takes over from the
+/// running ringlb (`run --takeover`): bound beside `path` under a temporary
+/// name, so the running process stays reachable at `path` until
+/// [`install_control_socket`] moves this one there, once it serves. A
+/// start that fails before then leaves `ctl` talking to the old process.
+/// Returns the socket and its temporary path (`path` itself when the
+/// temporary name would not fit a Unix socket path: then it is replaced at once).
+pub fn bind_control_socket_beside(path: &Path) -> Result<(std::os::unix::net::UnixListener, PathBuf), String> {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(format!(".{}", std::process::id()));
+    let temp = path.with_file_name(name);
+    if temp.as_os_str().len() <= 107 {
+        let _ = std::fs::remove_file(&temp);
+        return Ok((bind_control_socket(&temp)?, temp));
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("control socket {}: removing the old one: {e}", path.display())),
+    }
+    Ok((bind_control_socket(path)?, path.to_path_buf()))
+}
+
+/// Moves a socket bound by [`bind_control_socket_beside`] to `path`
+/// (rename: atomic, so `ctl` finds one process or the other, never none).
+pub fn install_control_socket(temp: &Path, path: &Path) -> Result<(), String> {
+    if temp == path {
+        return Ok(());
+    }
+    std::fs::rename(temp, path).map_err(|e| {
+        let _ = std::fs::remove_file(temp);
+        format!(
+            "control socket {}: moving {} there: {e}",
+            path.display(),
+            temp.display()
+        )
+    })
 }
 
 /// Serves control clients until the process exits.
@@ -146,6 +186,11 @@ async fn serve_client(stream: tokio::net::UnixStream, server: &Arc<Server>) {
             Err(_) | Ok(Err(_)) | Ok(Ok(Line::Eof)) => return,
             Ok(Ok(Line::TooLong)) => (error_line(&format!("request line longer than {MAX_LINE} bytes")), true),
             Ok(Ok(Line::Complete(line))) => match parse_request(&line) {
+                Ok(super::protocol::Request::Takeover { protocol, pid }) => {
+                    // The connection is the handover's from here on.
+                    super::takeover::serve(server, reader, write, protocol, pid).await;
+                    return;
+                }
                 Ok(req) => (super::handle_line(server, req).await, false),
                 Err(e) => (error_line(&e), false),
             },

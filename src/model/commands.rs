@@ -52,6 +52,7 @@ impl Model {
             | Request::Stats {}
             | Request::Route { .. }
             | Request::WhatIf { .. }
+            | Request::Takeover { .. }
             | Request::Reload {} => return None,
         })
     }

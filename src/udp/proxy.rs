@@ -102,6 +102,10 @@ pub struct UdpListener {
     expired: Vec<(SocketAddr, Flow)>,
     expired_tokens: Vec<(u64, Arc<Backend>)>,
     next_expiry: Instant,
+    /// Stopped after a handover: the listener socket is no longer read
+    /// (the new process reads it), the existing flows' replies are still
+    /// relayed until the flows go idle.
+    pub draining: bool,
 }
 
 impl UdpListener {
@@ -130,8 +134,14 @@ impl UdpListener {
             expired: Vec::new(),
             expired_tokens: Vec::new(),
             next_expiry: now + EXPIRY_MIN_GAP,
+            draining: false,
             name: spec.name,
         })
+    }
+
+    /// Flows open on this worker.
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
     }
 
     /// The listening socket (readable: client datagrams are waiting).

@@ -24,6 +24,10 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     /// Set when every open connection must close now (shutdown timeout).
     pub force_close: AtomicBool,
+    /// Set when a new process took the listening sockets over (`run
+    /// --takeover`): a stopped UDP listener then keeps answering its
+    /// existing flows until they go idle instead of ending them at once.
+    pub handed_over: AtomicBool,
     /// Worker count.
     pub workers: usize,
     /// Engine the workers run on.

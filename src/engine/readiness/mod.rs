@@ -162,6 +162,17 @@ impl EpollWorker {
                     u.expire(now);
                 }
             }
+            let force = self.shared.force_close.load(Ordering::Relaxed);
+            // Only after a handover is any listener draining: no list is built otherwise.
+            let done = |u: &mut UdpListener| u.draining && (u.flow_count() == 0 || force);
+            if self.udp.iter_mut().any(done) {
+                for (i, g) in self.udp.keys() {
+                    if self.udp.get_mut(i, g).is_some_and(done) {
+                        // Its flows' epoll set closes with it.
+                        self.udp.remove(i);
+                    }
+                }
+            }
             for index in std::mem::take(&mut self.accept_ready) {
                 self.accept_batch(index, now);
             }
@@ -262,16 +273,29 @@ impl EpollWorker {
                 }
             }
         }
+        let handed_over = self.shared.handed_over.load(Ordering::Relaxed);
         for (i, g) in self.udp.keys() {
-            if self.udp.get_mut(i, g).is_some_and(|u| u.stop.is_stopped()) {
-                // Closing its descriptors takes them out of the epoll set.
-                self.udp.remove(i);
+            if let Some(u) = self.udp.get_mut(i, g).filter(|u| u.stop.is_stopped() && !u.draining) {
+                // Taken out of the epoll set explicitly: closing the
+                // descriptor does not do it while another process holds the
+                // same socket (an upgrade handed it over), and this
+                // level-triggered registration would then fire for ever.
+                let fd = u.listener_fd();
+                let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, fd, 0, Token(0));
+                if handed_over && u.flow_count() > 0 {
+                    // The new process reads the socket now; this one answers
+                    // its flows until they go idle (removed after expiry).
+                    u.draining = true;
+                } else {
+                    self.udp.remove(i);
+                }
             }
         }
         for l in &mut self.listeners {
             if l.as_ref().is_some_and(|l| l.stop.is_stopped()) {
                 let l = l.take().expect("checked");
-                // Closing the descriptor takes it out of the epoll set.
+                // As above: the socket may live on in the process it was handed to.
+                let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, l.fd.as_fd(), 0, Token(0));
                 log::debug!("worker {}: listener \"{}\" stopped accepting", self.id, l.name);
             }
         }

@@ -308,18 +308,19 @@ impl RingWorker {
                 }
             }
         }
+        let handed_over = self.shared.handed_over.load(Ordering::Relaxed);
         for (i, g) in self.udp.keys() {
-            if self.udp.get_mut(i, g).is_some_and(|u| u.stop.is_stopped()) {
-                // Cancel by op, not by descriptor: the polls hold their
-                // files until cancelled, and the descriptors close below.
-                for kind in [Kind::UdpIn, Kind::UdpReplies] {
-                    let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(Token::new(kind, i, g).0))
-                        .build()
-                        .user_data(Token::new(Kind::Ignore, 0, 0).0);
-                    self.push(&[cancel]);
-                }
-                self.udp.remove(i);
+            let Some(u) = self.udp.get_mut(i, g).filter(|u| u.stop.is_stopped() && !u.draining) else {
+                continue;
+            };
+            if handed_over && u.flow_count() > 0 {
+                // Handed over: the new process reads the socket now; this one
+                // answers its flows until they go idle (see expire_udp).
+                u.draining = true;
+                self.cancel_udp(i, g, &[Kind::UdpIn]);
+                continue;
             }
+            self.remove_udp(i, g);
         }
         for index in 0..self.listeners.len() {
             let Some(l) = &mut self.listeners[index] else { continue };
@@ -364,6 +365,35 @@ impl RingWorker {
                 u.expire(now);
             }
         }
+        let force = self.shared.force_close.load(Ordering::Relaxed);
+        // Only after a handover is any listener draining: no list is built otherwise.
+        let done = |u: &mut UdpListener| u.draining && (u.flow_count() == 0 || force);
+        if !self.udp.iter_mut().any(done) {
+            return;
+        }
+        for (i, g) in self.udp.keys() {
+            if self.udp.get_mut(i, g).is_some_and(done) {
+                self.remove_udp(i, g);
+            }
+        }
+    }
+
+    /// Cancels a UDP listener's polls of `kinds`. By op, not by descriptor:
+    /// the polls hold their files until cancelled.
+    fn cancel_udp(&mut self, i: u32, g: u32, kinds: &[Kind]) {
+        for &kind in kinds {
+            let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(Token::new(kind, i, g).0))
+                .build()
+                .user_data(Token::new(Kind::Ignore, 0, 0).0);
+            self.push(&[cancel]);
+        }
+    }
+
+    /// Ends a UDP listener on this worker: its polls cancelled, its
+    /// descriptors (listener, flows) closed.
+    fn remove_udp(&mut self, i: u32, g: u32) {
+        self.cancel_udp(i, g, &[Kind::UdpIn, Kind::UdpReplies]);
+        self.udp.remove(i);
     }
 
     fn arm_accept(&mut self, index: usize) {
@@ -414,6 +444,10 @@ impl RingWorker {
                     return;
                 }
                 if kind == Kind::UdpIn {
+                    if u.draining {
+                        // Completed before its cancel: the socket is the new process's.
+                        return;
+                    }
                     u.on_readable(&self.shared.snapshot.load());
                 } else {
                     u.on_replies();
