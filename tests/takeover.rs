@@ -579,7 +579,8 @@ fn status_shows_the_previous_process_while_it_drains() {
             shown = v["predecessor"].clone();
             shown["pid"].as_u64() == Some(old_pid)
         }),
-        "status: {shown}"
+        "status: {shown}\nnew process log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
     );
     assert_eq!(shown["open_connections"], 1, "{shown}");
     let (_, text, _) = ctl_text(&sock, &["status"]);

@@ -299,12 +299,19 @@ fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[RawFd]) -> std::io::R
             std::ptr::copy_nonoverlapping(fds.as_ptr() as *const u8, libc::CMSG_DATA(cmsg), fd_bytes);
         }
     }
-    // SAFETY: msg and everything it points at live across the call.
-    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
+    // A signal (the other threads' timers, a SIGCHLD) may interrupt the
+    // call before anything moved: try again, as the std wrappers do.
+    loop {
+        // SAFETY: msg and everything it points at live across the call.
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
-    Ok(n as usize)
 }
 
 /// One `recvmsg` into `buf`; descriptors received are appended to `fds`
@@ -324,11 +331,20 @@ fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
     msg.msg_controllen = space as _;
-    // SAFETY: msg points at live buffers of the sizes given.
-    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // Interrupted by a signal before anything arrived (EINTR): try again.
+    // Without this, a takeover failed now and then with "Interrupted system
+    // call" while the new process waited for the old one's answer.
+    let n = loop {
+        // SAFETY: msg points at live buffers of the sizes given.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
     // SAFETY: the kernel filled msg_control up to msg_controllen; the CMSG
     // macros walk only within it. Each SCM_RIGHTS descriptor is new in this
     // process and owned by nobody else, so OwnedFd may take it.
