@@ -204,31 +204,6 @@ fn records_match_what_clients_did(engine: &str) {
     );
 }
 
-/// A ClientHello record naming `sni`.
-fn client_hello(sni: &[u8]) -> Vec<u8> {
-    let mut list = vec![0u8];
-    list.extend_from_slice(&(sni.len() as u16).to_be_bytes());
-    list.extend_from_slice(sni);
-    let mut ext_body = (list.len() as u16).to_be_bytes().to_vec();
-    ext_body.extend_from_slice(&list);
-    let mut exts = vec![0, 0];
-    exts.extend_from_slice(&(ext_body.len() as u16).to_be_bytes());
-    exts.extend_from_slice(&ext_body);
-    let mut ch = vec![3, 3];
-    ch.extend_from_slice(&[7; 32]);
-    ch.push(0);
-    ch.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]);
-    ch.extend_from_slice(&(exts.len() as u16).to_be_bytes());
-    ch.extend_from_slice(&exts);
-    let mut hs = vec![1];
-    hs.extend_from_slice(&(ch.len() as u32).to_be_bytes()[1..]);
-    hs.extend_from_slice(&ch);
-    let mut rec = vec![0x16, 3, 1];
-    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
-    rec.extend_from_slice(&hs);
-    rec
-}
-
 #[test]
 fn records_match_what_clients_did_uring() {
     records_match_what_clients_did("uring");

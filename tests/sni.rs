@@ -214,33 +214,6 @@ fn tls_handshakes_reach_the_pool_their_name_routes_to(engine: &str) {
     );
 }
 
-/// A ClientHello record naming `sni` (the shape of the unit tests').
-fn client_hello(sni: &[u8]) -> Vec<u8> {
-    let mut list = vec![0u8];
-    list.extend_from_slice(&(sni.len() as u16).to_be_bytes());
-    list.extend_from_slice(sni);
-    let mut ext_body = (list.len() as u16).to_be_bytes().to_vec();
-    ext_body.extend_from_slice(&list);
-    let mut exts = vec![0x00, 0x2b, 0x00, 0x03, 0x02, 0x03, 0x04, 0, 0];
-    exts.extend_from_slice(&(ext_body.len() as u16).to_be_bytes());
-    exts.extend_from_slice(&ext_body);
-    exts.extend_from_slice(&[0x00, 0x15, 0x01, 0x00]);
-    exts.resize(exts.len() + 256, 0);
-    let mut ch = vec![3, 3];
-    ch.extend_from_slice(&[7; 32]);
-    ch.push(0);
-    ch.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]);
-    ch.extend_from_slice(&(exts.len() as u16).to_be_bytes());
-    ch.extend_from_slice(&exts);
-    let mut hs = vec![1];
-    hs.extend_from_slice(&(ch.len() as u32).to_be_bytes()[1..]);
-    hs.extend_from_slice(&ch);
-    let mut rec = vec![0x16, 3, 1];
-    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
-    rec.extend_from_slice(&hs);
-    rec
-}
-
 /// Writes `pieces` (10 ms apart) and returns the backend's tag line and
 /// the echo of `expect_echo.len()` bytes.
 fn tag_and_echo(to: SocketAddr, pieces: &[&[u8]], expect_echo: usize) -> (String, Vec<u8>) {
