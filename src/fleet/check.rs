@@ -10,7 +10,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
+
+use crate::control::protocol::Reply;
 
 /// Exit code: every instance agrees.
 pub const EXIT_AGREE: i32 = 0;
@@ -54,32 +56,33 @@ pub struct InstanceView {
 }
 
 /// Reads a `ctl backends` reply.
-pub fn from_backends_reply(reply: &Value) -> Result<InstanceView, String> {
-    if reply["ok"] != json!(true) {
-        return Err(format!("error reply: {}", reply["error"].as_str().unwrap_or("?")));
-    }
+pub fn from_backends_reply(reply: &Reply<'_>) -> Result<InstanceView, String> {
+    let pools = match reply {
+        Reply::Backends(r) => &r.pools,
+        Reply::Error(e) => return Err(format!("error reply: {e}")),
+        _ => return Err("not a backends reply".into()),
+    };
     let mut view = InstanceView::default();
-    for p in reply["pools"].as_array().ok_or("reply has no pools")? {
-        let name = p["pool"].as_str().ok_or("pool without a name")?.to_string();
-        let fingerprint = p["fingerprint"]
-            .as_str()
-            .ok_or_else(|| format!("pool \"{name}\" has no fingerprint (ringlb too old?)"))?;
+    for p in pools {
+        if p.fingerprint.is_empty() {
+            return Err(format!("pool \"{}\" has no fingerprint (ringlb too old?)", p.pool));
+        }
         let mut pool = PoolView {
-            fingerprint: fingerprint.to_string(),
-            table_size: p["configured_table_size"].as_u64().unwrap_or(0),
+            fingerprint: p.fingerprint.clone(),
+            table_size: p.configured_table_size as u64,
             backends: BTreeMap::new(),
         };
-        for b in p["backends"].as_array().into_iter().flatten() {
+        for b in &p.backends {
             pool.backends.insert(
-                b["addr"].as_str().unwrap_or("?").to_string(),
+                b.addr.to_string(),
                 BackendView {
-                    weight: b["weight"].as_u64().unwrap_or(0),
-                    effective: b["effective_weight"].as_u64().unwrap_or(0),
-                    state: b["state"].as_str().unwrap_or("?").to_string(),
+                    weight: u64::from(b.weight),
+                    effective: u64::from(b.effective_weight),
+                    state: b.state.to_string(),
                 },
             );
         }
-        view.pools.insert(name, pool);
+        view.pools.insert(p.pool.to_string(), pool);
     }
     Ok(view)
 }
@@ -250,8 +253,7 @@ pub fn fetch(endpoint: &str) -> Result<InstanceView, String> {
         limit: None,
         offset: None,
     };
-    let (_, line) = crate::control::ctl::call(Path::new(endpoint), &request)?;
-    let reply: serde_json::Value = serde_json::from_str(&line).map_err(|e| format!("{endpoint}: bad reply: {e}"))?;
+    let (reply, _) = crate::control::ctl::call(Path::new(endpoint), &request)?;
     from_backends_reply(&reply).map_err(|e| format!("{endpoint}: {e}"))
 }
 
