@@ -3,6 +3,7 @@
 latency, and the state-change storm when half the backends die at once.
 
     bench/many_backends.py [--backends N] [--bin target/release/ringlb] [--measure S]
+    bench/many_backends.py --system haproxy     # the peer, same backends and checks
 
 N backends (default 10000) at 127.1.x.y, all checked by TCP connect every 2 s.
 They are served by two accept-and-close listeners on 0.0.0.0 (port A for even
@@ -131,7 +132,10 @@ def main():
     ap.add_argument("--measure", type=float, default=20.0)
     ap.add_argument("--max-concurrent", type=int, default=256)
     ap.add_argument("--port", type=int, default=int(os.environ.get("PORT_BASE", "19300")))
+    ap.add_argument("--system", choices=["ringlb", "haproxy"], default="ringlb")
     a = ap.parse_args()
+    if a.system == "haproxy":
+        return haproxy(a)
 
     tmp = tempfile.mkdtemp(prefix="ringlb-many.")
     alive, doomed = AcceptClose(a.port + 1), AcceptClose(a.port + 2)
@@ -213,6 +217,57 @@ def main():
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def haproxy(a):
+    """The peer on the same backends: HAProxy with one server per backend and
+    the same checks (TCP connect every 2 s, timeout 1 s, rise 2, fall 2, one
+    thread). Figures: its CPU in the steady state and after half the backends
+    refuse, measured as for ringlb."""
+    tmp = tempfile.mkdtemp(prefix="ringlb-many-haproxy.")
+    alive, doomed = AcceptClose(a.port + 1), AcceptClose(a.port + 2)
+    alive.start()
+    doomed.start()
+    lines = [
+        "global\n  nbthread 1\n  maxconn 4096\n",
+        "defaults\n  mode tcp\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n"
+        "  timeout check 1s\n",
+        f"frontend l\n  bind 127.0.0.1:{a.port}\n  default_backend p\n",
+        "backend p\n  balance source\n  default-server check inter 2s rise 2 fall 2\n",
+    ]
+    for i in range(a.backends):
+        port = alive.port if i % 2 == 0 else doomed.port
+        lines.append(f"  server b{i} 127.1.{i // 250}.{i % 250 + 1}:{port}\n")
+    cfg = os.path.join(tmp, "haproxy.cfg")
+    with open(cfg, "w") as f:
+        f.write("".join(lines))
+    log = os.path.join(tmp, "haproxy.log")
+    lb = subprocess.Popen(["haproxy", "-db", "-f", cfg], stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        time.sleep(8)  # HAProxy spreads the first checks over the interval
+        if lb.poll() is not None:
+            sys.exit(f"haproxy exited; see {log}")
+        print(f"haproxy pid {lb.pid}, {a.backends} backends, log {log}", flush=True)
+        c0, t0 = cpu_seconds(lb.pid), time.monotonic()
+        time.sleep(a.measure)
+        c1, t1 = cpu_seconds(lb.pid), time.monotonic()
+        print(f"{'steady: haproxy CPU over %.0f s (%% of one core)' % a.measure:<52} {100 * (c1 - c0) / (t1 - t0):.1f}", flush=True)
+        c0, t0 = cpu_seconds(lb.pid), time.monotonic()
+        doomed.stop()
+        time.sleep(a.measure)
+        c1, t1 = cpu_seconds(lb.pid), time.monotonic()
+        print(f"{'storm: haproxy CPU over %.0f s after the kill (%%)' % (t1 - t0):<52} {100 * (c1 - c0) / (t1 - t0):.1f}", flush=True)
+    finally:
+        lb.terminate()
+        try:
+            lb.wait(10)
+        except subprocess.TimeoutExpired:
+            lb.kill()
+            lb.wait()
+        alive.stop()
+        if not doomed.stopped.is_set():
+            doomed.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

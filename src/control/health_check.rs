@@ -64,7 +64,8 @@ async fn check(target: SocketAddr, kind: &CheckKind) -> Result<(), Failure> {
     }
     // The stream is dropped (closed) on every path, including the timeout
     // above, because this runs on tokio's reactor where drop cancels.
-    let mut stream = tokio::net::TcpStream::connect(target).await.map_err(|e| classify(&e))?;
+    let connect_only = matches!(kind, CheckKind::Tcp);
+    let mut stream = connect(target, connect_only).await?;
     let CheckKind::SendExpect { send, expect } = kind else {
         // A connect check has nothing to say: end it with a reset (as
         // HAProxy's checks do) rather than a FIN exchange. That is one
@@ -105,6 +106,29 @@ async fn check(target: SocketAddr, kind: &CheckKind) -> Result<(), Failure> {
         filled += n;
     }
     Ok(())
+}
+
+/// Connects to `target`. For a connect-only check, quick ACKs are off first:
+/// the kernel then holds back the handshake's last ACK (it would ride on the
+/// first data), the connect completes on the backend's SYN-ACK, and the reset
+/// at close reaches the backend while its side is still half-open. So the
+/// backend's kernel never builds, queues and hands its application a
+/// connection that would only be reset, and its application sees no check
+/// traffic at all. The check still proves what a connect check proves: a
+/// listener that answers (a full accept queue drops the SYN, and the check
+/// times out). HAProxy's connect checks work the same way; on loopback it
+/// halves the kernel time per check, counting both sides.
+async fn connect(target: SocketAddr, connect_only: bool) -> Result<tokio::net::TcpStream, Failure> {
+    let socket = match target {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(|e| classify(&e))?;
+    if connect_only {
+        // Best effort: without it the check is the same, only dearer.
+        let _ = socket2::SockRef::from(&socket).set_quickack(false);
+    }
+    socket.connect(target).await.map_err(|e| classify(&e))
 }
 
 /// A socket or connect error: ringlb's own shortage, or the backend's
