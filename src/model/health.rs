@@ -184,7 +184,15 @@ impl Model {
         };
         let transition = be.active.record(ok);
         be.last_check = Some((Some(ok), latency, detail.clone()));
-        let Some(t) = transition else { return fx };
+        let Some(t) = transition else {
+            // Still down and still failing, perhaps for another reason now (a
+            // PostgreSQL that was refusing, then starting up): the reason follows.
+            let prefix = format!("{} consecutive failed checks: ", be.active.fall());
+            if !ok && be.reason.starts_with(&prefix) && be.reason[prefix.len()..] != detail {
+                be.reason = format!("{prefix}{detail}");
+            }
+            return fx;
+        };
         let name = &p.config.name;
         let change = match t {
             Transition::WentDown => {
@@ -197,7 +205,12 @@ impl Model {
                 }
             }
             Transition::WentUp => {
-                be.reason = format!("{} consecutive passed checks", be.active.rise());
+                // A protocol check says what it saw ("redis role is master").
+                be.reason = if detail == "ok" {
+                    format!("{} consecutive passed checks", be.active.rise())
+                } else {
+                    format!("{} consecutive passed checks: {detail}", be.active.rise())
+                };
                 be.healthy_since = Some(now);
                 StateChange {
                     kind: "up",
