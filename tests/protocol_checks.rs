@@ -355,7 +355,13 @@ fn postgres_checks_tell_ready_from_refusing_and_patroni_checks_follow_a_promotio
         .arg(&primary_data)
         .args(["-A", "trust", "-U", "postgres", "--no-sync"]));
     // Few connections, none reserved, so that a handful of sessions fill it (53300).
-    let limits = ["max_connections=5", "superuser_reserved_connections=0", "fsync=off"];
+    let limits = [
+        "max_connections=5",
+        "superuser_reserved_connections=0",
+        "fsync=off",
+        // A killed client's session ends within this, not when its query does.
+        "client_connection_check_interval=100ms",
+    ];
     let primary = Pg::start("postgres primary", &primary_data, free_port(), &limits);
     // A user that must authenticate with SCRAM: its check is answered with an
     // authentication request.
@@ -428,7 +434,7 @@ fn postgres_checks_tell_ready_from_refusing_and_patroni_checks_follow_a_promotio
         &lb,
         "pg",
         primary.addr(),
-        "up",
+        "active",
         "postgres ready for query as postgres",
         t,
     );
@@ -436,7 +442,7 @@ fn postgres_checks_tell_ready_from_refusing_and_patroni_checks_follow_a_promotio
         &lb,
         "auth",
         primary.addr(),
-        "up",
+        "active",
         "postgres asks user app for SASL (SCRAM) authentication",
         t,
     );
@@ -444,11 +450,11 @@ fn postgres_checks_tell_ready_from_refusing_and_patroni_checks_follow_a_promotio
         &lb,
         "pg",
         standby.addr(),
-        "up",
+        "active",
         "postgres ready for query as postgres",
         t,
     );
-    expect_state(&lb, "rw", primary.addr(), "up", "http 200 from /primary", t);
+    expect_state(&lb, "rw", primary.addr(), "active", "http 200 from /primary", t);
     expect_state(
         &lb,
         "rw",
@@ -457,7 +463,14 @@ fn postgres_checks_tell_ready_from_refusing_and_patroni_checks_follow_a_promotio
         "http 503 from /primary (want 2xx)",
         t,
     );
-    expect_state(&lb, "ro", standby.addr(), "up", "http 200 from /replica, body has", t);
+    expect_state(
+        &lb,
+        "ro",
+        standby.addr(),
+        "active",
+        "http 200 from /replica, body has",
+        t,
+    );
     expect_state(
         &lb,
         "ro",
@@ -486,8 +499,8 @@ fn postgres_checks_tell_ready_from_refusing_and_patroni_checks_follow_a_promotio
             .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
-    assert_eq!(through(listens[RW]), primary.port.to_string());
-    assert_eq!(through(listens[RO]), standby.port.to_string());
+    assert!(wait_until(t, || through(listens[RW]) == primary.port.to_string()));
+    assert!(wait_until(t, || through(listens[RO]) == standby.port.to_string()));
 
     // The checks end their sessions cleanly, with Terminate or by leaving during
     // authentication: nothing about them in the server's log.
@@ -526,7 +539,7 @@ fn postgres_checks_tell_ready_from_refusing_and_patroni_checks_follow_a_promotio
         let _ = h.kill();
         let _ = h.wait();
     }
-    expect_state(&lb, "pg", primary.addr(), "up", "postgres ready for query", t);
+    expect_state(&lb, "pg", primary.addr(), "active", "postgres ready for query", t);
 
     // Failover: the primary stops, the standby is promoted; the rw pool follows.
     let primary_addr = primary.addr();
@@ -534,11 +547,15 @@ fn postgres_checks_tell_ready_from_refusing_and_patroni_checks_follow_a_promotio
     drop(primary);
     let promoted = Instant::now();
     run(&mut standby.psql("select pg_promote()"));
-    expect_state(&lb, "rw", standby.addr(), "up", "http 200 from /primary", t);
+    expect_state(&lb, "rw", standby.addr(), "active", "http 200 from /primary", t);
     let took = promoted.elapsed();
     expect_state(&lb, "rw", primary_addr, "down", "http 503 from /primary", t);
     expect_state(&lb, "pg", primary_addr, "down", "connection refused", t);
-    assert_eq!(through(listens[RW]), standby.port.to_string());
+    assert!(
+        wait_until(t, || through(listens[RW]) == standby.port.to_string()),
+        "{}",
+        through(listens[RW])
+    );
     eprintln!("rw pool on the promoted standby {took:?} after pg_promote()");
 
     // The old primary comes back in recovery without hot standby: PostgreSQL refuses
@@ -650,7 +667,7 @@ fn redis_role_checks_follow_the_master_through_a_promotion() {
         ("strict", "kind = \"redis\"".into(), vec![(locked, None)]),
     ]);
     let t = Duration::from_secs(10);
-    expect_state(&lb, "rw", a, "up", "redis role is master", t);
+    expect_state(&lb, "rw", a, "active", "redis role is master", t);
     expect_state(
         &lb,
         "rw",
@@ -659,9 +676,9 @@ fn redis_role_checks_follow_the_master_through_a_promotion() {
         &format!("redis role is slave of 127.0.0.1:{pa}"),
         t,
     );
-    expect_state(&lb, "ro", b, "up", "redis role is slave", t);
+    expect_state(&lb, "ro", b, "active", "redis role is slave", t);
     expect_state(&lb, "ro", a, "down", "redis role is master, want replica", t);
-    expect_state(&lb, "auth", locked, "up", "redis requires AUTH", t);
+    expect_state(&lb, "auth", locked, "active", "redis requires AUTH", t);
     expect_state(
         &lb,
         "strict",
@@ -673,7 +690,7 @@ fn redis_role_checks_follow_the_master_through_a_promotion() {
     // Clients of the rw listener reach the master.
     let port_through = |listen: SocketAddr| redis(listen, "CONFIG GET port");
     assert!(
-        port_through(listens[0]).contains(&format!("\r\n{pa}\r\n")),
+        wait_until(t, || port_through(listens[0]).contains(&format!("\r\n{pa}\r\n"))),
         "{}",
         port_through(listens[0])
     );
@@ -682,11 +699,41 @@ fn redis_role_checks_follow_the_master_through_a_promotion() {
     assert!(redis(b, "REPLICAOF NO ONE").starts_with("+OK"));
     let promoted = Instant::now();
     assert!(redis(a, &format!("REPLICAOF 127.0.0.1 {pb}")).starts_with("+OK"));
-    expect_state(&lb, "rw", b, "up", "redis role is master", t);
+    expect_state(&lb, "rw", b, "active", "redis role is master", t);
     let took = promoted.elapsed();
     expect_state(&lb, "rw", a, "down", "want master", t);
-    expect_state(&lb, "ro", a, "up", &format!("redis role is slave of 127.0.0.1:{pb}"), t);
-    assert!(port_through(listens[0]).contains(&format!("\r\n{pb}\r\n")));
+    expect_state(
+        &lb,
+        "ro",
+        a,
+        "active",
+        &format!("redis role is slave of 127.0.0.1:{pb}"),
+        t,
+    );
+    // The table is rebuilt and published just after the state change.
+    assert!(
+        wait_until(t, || port_through(listens[0]).contains(&format!("\r\n{pb}\r\n"))),
+        "{}",
+        port_through(listens[0])
+    );
+    // What an operator reads: the REASON column says what each server answered.
+    let (_, text, _) = ctl_text(&lb.sock, &["backends", "rw"]);
+    let line = |addr: SocketAddr| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{addr} ")))
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(
+        line(b).contains("2 consecutive passed checks: redis role is master"),
+        "{text}"
+    );
+    assert!(
+        line(a).contains(&format!(
+            "2 consecutive failed checks: redis role is slave of 127.0.0.1:{pb}"
+        )),
+        "{text}"
+    );
     eprintln!("rw pool on the promoted replica {took:?} after REPLICAOF NO ONE");
 }
 
@@ -830,16 +877,16 @@ fn mysql_checks_log_in_and_report_errors_with_their_codes() {
         ("pw", "kind = \"mysql\"\nuser = \"pw\"".into(), vec![(addr, None)]),
     ]);
     let t = Duration::from_secs(10);
-    expect_state(&lb, "my", addr, "up", "accepted user check", t);
+    expect_state(&lb, "my", addr, "active", "accepted user check", t);
     expect_state(
         &lb,
         "anon",
         addr,
-        "up",
+        "active",
         "mysql 1045 Access denied for user 'ringlb-health-check'",
         t,
     );
-    expect_state(&lb, "pw", addr, "up", "mysql 1045 Access denied for user 'pw'", t);
+    expect_state(&lb, "pw", addr, "active", "mysql 1045 Access denied for user 'pw'", t);
     // A client through ringlb gets the real server's greeting.
     assert_eq!(mysql_greeting(listens[0])[0], 10);
 
@@ -870,7 +917,7 @@ fn mysql_checks_log_in_and_report_errors_with_their_codes() {
         let _ = h.kill();
         let _ = h.wait();
     }
-    expect_state(&lb, "my", addr, "up", "accepted user check", t);
+    expect_state(&lb, "my", addr, "active", "accepted user check", t);
     let log = maria.server.log_text();
     assert!(
         !log.contains("Aborted connection"),
@@ -1010,11 +1057,17 @@ fn mysql_checks_do_not_get_ringlb_blocked_by_max_connect_errors() {
     let _ = lb.wait();
     assert_eq!(reasons.len(), 3, "ctl answered: {reasons:?}");
     assert!(
-        reasons[0].contains("up") && reasons[0].contains("accepted user check"),
+        reasons[0].contains("\"active\"") && reasons[0].contains("accepted user check"),
         "{reasons:?}"
     );
-    assert!(reasons[1].contains("up") && reasons[1].contains("1045"), "{reasons:?}");
-    assert!(reasons[2].contains("up") && reasons[2].contains("1045"), "{reasons:?}");
+    assert!(
+        reasons[1].contains("\"active\"") && reasons[1].contains("1045"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[2].contains("\"active\"") && reasons[2].contains("1045"),
+        "{reasons:?}"
+    );
     let connections = maria.sql("SHOW GLOBAL STATUS LIKE 'Connections'");
     let aborted = maria.sql("SHOW GLOBAL STATUS LIKE 'Aborted_connects'");
     eprintln!("{connections}; {aborted}");

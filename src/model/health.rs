@@ -191,6 +191,21 @@ impl Model {
             if !ok && be.reason.starts_with(&prefix) && be.reason[prefix.len()..] != detail {
                 be.reason = format!("{prefix}{detail}");
             }
+            // Up and passing: a protocol check's answer ("redis role is master")
+            // replaces "configured" and follows the server (tcp checks say "ok").
+            let passed = format!("{} consecutive passed checks", be.active.rise());
+            if ok && detail != "ok" && be.active.is_up() {
+                let updated = if be.reason.starts_with(&passed) {
+                    Some(format!("{passed}: {detail}"))
+                } else if be.reason == "configured" || be.reason.starts_with("check passed: ") {
+                    Some(format!("check passed: {detail}"))
+                } else {
+                    None
+                };
+                if let Some(r) = updated.filter(|r| *r != be.reason) {
+                    be.reason = r;
+                }
+            }
             return fx;
         };
         let name = &p.config.name;
