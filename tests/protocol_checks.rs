@@ -517,7 +517,9 @@ fn postgres_checks_tell_ready_from_refusing_and_patroni_checks_follow_a_promotio
     }
 
     // Fill the primary's connection slots: the check gets 53300 and says so.
-    let mut holders: Vec<Child> = (0..5)
+    // More than the slots: the checks and the Patroni-like endpoint take slots
+    // for a moment too, and a holder that finds none exits.
+    let mut holders: Vec<Child> = (0..8)
         .map(|_| {
             primary
                 .psql("select pg_sleep(60)")
