@@ -1108,3 +1108,40 @@ fn mysql_checks_do_not_get_ringlb_blocked_by_max_connect_errors() {
     let greeting = ns.run(move || mysql_greeting(server));
     assert_eq!(greeting[0], 10, "{}", String::from_utf8_lossy(&greeting));
 }
+
+// === validation ===
+
+#[test]
+fn a_bad_protocol_check_is_refused_by_check_and_by_reload_with_file_key_and_problem() {
+    let (_hold, refusing) = refusing_addr();
+    let (lb, _) = start_lb(&[("db", "kind = \"tcp\"".into(), vec![(refusing, None)])]);
+    let good = std::fs::read_to_string(&lb.lb.config).unwrap();
+    let bad = good.replace(
+        "kind = \"tcp\"",
+        "kind = \"redis\"\nrole = \"primary\"\npath = \"/primary\"",
+    );
+    assert_ne!(good, bad);
+    std::fs::write(&lb.lb.config, &bad).unwrap();
+    let file = lb.lb.config.display().to_string();
+    let wants = [
+        format!("{file}: pool \"db\": health_check.role: \"primary\": expected master or replica"),
+        format!(
+            "{file}: pool \"db\": health_check.path: only applies to kind = \"http\" (this check is kind = \"redis\")"
+        ),
+    ];
+    // ringlb check: exit 1 and both problems.
+    let out = ringlb_cmd(&["check", "-c", &file]);
+    let said = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{said}");
+    for want in &wants {
+        assert!(said.contains(want.as_str()), "check should say {want:?}:\n{said}");
+    }
+    // Reload: refused with the same words; the running config stays.
+    let (code, v) = ctl_json(&lb.sock, &["reload"]);
+    assert_ne!(code, 0, "{v}");
+    let text = v.to_string().replace("\\\"", "\"");
+    for want in &wants {
+        assert!(text.contains(want.as_str()), "reload should say {want:?}:\n{text}");
+    }
+    assert_eq!(ctl_json(&lb.sock, &["status"]).1["config_generation"], 1);
+}
