@@ -1145,3 +1145,107 @@ fn a_bad_protocol_check_is_refused_by_check_and_by_reload_with_file_key_and_prob
     }
     assert_eq!(ctl_json(&lb.sock, &["status"]).1["config_generation"], 1);
 }
+
+// === HTTP details ===
+
+/// An HTTP endpoint that answers every request with `status` and `body` and
+/// records each request's head.
+fn http_endpoint(
+    status: &'static str,
+    body: &'static str,
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { break };
+            let mut head = String::new();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            log.lock().unwrap().push(head);
+            let _ =
+                conn.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn http_checks_honour_port_method_host_and_expectations() {
+    let (health, requests) = http_endpoint("204 No Content", "");
+    let (running, _) = http_endpoint("200 OK", "{\"state\": \"running\", \"role\": \"replica\"}");
+    // The service port itself is something else: only `port` leads to the endpoint.
+    let service = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let port_line = |p: SocketAddr| format!("port = {}", p.port());
+    let (lb, _) = start_lb(&[
+        (
+            "port",
+            format!(
+                "kind = \"http\"\n{}\nmethod = \"OPTIONS\"\npath = \"/health?x=1\"\nexpect_status = [200, 204]",
+                port_line(health)
+            ),
+            vec![(service, None)],
+        ),
+        (
+            "class",
+            format!(
+                "kind = \"http\"\n{}\npath = \"/health\"\nhost = \"db1.example\"\nexpect_status = \"2xx\"",
+                port_line(health)
+            ),
+            vec![(service, None)],
+        ),
+        (
+            "list",
+            format!(
+                "kind = \"http\"\n{}\npath = \"/health\"\nexpect_status = [200]",
+                port_line(health)
+            ),
+            vec![(service, None)],
+        ),
+        (
+            "body",
+            format!(
+                "kind = \"http\"\n{}\npath = \"/read-only\"\nexpect_body = \"\\\"role\\\": \\\"master\\\"\"",
+                port_line(running)
+            ),
+            vec![(service, None)],
+        ),
+    ]);
+    let t = Duration::from_secs(10);
+    expect_state(&lb, "port", service, "active", "http 204 from /health?x=1", t);
+    expect_state(&lb, "class", service, "active", "http 204 from /health", t);
+    expect_state(&lb, "list", service, "down", "http 204 from /health (want 200)", t);
+    expect_state(
+        &lb,
+        "body",
+        service,
+        "down",
+        "http 200 from /read-only, body does not contain \"\\\"role\\\": \\\"master\\\"\"",
+        t,
+    );
+    let heads = requests.lock().unwrap().clone();
+    let options = heads
+        .iter()
+        .find(|h| h.starts_with("OPTIONS "))
+        .expect("an OPTIONS request");
+    assert!(options.starts_with("OPTIONS /health?x=1 HTTP/1.1\r\n"), "{options}");
+    assert!(
+        options.contains(&format!("Host: 127.0.0.1:{}\r\n", health.port())),
+        "{options}"
+    );
+    assert!(options.contains("Connection: close\r\n"), "{options}");
+    assert!(
+        heads
+            .iter()
+            .any(|h| h.starts_with("GET /health HTTP/1.1\r\n") && h.contains("Host: db1.example\r\n")),
+        "{heads:?}"
+    );
+}

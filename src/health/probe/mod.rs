@@ -149,6 +149,8 @@ pub fn printable(bytes: &[u8], max: usize) -> String {
     let mut s = String::new();
     for &b in bytes.iter().take(max) {
         match b {
+            b'"' => s.push_str("\\\""),
+            b'\\' => s.push_str("\\\\"),
             b' '..=b'~' => s.push(b as char),
             b'\r' => s.push_str("\\r"),
             b'\n' => s.push_str("\\n"),
