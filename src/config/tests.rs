@@ -296,6 +296,7 @@ fn protocol_checks_parse_with_defaults_and_bad_keys_are_named() {
         ("kind = \"http\"\npath = \"/\"\nexpect_status = [200, 700]", "health_check.expect_status: 700: a status is 100 to 599"),
         ("kind = \"http\"\npath = \"/\"\nexpect_status = []", "health_check.expect_status: []: expected a list"),
         ("kind = \"http\"\npath = \"/\"\nmethod = \"GE T\"", "health_check.method: \"GE T\": expected an HTTP method"),
+        ("kind = \"http\"\npath = \"/\"\nmethod = \"HEAD\"\nexpect_body = \"ok\"", "health_check.expect_body: a HEAD reply has no body"),
         ("kind = \"postgres\"", "health_check.user: missing: kind = \"postgres\" needs the user"),
         ("kind = \"postgres\"\nuser = \"\"", "health_check.user: \"\": must be 1 to 1024 bytes without NUL"),
         ("kind = \"redis\"\nrole = \"primary\"", "health_check.role: \"primary\": expected master or replica"),

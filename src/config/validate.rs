@@ -910,6 +910,12 @@ fn validate_http_check(c: &mut Checker<'_>, place: &str, h: &file::HealthCheckFi
         }
         b => b.clone().map(String::into_bytes),
     };
+    if expect_body.is_some() && method.eq_ignore_ascii_case("HEAD") {
+        c.err(
+            &format!("{place}expect_body"),
+            "a HEAD reply has no body: use GET, or drop expect_body",
+        );
+    }
     HttpCheck {
         method,
         path,
