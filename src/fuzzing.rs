@@ -691,3 +691,102 @@ pub fn check_client_hello(data: &[u8]) {
         assert_eq!(server_name(&longer), verdict, "verdict changed with bytes after it");
     }
 }
+
+/// Target `probe`: the protocol health checks ([`crate::health::probe::Exchange`]) over
+/// arbitrary server replies. The first byte picks the check (http with a body match,
+/// http by status, postgres, mysql, redis PING, redis ROLE master); the rest, split at
+/// the first `0xfe 0xfe` into two replies, is what the server sends (the second reply
+/// is used after a [`Step::Send`](crate::health::probe::Step)).
+///
+/// Never panics; at the end of a reply (`ended`) a check always decides; a decision
+/// taken on a prefix is the one taken on the whole reply (bytes after a verdict never
+/// change it); a reason is non-empty and bounded (it goes into logs and `ctl`); an
+/// opening and anything sent fit one reply buffer.
+pub fn check_probe(data: &[u8]) {
+    use crate::config::*;
+    use crate::health::probe::{Step, MAX_REPLY};
+    let Some((&pick, rest)) = data.split_first() else {
+        return;
+    };
+    let kind = match pick % 6 {
+        0 => CheckKind::Http(HttpCheck {
+            method: "GET".into(),
+            path: "/primary".into(),
+            host: None,
+            expect_status: StatusMatch::Class(2),
+            expect_body: Some(b"\"role\": \"master\"".to_vec()),
+        }),
+        1 => CheckKind::Http(HttpCheck {
+            method: "OPTIONS".into(),
+            path: "/replica".into(),
+            host: Some("db".into()),
+            expect_status: StatusMatch::Codes(vec![200, 204]),
+            expect_body: None,
+        }),
+        2 => CheckKind::Postgres(PostgresCheck {
+            user: "app".into(),
+            database: Some("app".into()),
+        }),
+        3 => CheckKind::Mysql(MysqlCheck {
+            user: if pick & 0x80 != 0 { Some("app".into()) } else { None },
+        }),
+        4 => CheckKind::Redis(RedisCheck {
+            role: None,
+            noauth_is_up: pick & 0x80 != 0,
+        }),
+        _ => CheckKind::Redis(RedisCheck {
+            role: Some(if pick & 0x80 != 0 {
+                RedisRole::Replica
+            } else {
+                RedisRole::Master
+            }),
+            noauth_is_up: false,
+        }),
+    };
+    let target: SocketAddr = "127.0.0.1:5432".parse().unwrap();
+    let replies: Vec<&[u8]> = match rest.windows(2).position(|w| w == [0xfe, 0xfe]) {
+        Some(i) => vec![&rest[..i], &rest[i + 2..]],
+        None => vec![rest],
+    };
+    let fresh = crate::control::health_check::exchange_for(&kind, target).expect("a protocol check");
+    assert!(fresh.opening().len() <= MAX_REPLY);
+    let check_reason = |reason: &str| {
+        assert!(!reason.is_empty(), "empty reason");
+        assert!(reason.len() <= 2048, "reason of {} bytes", reason.len());
+    };
+    // Walk the replies as the shell does, deciding on whole replies, and compare every
+    // prefix of each with the whole.
+    let mut x = fresh;
+    for reply in replies {
+        let reply = &reply[..reply.len().min(MAX_REPLY)];
+        let whole = x.clone().step(reply, false);
+        let ended = x.clone().step(reply, true);
+        assert_ne!(ended, Step::Read, "undecided at the end of the reply");
+        if let Step::Done { verdict, .. } = &ended {
+            check_reason(&verdict.reason);
+        }
+        for cut in [0, 1, 3, 4, 5, 7, reply.len() / 2, reply.len().saturating_sub(1)] {
+            let cut = cut.min(reply.len());
+            let early = x.clone().step(&reply[..cut], false);
+            if early != Step::Read {
+                assert_eq!(
+                    early,
+                    whole,
+                    "decided on {cut} bytes, then differently on {}",
+                    reply.len()
+                );
+            }
+        }
+        match whole {
+            Step::Send(bytes) => {
+                assert!(!bytes.is_empty() && bytes.len() <= MAX_REPLY);
+                x.step(reply, false);
+            }
+            Step::Done { verdict, .. } => {
+                check_reason(&verdict.reason);
+                return;
+            }
+            Step::Read => return,
+        }
+    }
+}

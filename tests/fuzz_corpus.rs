@@ -68,3 +68,8 @@ fn proxy_accept() {
 fn client_hello() {
     replay("client_hello", fuzzing::check_client_hello);
 }
+
+#[test]
+fn probe() {
+    replay("probe", fuzzing::check_probe);
+}

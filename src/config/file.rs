@@ -209,6 +209,24 @@ pub struct HealthCheckFile {
     /// `off`, `v1` or `v2`: open each check with a PROXY protocol header
     /// for a connection of ringlb's own (for backends that require one).
     pub send_proxy: Option<String>,
+    /// http: request method (`GET`).
+    pub method: Option<String>,
+    /// http: request path (required).
+    pub path: Option<String>,
+    /// http: `Host` header (the checked address).
+    pub host: Option<String>,
+    /// http: a list of statuses (`[200, 204]`) or a class (`"2xx"`).
+    pub expect_status: Option<toml::Value>,
+    /// http: a substring the body must contain.
+    pub expect_body: Option<String>,
+    /// postgres (required), mysql (optional): the user the check names.
+    pub user: Option<String>,
+    /// postgres: database named in the startup message.
+    pub database: Option<String>,
+    /// redis: `master` or `replica`, checked with `ROLE`.
+    pub role: Option<String>,
+    /// redis: count `-NOAUTH` as up.
+    pub noauth_is_up: Option<bool>,
 }
 
 /// `[pool.outlier]`

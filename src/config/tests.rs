@@ -227,3 +227,87 @@ fn validation_takes_the_prefixes_file_as_text_and_reads_nothing() {
         "{err}"
     );
 }
+
+#[test]
+fn protocol_checks_parse_with_defaults_and_bad_keys_are_named() {
+    let check = |extra: &str| {
+        let text = GOOD.replace(
+            "name = \"web\"\n[[pool.backend]]",
+            &format!("name = \"web\"\n[pool.health_check]\n{extra}\n[[pool.backend]]"),
+        );
+        parse(&text).map(|c| c.pools[0].health_check.kind.clone())
+    };
+    let problems = |extra: &str| -> String {
+        check(extra)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        check("kind = \"http\"\npath = \"/primary\"\nport = 8008").unwrap(),
+        CheckKind::Http(HttpCheck {
+            method: "GET".into(),
+            path: "/primary".into(),
+            host: None,
+            expect_status: StatusMatch::Class(2),
+            expect_body: None,
+        })
+    );
+    let CheckKind::Http(h) = check(
+        "kind = \"http\"\nmethod = \"OPTIONS\"\npath = \"/replica\"\nhost = \"db1\"\nexpect_status = [200, 204]\nexpect_body = \"running\"",
+    )
+    .unwrap() else {
+        panic!("http")
+    };
+    assert_eq!(h.method, "OPTIONS");
+    assert_eq!(h.host.as_deref(), Some("db1"));
+    assert_eq!(h.expect_status, StatusMatch::Codes(vec![200, 204]));
+    assert_eq!(h.expect_body.as_deref(), Some(&b"running"[..]));
+    assert!(
+        matches!(check("kind = \"http\"\npath = \"/\"\nexpect_status = \"3xx\"").unwrap(), CheckKind::Http(h) if h.expect_status == StatusMatch::Class(3))
+    );
+    assert_eq!(
+        check("kind = \"postgres\"\nuser = \"app\"").unwrap(),
+        CheckKind::Postgres(PostgresCheck {
+            user: "app".into(),
+            database: None
+        })
+    );
+    assert_eq!(
+        check("kind = \"mysql\"").unwrap(),
+        CheckKind::Mysql(MysqlCheck { user: None })
+    );
+    assert_eq!(
+        check("kind = \"redis\"\nrole = \"replica\"").unwrap(),
+        CheckKind::Redis(RedisCheck {
+            role: Some(RedisRole::Replica),
+            noauth_is_up: false
+        })
+    );
+
+    // Each problem names the file, the key and what is wrong.
+    for (extra, want) in [
+        ("kind = \"http\"", "test.toml: pool \"web\": health_check.path: missing: kind = \"http\" needs the request path"),
+        ("kind = \"http\"\npath = \"primary\"", "health_check.path: \"primary\": expected a path starting with /"),
+        ("kind = \"http\"\npath = \"/\"\nexpect_status = \"2xy\"", "health_check.expect_status: \"2xy\": expected a list of statuses such as [200, 204] or a class such as \"2xx\""),
+        ("kind = \"http\"\npath = \"/\"\nexpect_status = [200, 700]", "health_check.expect_status: 700: a status is 100 to 599"),
+        ("kind = \"http\"\npath = \"/\"\nexpect_status = []", "health_check.expect_status: []: expected a list"),
+        ("kind = \"http\"\npath = \"/\"\nmethod = \"GE T\"", "health_check.method: \"GE T\": expected an HTTP method"),
+        ("kind = \"http\"\npath = \"/\"\nmethod = \"HEAD\"\nexpect_body = \"ok\"", "health_check.expect_body: a HEAD reply has no body"),
+        ("kind = \"postgres\"", "health_check.user: missing: kind = \"postgres\" needs the user"),
+        ("kind = \"postgres\"\nuser = \"\"", "health_check.user: \"\": must be 1 to 1024 bytes without NUL"),
+        ("kind = \"redis\"\nrole = \"primary\"", "health_check.role: \"primary\": expected master or replica"),
+        ("kind = \"redis\"\nrole = \"master\"\nnoauth_is_up = true", "health_check.noauth_is_up: cannot be combined with role"),
+        ("kind = \"redis\"\npath = \"/\"", "health_check.path: only applies to kind = \"http\" (this check is kind = \"redis\")"),
+        ("kind = \"tcp\"\nuser = \"x\"", "health_check.user: only applies to kind = \"postgres\" or kind = \"mysql\" (this check is kind = \"tcp\")"),
+        ("kind = \"mysql\"\ndatabase = \"x\"", "health_check.database: only applies to kind = \"postgres\""),
+        ("kind = \"http\"\npath = \"/\"\nrole = \"master\"", "health_check.role: only applies to kind = \"redis\""),
+        ("kind = \"gopher\"", "\"gopher\": expected tcp, send_expect, udp_send_expect, http, postgres, mysql, redis or none"),
+    ] {
+        let got = problems(extra);
+        assert!(got.contains(want), "{extra:?}:\n{got}\nshould contain\n{want}");
+    }
+}

@@ -277,7 +277,19 @@ pub enum CheckKind {
         /// Required reply prefix.
         expect: Vec<u8>,
     },
+    /// An HTTP/1.1 request; the status (and optionally the body) decide.
+    Http(HttpCheck),
+    /// A PostgreSQL startup exchange.
+    Postgres(PostgresCheck),
+    /// A MySQL/MariaDB greeting (and login, with a `user`).
+    Mysql(MysqlCheck),
+    /// Redis `PING` (and `ROLE`).
+    Redis(RedisCheck),
 }
+
+// The protocol checks' settings live beside their parsers (the pure layer that
+// config builds on); config validates them and re-exports them.
+pub use crate::health::probe::spec::{HttpCheck, MysqlCheck, PostgresCheck, RedisCheck, RedisRole, StatusMatch};
 
 /// `[pool.health_check]`
 #[derive(Debug, Clone, PartialEq)]

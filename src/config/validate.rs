@@ -720,10 +720,43 @@ fn validate_health_check(c: &mut Checker<'_>, place: &str, h: &file::HealthCheck
                 CheckKind::Tcp
             }
         },
+        Some("http") => CheckKind::Http(validate_http_check(c, place, h)),
+        Some("postgres") => CheckKind::Postgres(PostgresCheck {
+            user: required_name(c, place, "user", &h.user, "postgres"),
+            database: optional_name(c, place, "database", &h.database),
+        }),
+        Some("mysql") => CheckKind::Mysql(MysqlCheck {
+            user: optional_name(c, place, "user", &h.user),
+        }),
+        Some("redis") => {
+            let role = match h.role.as_deref() {
+                None => None,
+                Some("master") => Some(RedisRole::Master),
+                Some("replica") => Some(RedisRole::Replica),
+                Some(other) => {
+                    c.err(
+                        &format!("{place}role"),
+                        format!("\"{other}\": expected master or replica"),
+                    );
+                    None
+                }
+            };
+            let noauth_is_up = h.noauth_is_up.unwrap_or(false);
+            if noauth_is_up && role.is_some() {
+                // ROLE needs an authenticated connection; ringlb holds no password.
+                c.err(
+                    &format!("{place}noauth_is_up"),
+                    "cannot be combined with role: ROLE is refused with NOAUTH before AUTH, and the check sends no password",
+                );
+            }
+            CheckKind::Redis(RedisCheck { role, noauth_is_up })
+        }
         Some(other) => {
             c.err(
                 &format!("{place}kind"),
-                format!("\"{other}\": expected tcp, send_expect, udp_send_expect or none"),
+                format!(
+                    "\"{other}\": expected tcp, send_expect, udp_send_expect, http, postgres, mysql, redis or none"
+                ),
             );
             CheckKind::Tcp
         }
@@ -735,6 +768,32 @@ fn validate_health_check(c: &mut Checker<'_>, place: &str, h: &file::HealthCheck
             &format!("{place}send"),
             "send/expect only apply to kind = \"send_expect\" or \"udp_send_expect\"",
         );
+    }
+    // Keys of one kind set on another are a mistake, not something to ignore:
+    // say which kinds take them.
+    let kind_name = h.kind.as_deref().unwrap_or("tcp");
+    let belongs: [(&str, bool, &[&str]); 9] = [
+        ("method", h.method.is_some(), &["http"]),
+        ("path", h.path.is_some(), &["http"]),
+        ("host", h.host.is_some(), &["http"]),
+        ("expect_status", h.expect_status.is_some(), &["http"]),
+        ("expect_body", h.expect_body.is_some(), &["http"]),
+        ("user", h.user.is_some(), &["postgres", "mysql"]),
+        ("database", h.database.is_some(), &["postgres"]),
+        ("role", h.role.is_some(), &["redis"]),
+        ("noauth_is_up", h.noauth_is_up.is_some(), &["redis"]),
+    ];
+    for (key, set, kinds) in belongs {
+        if set && !kinds.contains(&kind_name) {
+            let list: Vec<String> = kinds.iter().map(|k| format!("kind = \"{k}\"")).collect();
+            c.err(
+                &format!("{place}{key}"),
+                format!(
+                    "only applies to {} (this check is kind = \"{kind_name}\")",
+                    list.join(" or ")
+                ),
+            );
+        }
     }
     // A backend that requires a PROXY header (HAProxy's check-send-proxy):
     // the check opens with the "connection of our own" header.
@@ -789,6 +848,141 @@ fn validate_health_check(c: &mut Checker<'_>, place: &str, h: &file::HealthCheck
             .map(|p| c.ranged(&format!("{place}port"), Some(p), 1, 65535, 1) as u16),
         initially_up,
         max_concurrent: c.ranged(&format!("{place}max_concurrent"), h.max_concurrent, 1, 10_000, 64) as usize,
+    }
+}
+
+/// Longest `path`, `host`, `user`, `database`, `expect_body`: they go into
+/// one request that must fit the check's write (and be readable in logs).
+const MAX_CHECK_TEXT: usize = 1024;
+
+fn validate_http_check(c: &mut Checker<'_>, place: &str, h: &file::HealthCheckFile) -> HttpCheck {
+    let method = h.method.clone().unwrap_or_else(|| "GET".into());
+    // A token (RFC 9110): no spaces or controls that would break the request line.
+    if method.is_empty()
+        || method.len() > 32
+        || !method
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    {
+        c.err(
+            &format!("{place}method"),
+            format!("{method:?}: expected an HTTP method such as GET, HEAD or OPTIONS"),
+        );
+    }
+    let path = match &h.path {
+        None => {
+            c.err(
+                &format!("{place}path"),
+                "missing: kind = \"http\" needs the request path, e.g. path = \"/primary\"",
+            );
+            "/".to_string()
+        }
+        Some(p) if !p.starts_with('/') || p.len() > MAX_CHECK_TEXT || !p.bytes().all(|b| b.is_ascii_graphic()) => {
+            c.err(&format!("{place}path"), format!("{p:?}: expected a path starting with / without spaces or control characters, at most {MAX_CHECK_TEXT} bytes"));
+            "/".to_string()
+        }
+        Some(p) => p.clone(),
+    };
+    let host = match &h.host {
+        Some(v) if v.is_empty() || v.len() > 255 || !v.bytes().all(|b| b.is_ascii_graphic()) => {
+            c.err(
+                &format!("{place}host"),
+                format!("{v:?}: expected a host name (and optional :port) without spaces"),
+            );
+            None
+        }
+        v => v.clone(),
+    };
+    let expect_status = match &h.expect_status {
+        None => StatusMatch::Class(2),
+        Some(v) => parse_status_match(v).unwrap_or_else(|problem| {
+            c.err(&format!("{place}expect_status"), problem);
+            StatusMatch::Class(2)
+        }),
+    };
+    let expect_body = match &h.expect_body {
+        Some(b) if b.is_empty() || b.len() > MAX_CHECK_TEXT => {
+            c.err(
+                &format!("{place}expect_body"),
+                format!("must be 1 to {MAX_CHECK_TEXT} bytes"),
+            );
+            None
+        }
+        b => b.clone().map(String::into_bytes),
+    };
+    if expect_body.is_some() && method.eq_ignore_ascii_case("HEAD") {
+        c.err(
+            &format!("{place}expect_body"),
+            "a HEAD reply has no body: use GET, or drop expect_body",
+        );
+    }
+    HttpCheck {
+        method,
+        path,
+        host,
+        expect_status,
+        expect_body,
+    }
+}
+
+/// `[200, 204]` or `"2xx"`.
+fn parse_status_match(v: &toml::Value) -> Result<StatusMatch, String> {
+    const HOW: &str = "expected a list of statuses such as [200, 204] or a class such as \"2xx\"";
+    match v {
+        toml::Value::String(s) => {
+            let b = s.as_bytes();
+            if b.len() == 3 && (b'1'..=b'5').contains(&b[0]) && b[1..].eq_ignore_ascii_case(b"xx") {
+                Ok(StatusMatch::Class(b[0] - b'0'))
+            } else if let Ok(code) = s.parse::<u16>() {
+                if (100..=599).contains(&code) {
+                    Ok(StatusMatch::Codes(vec![code]))
+                } else {
+                    Err(format!("{s:?}: a status is 100 to 599"))
+                }
+            } else {
+                Err(format!("{s:?}: {HOW}"))
+            }
+        }
+        toml::Value::Integer(_) => parse_status_match(&toml::Value::Array(vec![v.clone()])),
+        toml::Value::Array(items) if !items.is_empty() && items.len() <= 32 => items
+            .iter()
+            .map(|i| match i.as_integer() {
+                Some(code @ 100..=599) => Ok(code as u16),
+                Some(code) => Err(format!("{code}: a status is 100 to 599")),
+                None => Err(format!("{i}: {HOW}")),
+            })
+            .collect::<Result<Vec<u16>, String>>()
+            .map(StatusMatch::Codes),
+        other => Err(format!("{other}: {HOW} (1 to 32 statuses)")),
+    }
+}
+
+fn required_name(c: &mut Checker<'_>, place: &str, key: &str, v: &Option<String>, kind: &str) -> String {
+    match optional_name(c, place, key, v) {
+        Some(v) => v,
+        None => {
+            if v.is_none() {
+                c.err(
+                    &format!("{place}{key}"),
+                    format!("missing: kind = \"{kind}\" needs the {key} the check names"),
+                );
+            }
+            String::new()
+        }
+    }
+}
+
+/// A name sent in a protocol message: no NUL (the protocols' terminator), bounded.
+fn optional_name(c: &mut Checker<'_>, place: &str, key: &str, v: &Option<String>) -> Option<String> {
+    match v {
+        Some(s) if s.is_empty() || s.len() > MAX_CHECK_TEXT || s.contains('\0') => {
+            c.err(
+                &format!("{place}{key}"),
+                format!("{s:?}: must be 1 to {MAX_CHECK_TEXT} bytes without NUL"),
+            );
+            None
+        }
+        v => v.clone(),
     }
 }
 

@@ -1,4 +1,5 @@
-//! One active health check: connect, optionally send, expect a reply prefix.
+//! One active health check: connect, then a reply prefix or a protocol exchange
+//! (the sans-io [`crate::health::probe`]) decides.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -6,6 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::CheckKind;
+use crate::health::probe::{Exchange, Step, MAX_REPLY};
 
 /// What one check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +37,9 @@ impl CheckVerdict {
 
 /// Runs one check within `timeout`; returns the verdict, latency, and a detail for logs.
 pub async fn run_check(target: SocketAddr, kind: &CheckKind, timeout: Duration) -> (CheckVerdict, Duration, String) {
+    if let Some(exchange) = exchange_for(kind, target) {
+        return run_exchange(target, exchange, timeout).await;
+    }
     let started = Instant::now();
     let result = tokio::time::timeout(timeout, check(target, kind)).await;
     let latency = started.elapsed();
@@ -129,6 +134,141 @@ async fn connect(target: SocketAddr, connect_only: bool) -> Result<tokio::net::T
         let _ = socket2::SockRef::from(&socket).set_quickack(false);
     }
     socket.connect(target).await.map_err(|e| classify(&e))
+}
+
+/// The protocol exchange for `kind` against `target`, or None for the kinds that are
+/// not protocol checks (tcp, send_expect, udp_send_expect, none).
+pub fn exchange_for(kind: &CheckKind, target: SocketAddr) -> Option<Exchange> {
+    use crate::health::probe::{http, mysql, postgres, redis};
+    Some(match kind {
+        CheckKind::Http(c) => Exchange::Http(http::HttpExchange::new(c, target)),
+        CheckKind::Postgres(c) => Exchange::Postgres(postgres::PostgresExchange::new(c)),
+        CheckKind::Mysql(c) => Exchange::Mysql(mysql::MysqlExchange::new(c)),
+        CheckKind::Redis(c) => Exchange::Redis(redis::RedisExchange::new(c)),
+        CheckKind::None | CheckKind::Tcp | CheckKind::SendExpect { .. } | CheckKind::UdpSendExpect { .. } => {
+            return None
+        }
+    })
+}
+
+/// A protocol check: the exchange runs within `timeout`; the goodbye after a verdict
+/// gets what is left of it (at least [`MIN_GOODBYE`]) and never changes the verdict.
+async fn run_exchange(
+    target: SocketAddr,
+    mut exchange: Exchange,
+    timeout: Duration,
+) -> (CheckVerdict, Duration, String) {
+    let started = Instant::now();
+    let mut reply = Vec::new();
+    let result = tokio::time::timeout(timeout, converse(target, &mut exchange, &mut reply)).await;
+    let latency = started.elapsed();
+    match result {
+        Ok(Ok((verdict, mut stream, farewell, await_close))) => {
+            let left = timeout.saturating_sub(latency).max(MIN_GOODBYE);
+            let _ = tokio::time::timeout(left, goodbye(&mut stream, &farewell, await_close)).await;
+            let passed = if verdict.up {
+                CheckVerdict::Passed
+            } else {
+                CheckVerdict::Failed
+            };
+            (passed, latency, verdict.reason)
+        }
+        Ok(Err(Failure::Backend(detail))) => (CheckVerdict::Failed, latency, detail),
+        Ok(Err(Failure::Local(detail))) => (CheckVerdict::NotRun, latency, detail),
+        Err(_) => (
+            CheckVerdict::Failed,
+            latency,
+            if reply.is_empty() {
+                format!("timed out after {timeout:?} with no reply")
+            } else {
+                format!(
+                    "timed out after {timeout:?}, {} byte(s) of reply: {}",
+                    reply.len(),
+                    crate::health::probe::printable(&reply, 40)
+                )
+            },
+        ),
+    }
+}
+
+/// The least time a check waits for the server to close after its verdict.
+const MIN_GOODBYE: Duration = Duration::from_millis(50);
+
+/// Connect, send the opening, and read (at most [`MAX_REPLY`] bytes per reply) until
+/// the exchange decides. `reply` holds the current reply, for the timeout's message.
+async fn converse(
+    target: SocketAddr,
+    exchange: &mut Exchange,
+    reply: &mut Vec<u8>,
+) -> Result<(crate::health::probe::Verdict, tokio::net::TcpStream, Vec<u8>, bool), Failure> {
+    let mut stream = connect(target, false).await?;
+    let _ = stream.set_nodelay(true);
+    let opening = exchange.opening();
+    if !opening.is_empty() {
+        stream
+            .write_all(&opening)
+            .await
+            .map_err(|e| format!("send failed: {}", describe(&e)))?;
+    }
+    loop {
+        let start = reply.len();
+        let mut ended = start >= MAX_REPLY;
+        if !ended {
+            reply.resize(start + (MAX_REPLY - start).min(4096), 0);
+            match stream.read(&mut reply[start..]).await {
+                Ok(n) => {
+                    reply.truncate(start + n);
+                    ended = n == 0 || reply.len() >= MAX_REPLY;
+                }
+                // A reset after a complete reply (an error, then close) still decides.
+                Err(e) if start > 0 => {
+                    reply.truncate(start);
+                    if let Step::Done { verdict, .. } = exchange.step(reply, true) {
+                        if verdict.up {
+                            return Ok((verdict, stream, Vec::new(), false));
+                        }
+                        return Err(Failure::Backend(format!("{} (then {})", verdict.reason, describe(&e))));
+                    }
+                }
+                Err(e) => return Err(Failure::Backend(format!("read failed: {}", describe(&e)))),
+            }
+        }
+        match exchange.step(reply, ended) {
+            Step::Read => {}
+            Step::Send(bytes) => {
+                stream
+                    .write_all(&bytes)
+                    .await
+                    .map_err(|e| format!("send failed: {}", describe(&e)))?;
+                reply.clear();
+            }
+            Step::Done {
+                verdict,
+                farewell,
+                await_close,
+            } => return Ok((verdict, stream, farewell, await_close)),
+        }
+    }
+}
+
+/// Sends the protocol's goodbye and, when the server closes next, reads (and drops)
+/// what is left until it does: the server ends the session as a normal disconnect,
+/// with nothing unread on either side (an unread byte at close makes a reset).
+async fn goodbye(stream: &mut tokio::net::TcpStream, farewell: &[u8], await_close: bool) {
+    if !farewell.is_empty() && stream.write_all(farewell).await.is_err() {
+        return;
+    }
+    if !await_close {
+        return;
+    }
+    let mut sink = [0u8; 1024];
+    let mut drained = 0;
+    while drained < MAX_REPLY {
+        match stream.read(&mut sink).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => drained += n,
+        }
+    }
 }
 
 /// A socket or connect error: ringlb's own shortage, or the backend's

@@ -1,2 +1,3 @@
 //! Backend health: active checks, passive outlier detection, and the weights they imply.
+pub mod probe;
 pub mod state;

@@ -184,7 +184,30 @@ impl Model {
         };
         let transition = be.active.record(ok);
         be.last_check = Some((Some(ok), latency, detail.clone()));
-        let Some(t) = transition else { return fx };
+        let Some(t) = transition else {
+            // Still down and still failing, perhaps for another reason now (a
+            // PostgreSQL that was refusing, then starting up): the reason follows.
+            let prefix = format!("{} consecutive failed checks: ", be.active.fall());
+            if !ok && be.reason.starts_with(&prefix) && be.reason[prefix.len()..] != detail {
+                be.reason = format!("{prefix}{detail}");
+            }
+            // Up and passing: a protocol check's answer ("redis role is master")
+            // replaces "configured" and follows the server (tcp checks say "ok").
+            let passed = format!("{} consecutive passed checks", be.active.rise());
+            if ok && detail != "ok" && be.active.is_up() {
+                let updated = if be.reason.starts_with(&passed) {
+                    Some(format!("{passed}: {detail}"))
+                } else if be.reason == "configured" || be.reason.starts_with("check passed: ") {
+                    Some(format!("check passed: {detail}"))
+                } else {
+                    None
+                };
+                if let Some(r) = updated.filter(|r| *r != be.reason) {
+                    be.reason = r;
+                }
+            }
+            return fx;
+        };
         let name = &p.config.name;
         let change = match t {
             Transition::WentDown => {
@@ -197,7 +220,12 @@ impl Model {
                 }
             }
             Transition::WentUp => {
-                be.reason = format!("{} consecutive passed checks", be.active.rise());
+                // A protocol check says what it saw ("redis role is master").
+                be.reason = if detail == "ok" {
+                    format!("{} consecutive passed checks", be.active.rise())
+                } else {
+                    format!("{} consecutive passed checks: {detail}", be.active.rise())
+                };
                 be.healthy_since = Some(now);
                 StateChange {
                     kind: "up",

@@ -148,17 +148,22 @@ impl World {
 
     /// Answers the queued check of `addr` with `passed`.
     pub fn answer(&mut self, addr: &str, passed: Option<bool>) -> Effects {
+        let detail = match passed {
+            Some(true) => "ok",
+            Some(false) => "connection refused",
+            None => "not run: EMFILE",
+        };
+        self.answer_with(addr, passed, detail)
+    }
+
+    /// Answers the queued check of `addr` with `passed` and what it saw.
+    pub fn answer_with(&mut self, addr: &str, passed: Option<bool>, detail: &str) -> Effects {
         let i = self
             .checks
             .iter()
             .position(|j| j.target == sa(addr))
             .unwrap_or_else(|| panic!("no check of {addr} queued: {:?}", self.checks));
         let job = self.checks.remove(i);
-        let detail = match passed {
-            Some(true) => "ok",
-            Some(false) => "connection refused",
-            None => "not run: EMFILE",
-        };
         let result = CheckResult {
             passed,
             latency: Duration::from_millis(1),

@@ -743,3 +743,44 @@ fn checks_start_on_time_from_the_queue_and_new_backends_are_found() {
         .unwrap();
     assert!(new.last_check.is_some(), "the added backend was checked");
 }
+
+#[test]
+fn a_protocol_checks_answer_is_the_reason_and_follows_the_server() {
+    let text = one_pool(
+        "[pool.health_check]\nkind = \"tcp\"\ninterval = \"1s\"\njitter = \"0s\"\nfall = 2\nrise = 2\n",
+        &[(A, "")],
+    );
+    let mut w = World::new(&text);
+    let step = |w: &mut World, ok: bool, detail: &str| -> String {
+        w.advance(1000);
+        assert_eq!(w.due(), 1);
+        let fx = w.answer_with(A, Some(ok), detail);
+        w.apply(fx);
+        w.model.pools[0].backends[0].reason.clone()
+    };
+    assert_eq!(step(&mut w, true, "ok"), "configured", "a tcp check has nothing to add");
+    assert_eq!(
+        step(&mut w, true, "redis role is master"),
+        "check passed: redis role is master"
+    );
+    let slave = "redis role is slave of 10.0.0.2:6379 (connected), want master";
+    assert_eq!(
+        step(&mut w, false, slave),
+        "check passed: redis role is master",
+        "one failure of fall 2"
+    );
+    assert_eq!(
+        step(&mut w, false, slave),
+        format!("2 consecutive failed checks: {slave}")
+    );
+    assert_eq!(
+        step(&mut w, false, "connection refused"),
+        "2 consecutive failed checks: connection refused",
+        "still down: the reason follows the server"
+    );
+    step(&mut w, true, "redis role is master");
+    assert_eq!(
+        step(&mut w, true, "redis role is master"),
+        "2 consecutive passed checks: redis role is master"
+    );
+}
