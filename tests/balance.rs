@@ -41,8 +41,12 @@ fn start(engine: &str, listener_extra: &str, pool_extra: &str, backends: &[(Sock
     let sock = dir.0.join("ctl.sock");
     let cfg = config_with_control(engine, &sock, &body)
         .replace("[control]\n", &format!("[control]\nmetrics = \"{metrics}\"\n"));
-    let mut lb = Ringlb::start(&cfg, listen);
-    lb.wait_listening(metrics);
+    // The metrics port comes up with the listeners; a UDP listener has no
+    // accept to wait for (the UDP test retries its first datagram).
+    let mut lb = Ringlb::start(&cfg, metrics);
+    if !listener_extra.contains("udp") {
+        lb.wait_listening(listen);
+    }
     Lb {
         c: Running {
             _lb: lb,
@@ -188,6 +192,73 @@ fn random_two_spreads_long_lived_connections() {
     }
 }
 
+/// A UDP backend thread answering each datagram with its tag; ends on drop.
+struct UdpTag {
+    addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl UdpTag {
+    fn start(tag: &'static str) -> UdpTag {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let st = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !st.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(tag.as_bytes(), from);
+                }
+            }
+        });
+        UdpTag { addr, stop }
+    }
+}
+
+impl Drop for UdpTag {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn udp_flows_take_the_same_least_conn_choice_at_flow_creation() {
+    let backends = [UdpTag::start("a"), UdpTag::start("b"), UdpTag::start("c")];
+    for engine in ENGINES {
+        let lb = start(
+            engine,
+            "protocol = \"udp\"\nhash_key = \"src_ip\"",
+            "balance = \"least_conn\"",
+            &backends.iter().map(|b| (b.addr, "")).collect::<Vec<_>>(),
+        );
+        // Each client socket is one flow (a new source port), one source IP.
+        let mut m: HashMap<String, usize> = HashMap::new();
+        let mut clients = Vec::new();
+        for _ in 0..12 {
+            let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            let mut buf = [0u8; 64];
+            let tag = (0..10)
+                .find_map(|_| {
+                    c.send_to(b"hi", lb.c.listen).unwrap();
+                    c.recv(&mut buf)
+                        .ok()
+                        .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+                })
+                .expect("a reply through ringlb");
+            *m.entry(tag).or_default() += 1;
+            clients.push(c);
+        }
+        println!("{engine}: udp least_conn, 12 flows from one address: {m:?}");
+        for tag in ["a", "b", "c"] {
+            let got = m.get(tag).copied().unwrap_or(0);
+            assert!(got.abs_diff(4) <= 1, "{engine}: {tag} has {got}: {m:?}");
+        }
+    }
+}
+
 // === bounded loads ===
 
 #[test]
@@ -281,7 +352,7 @@ fn on_down_close_ends_a_dead_primarys_sessions_and_on_up_close_backups_ends_the_
             assert!(t.is_some(), "{engine}: a connection to the dead primary stayed open");
         }
         let closed_after = down_at.elapsed();
-        println!("{engine}: primary down -> its 5 sessions closed after {closed_after:?} (fall 2 x interval 200ms + timeout 200ms = 600ms)");
+        println!("{engine}: primary down -> its 5 sessions closed after {closed_after:?} (bound: fall 2 x interval 200ms + timeout 200ms = 600ms, + a 100 ms tick)");
         assert!(closed_after <= limit, "{engine}: {closed_after:?}");
         // New connections reach the backup.
         let mut on_backup: Vec<_> = (0..3).map(|_| open(lb.c.listen)).collect();
