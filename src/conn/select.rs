@@ -233,7 +233,7 @@ pub fn select_explained(
                 (b, a, la)
             };
             sel.push(win);
-            if let Some(s) = skipped.as_deref_mut() {
+            if let Some(s) = skipped {
                 if lose != win {
                     s.push(Skipped {
                         index: lose,
