@@ -155,8 +155,11 @@ pub fn select_explained(
     };
     match (pool.balance, pool.hash_balance_factor) {
         (Balance::Maglev, None) => {
+            // The table's candidates are distinct already: written straight
+            // in, as before the balance rules existed.
             for index in table.candidates(hash, max) {
-                sel.push(index);
+                sel.indices[sel.len as usize] = index;
+                sel.len += 1;
             }
         }
         (Balance::Maglev, Some(factor)) => {
