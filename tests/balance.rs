@@ -487,3 +487,67 @@ fn backups_serve_only_while_no_primary_is_usable_and_deterministically() {
         "a primary back: backups stop"
     );
 }
+
+// === validation: file, reload ===
+
+#[test]
+fn bad_balance_keys_never_start_and_never_replace_the_running_config() {
+    let a = Backend::start("a", Behaviour::TagEcho);
+    let b = Backend::start("b", Behaviour::TagEcho);
+    let lb = start(
+        "auto",
+        "hash_key = \"src_ip\"",
+        "balance = \"least_conn\"",
+        &[(a.addr, ""), (b.addr, "")],
+    );
+    let good = std::fs::read_to_string(&lb.c._lb.config).unwrap();
+    let cases = [
+        (
+            "balance = \"least_conn\"",
+            "balance = \"leastconn\"",
+            "pool \"web\": balance: \"leastconn\": expected",
+        ),
+        (
+            "balance = \"least_conn\"",
+            "hash_balance_factor = 100",
+            "pool \"web\": hash_balance_factor: 100 is out of range",
+        ),
+        (
+            "balance = \"least_conn\"",
+            "balance = \"random_two\"\nhash_balance_factor = 125",
+            "pool \"web\": hash_balance_factor: only applies to balance = \"maglev\"",
+        ),
+        (
+            "balance = \"least_conn\"",
+            "on_down = \"shutdown\"",
+            "pool \"web\": on_down: \"shutdown\": expected",
+        ),
+        (
+            "balance = \"least_conn\"",
+            "on_up = \"close\"",
+            "pool \"web\": on_up: \"close\": expected",
+        ),
+    ];
+    for (from, to, problem) in cases {
+        let bad = good.replace(from, to);
+        // `ringlb check` (what a start runs) refuses it, naming the file.
+        let dir = TempDir::new("badbal");
+        let path = dir.file("bad.toml", &bad);
+        let out = ringlb_cmd(&["check", "-c", path_str(&path)]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{to}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{}: {problem}", path.display())),
+            "{to}: {stderr}"
+        );
+        // A reload refuses it and keeps serving with least_conn.
+        std::fs::write(&lb.c._lb.config, &bad).unwrap();
+        let (code, v) = ctl_json(&lb.c.sock, &["reload"]);
+        assert_eq!(code, 1, "{to}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(problem), "{to}: {v}");
+        assert_eq!(ctl_json(&lb.c.sock, &["status"]).1["config_generation"], 1, "{to}");
+        let (_, route) = ctl_json(&lb.c.sock, &["route", "web", "127.0.0.1"]);
+        assert_eq!(route["rule"], "least_conn", "{to}: {route}");
+    }
+    std::fs::write(&lb.c._lb.config, &good).unwrap();
+}

@@ -105,6 +105,8 @@ pub enum SkipWhy {
     OverBound(f64),
     /// least_conn / random_two: a higher load per weight than the chosen one.
     MoreLoaded,
+    /// least_conn: the same load per weight, later in the flow's Maglev order.
+    Tied,
 }
 
 impl std::fmt::Display for Skipped {
@@ -112,6 +114,7 @@ impl std::fmt::Display for Skipped {
         match self.why {
             SkipWhy::OverBound(bound) => write!(f, "over load bound: {} open >= {:.2}", self.load, bound),
             SkipWhy::MoreLoaded => write!(f, "more loaded: {} open", self.load),
+            SkipWhy::Tied => write!(f, "as loaded ({} open), later in the hash's order", self.load),
         }
     }
 }
@@ -200,13 +203,17 @@ pub fn select_explained(
             if let Some((index, _)) = best {
                 sel.push(index);
             }
-            if let (Some(s), Some((chosen, _))) = (skipped.as_deref_mut(), best) {
+            if let (Some(s), Some((chosen, chosen_load))) = (skipped.as_deref_mut(), best) {
+                let cw = u128::from(weights.get(chosen as usize).copied().unwrap_or(0));
                 for (i, b) in pool.backends.iter().enumerate() {
-                    if i as u32 != chosen && weights.get(i).copied().unwrap_or(0) > 0 {
+                    let w = weights.get(i).copied().unwrap_or(0);
+                    if i as u32 != chosen && w > 0 {
+                        let load = b.load();
+                        let tied = u128::from(load) * cw == u128::from(chosen_load) * u128::from(w);
                         s.push(Skipped {
                             index: i as u32,
-                            load: b.load(),
-                            why: SkipWhy::MoreLoaded,
+                            load,
+                            why: if tied { SkipWhy::Tied } else { SkipWhy::MoreLoaded },
                         });
                     }
                 }
@@ -332,4 +339,96 @@ fn next_random() -> u64 {
         r.set(x);
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::Backend;
+    use std::sync::Arc;
+
+    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    fn pool(weights: &[u32], balance: Balance, factor: Option<u32>) -> PoolSnapshot {
+        let backends = (0..weights.len())
+            .map(|i| Arc::new(Backend::new(format!("10.0.0.{}:80", i + 1).parse().unwrap(), 1)))
+            .collect();
+        let mut p = PoolSnapshot::build("p", 1, 1021, backends, weights.to_vec()).unwrap();
+        p.balance = balance;
+        p.hash_balance_factor = factor;
+        p
+    }
+
+    fn open(p: &PoolSnapshot, i: usize, n: u64) {
+        p.backends[i].stats.conns.opened.add(n);
+    }
+
+    #[test]
+    fn plain_maglev_is_the_tables_order_and_reads_no_load() {
+        let p = pool(&[1000, 1000, 1000], Balance::Maglev, None);
+        open(&p, 0, 100);
+        let s = select_hash(&p, IP, 42, MAX_CANDIDATES).unwrap();
+        let order: Vec<u32> = p.table.as_ref().unwrap().candidates(42, MAX_CANDIDATES).collect();
+        assert_eq!(s.candidates(), &order[..]);
+        assert_eq!(s.rule, Rule::Maglev);
+    }
+
+    #[test]
+    fn bounded_loads_skip_a_candidate_at_its_bound_and_keep_it_last() {
+        let p = pool(&[1000, 1000, 1000], Balance::Maglev, Some(125));
+        let order: Vec<u32> = p.table.as_ref().unwrap().candidates(7, MAX_CANDIDATES).collect();
+        // 9 on the first choice, 8 on the second, 3 on the third: a new
+        // connection's bound is 1.25 x 21 / 3 = 8.75.
+        open(&p, order[0] as usize, 9);
+        open(&p, order[1] as usize, 8);
+        open(&p, order[2] as usize, 3);
+        let mut skipped = Vec::new();
+        let s = select_explained(&p, IP, 7, MAX_CANDIDATES, Some(&mut skipped)).unwrap();
+        assert_eq!(s.rule, Rule::MaglevBounded);
+        assert_eq!(s.candidates(), &[order[1], order[2], order[0]]);
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].to_string(), "over load bound: 9 open >= 8.75");
+        // Under the bound, the key keeps its own backend (stickiness).
+        let q = pool(&[1000, 1000, 1000], Balance::Maglev, Some(125));
+        open(&q, order[0] as usize, 2);
+        open(&q, order[1] as usize, 2);
+        open(&q, order[2] as usize, 2);
+        assert_eq!(select_hash(&q, IP, 7, 1).unwrap().candidates(), &[order[0]]);
+    }
+
+    #[test]
+    fn least_conn_takes_the_lowest_load_per_weight_and_breaks_ties_by_the_hash_order() {
+        let p = pool(&[1000, 1000, 2000], Balance::LeastConn, None);
+        open(&p, 0, 3);
+        open(&p, 1, 2);
+        open(&p, 2, 5); // 5/2 = 2.5 per weight unit > 2
+        assert_eq!(select_hash(&p, IP, 1, 1).unwrap().candidates(), &[1]);
+        open(&p, 1, 1);
+        open(&p, 2, 1); // all at 3 per weight unit (6 on weight 2): tied
+        for h in [1u64, 2, 3, 99, 12345] {
+            let first = p.table.as_ref().unwrap().lookup(h);
+            let s = select_hash(&p, IP, h, 4).unwrap();
+            assert_eq!(s.candidates()[0], first, "ties go to the hash's own backend");
+            assert_eq!(s.rule, Rule::LeastConn);
+        }
+    }
+
+    #[test]
+    fn random_two_prefers_the_less_loaded_of_its_draws() {
+        let p = pool(&[1000, 1000], Balance::RandomTwo, None);
+        open(&p, 0, 50);
+        let picks = (0..200)
+            .filter(|_| select_hash(&p, IP, 5, 2).unwrap().candidates()[0] == 1)
+            .count();
+        // Backend 1 wins whenever it is drawn at all: both draws land on 0
+        // a quarter of the time, and the redraw too half of that: 7 in 8.
+        assert!(picks > 150, "{picks} of 200");
+    }
+
+    #[test]
+    fn the_connects_in_flight_count_as_load() {
+        let p = pool(&[1000, 1000], Balance::LeastConn, None);
+        p.backends[0].connecting.opened.add(1);
+        assert_eq!(select_hash(&p, IP, 3, 1).unwrap().candidates(), &[1]);
+    }
 }
