@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::admission::ConnLimit;
+use crate::config::Balance;
 use crate::config::ListenerConfig;
 use crate::maglev::MaglevTable;
-use crate::stats::{BackendStats, ListenerStats};
+use crate::stats::{BackendStats, Gauge, ListenerStats};
 
 /// A backend as the data plane sees it. One `Backend` lives as long as its
 /// address stays in its pool, across table rebuilds and reloads, so its
@@ -38,6 +39,13 @@ pub struct Backend {
     /// Connect failures in a row, across workers. Reset on success only when
     /// non-zero, so a healthy backend's line is only read, never written.
     pub consecutive_failures: AtomicU32,
+    /// TCP connects in flight to it, counted only by pools whose balance
+    /// reads loads (least_conn, random_two, bounded Maglev): sharded per
+    /// worker like every counter, so counting never shares a written line.
+    pub connecting: Gauge,
+    /// A backup backend (`backup = true`), for `ctl backends` and the
+    /// `on_up = "close_backups"` rule.
+    pub backup: AtomicBool,
 }
 
 impl Backend {
@@ -50,7 +58,17 @@ impl Backend {
             down: AtomicBool::new(false),
             slots: ConnLimit::new(0),
             consecutive_failures: AtomicU32::new(0),
+            connecting: Gauge::new(workers),
+            backup: AtomicBool::new(false),
         }
+    }
+
+    /// Its load as balancing sees it: open connections and flows, across
+    /// workers, plus TCP connects in flight (in pools that count them).
+    /// Sums the per-worker shards: a read, never a write.
+    #[inline]
+    pub fn load(&self) -> u64 {
+        self.stats.conns.current() + self.connecting.current()
     }
 
     /// Records a successful connect.
@@ -119,8 +137,15 @@ pub struct PoolSnapshot {
     pub table: Option<MaglevTable>,
     /// How long the table(s) took to build.
     pub build_time: Duration,
-    /// Per-client-region tables of a geo pool.
+    /// Per-client-region tables of a geo pool (none while the backup tier
+    /// serves: backups have one table for every client).
     pub geo: Option<GeoTables>,
+    /// How a backend is picked from the table's backends.
+    pub balance: Balance,
+    /// Maglev bounded loads, percent (`None` = off).
+    pub hash_balance_factor: Option<u32>,
+    /// Whether the table is the backups' (no primary is usable).
+    pub backup_tier: bool,
 }
 
 /// The tables of a geo pool: one per distinct multiplier row.
@@ -150,6 +175,34 @@ impl PoolSnapshot {
                 (g.tables.get(t as usize).and_then(|t| t.as_ref()), Some(region))
             }
         }
+    }
+
+    /// [`PoolSnapshot::table_for`] with the effective weights that table was
+    /// built from (indexed like `backends`).
+    #[inline]
+    pub fn table_and_weights(
+        &self,
+        ip: std::net::IpAddr,
+    ) -> (Option<&MaglevTable>, Option<crate::geo::RegionId>, &[u32]) {
+        match &self.geo {
+            None => (self.table.as_ref(), None, &self.weights),
+            Some(g) => {
+                let region = g.map.lookup(ip);
+                let t = g.by_region.get(region.0 as usize).copied().unwrap_or(0) as usize;
+                (
+                    g.tables.get(t).and_then(|t| t.as_ref()),
+                    Some(region),
+                    g.weights.get(t).map_or(&[][..], |w| &w[..]),
+                )
+            }
+        }
+    }
+
+    /// Whether new connections must count their connect in flight
+    /// ([`Backend::connecting`]): only when the balance reads loads.
+    #[inline]
+    pub fn counts_load(&self) -> bool {
+        self.balance != Balance::Maglev || self.hash_balance_factor.is_some()
     }
 }
 
@@ -198,6 +251,9 @@ impl PoolSnapshot {
             table,
             build_time: start.elapsed(),
             geo,
+            balance: Balance::Maglev,
+            hash_balance_factor: None,
+            backup_tier: false,
         })
     }
 }

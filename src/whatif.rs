@@ -1,7 +1,7 @@
 //! `what-if`: how much of a pool's key space a change would move, and from which backend to which, computed with the workers' table code.
 //!
 //! A pool's tables are built here exactly as the control plane builds them
-//! for the workers ([`build_pool`]: `health::state::plan_pool`, then
+//! for the workers ([`build_pool`]: `health::state::plan_tiers`, then
 //! `PoolSnapshot::build` and `model::build_geo_tables`), once for the pool
 //! as it is and once as the change would leave it. Every flow hash maps to
 //! slot `hash % size`, so with equal table sizes the fraction of the key
@@ -19,7 +19,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::config::{BackendConfig, Config, GeoConfig, PoolConfig};
-use crate::health::state::{plan_pool, AdminState, BackendView};
+use crate::health::state::{plan_tiers, AdminState, BackendView};
 use crate::maglev::{MaglevError, MaglevTable};
 use crate::snapshot::{Backend, PoolSnapshot};
 
@@ -62,13 +62,17 @@ impl Member {
 /// Builds a pool's tables from `members` the way the control plane does for the workers.
 pub fn build_pool(cfg: &PoolConfig, geo: &GeoConfig, members: &[Member]) -> Result<PoolSnapshot, MaglevError> {
     let views: Vec<BackendView> = members.iter().map(|m| m.view).collect();
-    let plan = plan_pool(&views, cfg.panic_threshold);
+    let backup: Vec<bool> = members.iter().map(|m| m.config.backup).collect();
+    let tiers = plan_tiers(&views, &backup, cfg.panic_threshold);
+    let plan = tiers.plan;
     let backends = members
         .iter()
         .map(|m| Arc::new(Backend::new(m.config.addr, 1)))
         .collect();
     let mut snapshot = PoolSnapshot::build(&cfg.name, 0, cfg.table_size, backends, plan.weights.clone())?;
-    if let Some(pool_geo) = &cfg.geo {
+    snapshot.backup_tier = tiers.backup_tier;
+    // As the model does: the backups' table serves every client region.
+    if let Some(pool_geo) = cfg.geo.as_ref().filter(|_| !tiers.backup_tier) {
         let configs: Vec<&BackendConfig> = members.iter().map(|m| &m.config).collect();
         snapshot.geo = Some(crate::model::build_geo_tables(
             pool_geo,
@@ -367,6 +371,7 @@ mod tests {
             check_addr: None,
             max_connections: 0,
             region: None,
+            backup: false,
         }
     }
 

@@ -40,7 +40,7 @@ fn the_example_config_is_valid() {
         assert!(stderr.contains("1 error(s)"), "{stderr}");
         return;
     }
-    assert_valid("ringlb.toml", "ok: 5 listener(s), 5 pool(s), 8 backend(s)");
+    assert_valid("ringlb.toml", "ok: 5 listener(s), 5 pool(s), 9 backend(s)");
 }
 
 #[test]

@@ -175,6 +175,17 @@ pub struct PoolFile {
     /// Percent of a region's configured weight that must stay healthy
     /// before its traffic spills to other regions.
     pub spill_threshold: Option<f64>,
+    /// `maglev` (default), `least_conn` or `random_two`.
+    pub balance: Option<String>,
+    /// Maglev with bounded loads: skip a backend above this percent of the
+    /// pool's weighted average of open connections (> 100).
+    pub hash_balance_factor: Option<i64>,
+    /// `keep` (default) or `close`: what happens to a backend's open
+    /// connections when it goes down.
+    pub on_down: Option<String>,
+    /// `keep` (default) or `close_backups`: what happens to the connections
+    /// on backups when a primary is usable again.
+    pub on_up: Option<String>,
     /// `[[pool.backend]]`
     #[serde(default)]
     pub backend: Vec<BackendFile>,
@@ -257,6 +268,8 @@ pub struct BackendFile {
     pub max_connections: Option<i64>,
     /// Region the backend runs in (geo pools).
     pub region: Option<String>,
+    /// A backup: takes connections only while no primary of its pool is usable.
+    pub backup: Option<bool>,
 }
 
 /// The largest file ringlb reads as configuration: the config file itself

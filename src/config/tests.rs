@@ -311,3 +311,59 @@ fn protocol_checks_parse_with_defaults_and_bad_keys_are_named() {
         assert!(got.contains(want), "{extra:?}:\n{got}\nshould contain\n{want}");
     }
 }
+
+#[test]
+fn balance_keys_parse_with_their_defaults() {
+    let p = &parse(GOOD).unwrap().pools[0];
+    assert_eq!(p.balance, Balance::Maglev);
+    assert_eq!(p.hash_balance_factor, None);
+    assert_eq!(p.on_down, OnDown::Keep);
+    assert_eq!(p.on_up, OnUp::Keep);
+    assert!(!p.backends[0].backup);
+    let text = GOOD.replace(
+        "name = \"web\"\n[[pool.backend]]\naddr = \"127.0.0.1:9001\"\n",
+        "name = \"web\"\nbalance = \"maglev\"\nhash_balance_factor = 125\non_down = \"close\"\non_up = \"close_backups\"\n[[pool.backend]]\naddr = \"127.0.0.1:9001\"\nbackup = true\n",
+    );
+    let p = &parse(&text).unwrap().pools[0];
+    assert_eq!(p.hash_balance_factor, Some(125));
+    assert_eq!(p.on_down, OnDown::Close);
+    assert_eq!(p.on_up, OnUp::CloseBackups);
+    assert!(p.backends[0].backup && !p.backends[1].backup);
+    for (v, want) in [("least_conn", Balance::LeastConn), ("random_two", Balance::RandomTwo)] {
+        let text = GOOD.replace(
+            "name = \"web\"\n[[pool.backend]]",
+            &format!("name = \"web\"\nbalance = \"{v}\"\n[[pool.backend]]"),
+        );
+        assert_eq!(parse(&text).unwrap().pools[0].balance, want);
+    }
+}
+
+#[test]
+fn bad_balance_keys_name_file_pool_key_and_problem() {
+    let with = |lines: &str| {
+        errors(&GOOD.replace(
+            "name = \"web\"\n[[pool.backend]]",
+            &format!("name = \"web\"\n{lines}\n[[pool.backend]]"),
+        ))
+    };
+    assert_eq!(
+        with("balance = \"leastconn\""),
+        vec!["test.toml: pool \"web\": balance: \"leastconn\": expected \"maglev\", \"least_conn\" or \"random_two\""]
+    );
+    assert_eq!(
+        with("hash_balance_factor = 100"),
+        vec!["test.toml: pool \"web\": hash_balance_factor: 100 is out of range: a percent of the average load above 100 (101..=10000, e.g. 125)"]
+    );
+    assert_eq!(
+        with("balance = \"least_conn\"\nhash_balance_factor = 125"),
+        vec!["test.toml: pool \"web\": hash_balance_factor: only applies to balance = \"maglev\" (this pool has balance = \"least_conn\")"]
+    );
+    assert_eq!(
+        with("on_down = \"shutdown\""),
+        vec!["test.toml: pool \"web\": on_down: \"shutdown\": expected \"keep\" or \"close\""]
+    );
+    assert_eq!(
+        with("on_up = \"close\""),
+        vec!["test.toml: pool \"web\": on_up: \"close\": expected \"keep\" or \"close_backups\""]
+    );
+}

@@ -252,8 +252,60 @@ pub struct PoolConfig {
     pub outlier: OutlierConfig,
     /// Region multipliers (None = not a geo pool).
     pub geo: Option<PoolGeo>,
+    /// How a backend is chosen among the usable ones.
+    pub balance: Balance,
+    /// Maglev with bounded loads: the load bound in percent of the weighted
+    /// average (`None` = off; only with [`Balance::Maglev`]).
+    pub hash_balance_factor: Option<u32>,
+    /// What a backend going down does to its open connections.
+    pub on_down: OnDown,
+    /// What a primary coming back does to the connections on backups.
+    pub on_up: OnUp,
     /// Backends, in file order.
     pub backends: Vec<BackendConfig>,
+}
+
+/// `balance`: how a pool picks a backend for a new connection or flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// Weighted Maglev on the flow hash (optionally with bounded loads).
+    #[default]
+    Maglev,
+    /// Weighted least connections across all workers; ties by flow hash.
+    LeastConn,
+    /// Power of two choices on connection counts, weighted.
+    RandomTwo,
+}
+
+impl Balance {
+    /// The name in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Balance::Maglev => "maglev",
+            Balance::LeastConn => "least_conn",
+            Balance::RandomTwo => "random_two",
+        }
+    }
+}
+
+/// `on_down`: a backend's open connections when it goes down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnDown {
+    /// They stay open (they end by themselves).
+    #[default]
+    Keep,
+    /// They are closed at once, so clients reconnect elsewhere.
+    Close,
+}
+
+/// `on_up`: the connections on backups when a primary is usable again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnUp {
+    /// They stay open.
+    #[default]
+    Keep,
+    /// They are closed, so clients reconnect to the primaries.
+    CloseBackups,
 }
 
 /// What an active check does.
@@ -367,4 +419,6 @@ pub struct BackendConfig {
     pub max_connections: u64,
     /// Region it runs in (geo pools).
     pub region: Option<crate::geo::RegionId>,
+    /// A backup: used only while no primary (non-backup) backend is usable.
+    pub backup: bool,
 }

@@ -560,7 +560,12 @@ fn validate_pool(c: &mut Checker<'_>, label: &str, p: &PoolFile) -> Option<PoolC
             }
         }
     }
+    let (balance, hash_balance_factor, on_down, on_up) = validate_balance(c, &place, p);
     Some(PoolConfig {
+        balance,
+        hash_balance_factor,
+        on_down,
+        on_up,
         name: name?,
         table_size,
         drain_timeout,
@@ -571,6 +576,66 @@ fn validate_pool(c: &mut Checker<'_>, label: &str, p: &PoolFile) -> Option<PoolC
         geo,
         backends,
     })
+}
+
+/// `balance`, `hash_balance_factor`, `on_down`, `on_up` of a pool.
+fn validate_balance(c: &mut Checker<'_>, place: &str, p: &PoolFile) -> (Balance, Option<u32>, OnDown, OnUp) {
+    let balance = match p.balance.as_deref() {
+        None | Some("maglev") => Balance::Maglev,
+        Some("least_conn") => Balance::LeastConn,
+        Some("random_two") => Balance::RandomTwo,
+        Some(other) => {
+            c.err(
+                &format!("{place}balance"),
+                format!("\"{other}\": expected \"maglev\", \"least_conn\" or \"random_two\""),
+            );
+            Balance::Maglev
+        }
+    };
+    let factor = match p.hash_balance_factor {
+        None => None,
+        Some(x) if !(101..=10_000).contains(&x) => {
+            c.err(
+                &format!("{place}hash_balance_factor"),
+                format!("{x} is out of range: a percent of the average load above 100 (101..=10000, e.g. 125)"),
+            );
+            None
+        }
+        Some(_) if balance != Balance::Maglev => {
+            c.err(
+                &format!("{place}hash_balance_factor"),
+                format!(
+                    "only applies to balance = \"maglev\" (this pool has balance = \"{}\")",
+                    balance.name()
+                ),
+            );
+            None
+        }
+        Some(x) => Some(x as u32),
+    };
+    let on_down = match p.on_down.as_deref() {
+        None | Some("keep") => OnDown::Keep,
+        Some("close") => OnDown::Close,
+        Some(other) => {
+            c.err(
+                &format!("{place}on_down"),
+                format!("\"{other}\": expected \"keep\" or \"close\""),
+            );
+            OnDown::Keep
+        }
+    };
+    let on_up = match p.on_up.as_deref() {
+        None | Some("keep") => OnUp::Keep,
+        Some("close_backups") => OnUp::CloseBackups,
+        Some(other) => {
+            c.err(
+                &format!("{place}on_up"),
+                format!("\"{other}\": expected \"keep\" or \"close_backups\""),
+            );
+            OnUp::Keep
+        }
+    };
+    (balance, factor, on_down, on_up)
 }
 
 /// One backend as the pool rules see it.
@@ -620,6 +685,7 @@ fn validate_backend(c: &mut Checker<'_>, place: &str, b: &BackendFile) -> Option
     let max_connections = c.ranged(&format!("{place}max_connections"), b.max_connections, 0, 100_000_000, 0) as u64;
     let region = b.region.as_deref().and_then(|r| c.region(&format!("{place}region"), r));
     Some(BackendConfig {
+        backup: b.backup.unwrap_or(false),
         addr: addr?,
         weight,
         check_addr,
@@ -1134,6 +1200,7 @@ pub fn validate_backend_request(addr: &str, weight: Option<i64>) -> Result<Backe
             check_addr: None,
             max_connections: None,
             region: None,
+            backup: None,
         },
     );
     match b {

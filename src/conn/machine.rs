@@ -288,6 +288,9 @@ pub struct Conn {
     backend: Option<Arc<Backend>>,
     /// A backend connection slot is held (max_connections set).
     slot_counted: bool,
+    /// Whether the connect in flight is counted in the backend's
+    /// `connecting` gauge (pools whose balance reads loads).
+    connecting_counted: bool,
     header: Option<Header>,
     header_sent: usize,
     /// Indexed by source side: [client → backend, backend → client].
@@ -340,6 +343,7 @@ impl Conn {
             connect_deadline: now,
             backend: None,
             slot_counted: false,
+            connecting_counted: false,
             header: None,
             header_sent: 0,
             dirs: [Direction::new(via); 2],
@@ -525,6 +529,10 @@ impl Conn {
                 };
                 self.attempts += 1;
                 self.slot_counted = counted;
+                if pool.counts_load() {
+                    backend.connecting.opened.inc();
+                    self.connecting_counted = true;
+                }
                 self.backend = Some(backend.clone());
                 self.connect_in_flight = true;
                 self.connect_cancelled = false;
@@ -554,6 +562,7 @@ impl Conn {
             return;
         }
         self.connect_in_flight = false;
+        self.end_connecting();
         if self.phase != Phase::Connecting {
             // Aborted while connecting (shutdown): the socket goes with Close.
             return self.maybe_close(out);
@@ -957,7 +966,18 @@ impl Conn {
         }
     }
 
+    /// Takes the connect in flight out of the backend's `connecting` gauge.
+    fn end_connecting(&mut self) {
+        if self.connecting_counted {
+            self.connecting_counted = false;
+            if let Some(b) = &self.backend {
+                b.connecting.closed.inc();
+            }
+        }
+    }
+
     fn release_slot(&mut self) {
+        self.end_connecting();
         if self.slot_counted {
             self.slot_counted = false;
             if let Some(b) = &self.backend {

@@ -210,15 +210,21 @@ pub fn human(reply: &Reply<'_>) -> String {
                 } else {
                     String::new()
                 };
+                let balance = if p.balance.is_empty() || p.balance == "maglev" {
+                    String::new()
+                } else {
+                    format!(", balance {}", p.balance)
+                };
+                let backups = if p.backup_tier { "  BACKUPS SERVE" } else { "" };
                 let _ = writeln!(
                     out,
-                    "pool {} (table generation {}, fingerprint {}{page}){panic}",
+                    "pool {} (table generation {}, fingerprint {}{balance}{page}){panic}{backups}",
                     p.pool, p.table_generation, p.fingerprint
                 );
                 let _ = writeln!(
                     out,
-                    "  {:<24} {:>6} {:<9} {:>7} {:>8} {:>12} {:>12} {:>8}  REASON",
-                    "BACKEND", "WEIGHT", "STATE", "ACTIVE", "TOTAL", "BYTES_IN", "BYTES_OUT", "FAILURES"
+                    "  {:<24} {:>6} {:<9} {:>7} {:>8} {:>12} {:>12} {:>8} {:<7}  REASON",
+                    "BACKEND", "WEIGHT", "STATE", "ACTIVE", "TOTAL", "BYTES_IN", "BYTES_OUT", "FAILURES", "TIER"
                 );
                 for b in &p.backends {
                     // A check ringlb could not run leaves the state as it was; say so.
@@ -228,7 +234,7 @@ pub fn human(reply: &Reply<'_>) -> String {
                     };
                     let _ = writeln!(
                         out,
-                        "  {:<24} {:>6} {:<9} {:>7} {:>8} {:>12} {:>12} {:>8}  {}{not_run}",
+                        "  {:<24} {:>6} {:<9} {:>7} {:>8} {:>12} {:>12} {:>8} {:<7}  {}{not_run}",
                         b.addr.to_string(),
                         b.weight,
                         b.state,
@@ -237,6 +243,7 @@ pub fn human(reply: &Reply<'_>) -> String {
                         b.bytes_in,
                         b.bytes_out,
                         b.failures,
+                        if b.tier.is_empty() { "primary" } else { &b.tier },
                         b.reason
                     );
                 }
@@ -252,6 +259,12 @@ pub fn human(reply: &Reply<'_>) -> String {
             }
             let _ = writeln!(out, "table   {} (generation {})", r.table, r.table_generation);
             let candidates: Vec<String> = r.candidates.iter().map(candidate).collect();
+            if !r.rule.is_empty() {
+                let _ = writeln!(out, "rule    {}", r.rule);
+            }
+            for s in &r.skipped {
+                let _ = writeln!(out, "skipped {}: {}", s.addr, s.why);
+            }
             let _ = writeln!(out, "chosen  {}", candidates.first().map_or("-", String::as_str));
             let next = &candidates[candidates.len().min(1)..];
             let _ = writeln!(

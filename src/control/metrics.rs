@@ -149,6 +149,26 @@ pub fn render(server: &Server) -> String {
         "Failed or timed-out connects.",
         |b| b.shared.stats.connect_failures.get()
     );
+    let n = family(
+        &mut out,
+        "ringlb_backend_sessions_closed_total",
+        "counter",
+        "Connections closed by the pool's session rules: reason=\"down\" (on_down = \"close\"), reason=\"primary_up\" (on_up = \"close_backups\").",
+    );
+    for p in &model.pools {
+        for b in &p.backends {
+            for (reason, v) in [
+                ("down", b.sessions_closed.down),
+                ("primary_up", b.sessions_closed.primary_up),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "{n}{{pool=\"{}\",backend=\"{}\",reason=\"{reason}\"}} {v}",
+                    p.config.name, b.config.addr
+                );
+            }
+        }
+    }
     each_backend!("ringlb_backend_weight", "gauge", "Configured weight.", |b| b
         .config
         .weight);

@@ -366,6 +366,8 @@ pub fn backends_line(server: &Server, only: Option<&str>, offset: usize, limit: 
             pool: Cow::Borrowed(&p.config.name),
             table_generation: p.published.generation,
             panic: p.panic,
+            balance: Cow::Borrowed(p.config.balance.name()),
+            backup_tier: p.published.backup_tier,
             total_backends: p.backends.len(),
             offset,
             backends: p
@@ -393,6 +395,7 @@ pub fn backends_line(server: &Server, only: Option<&str>, offset: usize, limit: 
                         detail: Cow::Borrowed(detail),
                     }),
                     removing: b.remove_when_drained,
+                    tier: Cow::Borrowed(if b.config.backup { "backup" } else { "primary" }),
                 })
                 .collect(),
             table_size: p.published.table.as_ref().map(|t| t.size()).unwrap_or(0),
@@ -449,10 +452,24 @@ fn route(server: &Server, listener: &str, client: &str, token: Option<&str>) -> 
         (None, None) => None,
     };
     // The very function a worker calls for a new connection or flow.
-    let selection = match token_hash {
-        Some(hash) => crate::conn::select::select_hash(pool, addr.ip(), hash, 5),
-        None => crate::conn::select(pool, addr, view.config.hash_key, 5),
-    };
+    let hash = token_hash.unwrap_or_else(|| crate::flow_key::flow_hash(addr, view.config.hash_key));
+    let mut passed_over = Vec::new();
+    let selection = crate::conn::select::select_explained(pool, addr.ip(), hash, 5, Some(&mut passed_over));
+    let rule = selection.map_or(String::new(), |s| {
+        if s.backup_tier {
+            format!("{} (backup tier)", s.rule.name())
+        } else {
+            s.rule.name().to_string()
+        }
+    });
+    let skipped = passed_over
+        .iter()
+        .map(|s| crate::control::protocol::SkippedCandidate {
+            addr: pool.backends[s.index as usize].addr.to_string(),
+            open: s.load,
+            why: s.to_string(),
+        })
+        .collect();
     let tcp = view.config.protocol == crate::config::Protocol::Tcp;
     let region = pool.table_for(addr.ip()).1;
     let (region_name, table_name) = match (&pool.geo, region) {
@@ -509,6 +526,8 @@ fn route(server: &Server, listener: &str, client: &str, token: Option<&str>) -> 
         table_generation: pool.generation,
         // What a new connection would get: the first candidate not full.
         chosen: candidates.iter().find(|c| !c.full).map(|c| c.addr.clone()),
+        rule,
+        skipped,
         candidates,
     })
 }

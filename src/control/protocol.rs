@@ -420,6 +420,12 @@ pub struct PoolRow<'a> {
     pub table_generation: u64,
     /// Whether the table is in panic mode.
     pub panic: bool,
+    /// `balance` (`maglev`, `least_conn`, `random_two`).
+    #[serde(default)]
+    pub balance: Cow<'a, str>,
+    /// Whether the backups serve (no primary is usable).
+    #[serde(default)]
+    pub backup_tier: bool,
     /// Backends in the pool (the page is `backends`).
     pub total_backends: usize,
     /// Index of the first backend shown.
@@ -471,6 +477,9 @@ pub struct BackendRow<'a> {
     pub last_check: Option<LastCheck<'a>>,
     /// Leaving the pool once drained.
     pub removing: bool,
+    /// `primary` or `backup` (`backup = true`).
+    #[serde(default)]
+    pub tier: Cow<'a, str>,
 }
 
 /// A backend's last active check.
@@ -585,8 +594,26 @@ pub struct RouteReply {
     pub table_generation: u64,
     /// What a new connection would get: the first candidate not full.
     pub chosen: Option<String>,
+    /// The rule that chose: `maglev`, `maglev+bounded`, `least_conn` or
+    /// `random_two`, with ` (backup tier)` while the backups serve.
+    #[serde(default)]
+    pub rule: String,
+    /// Backends the rule passed over, and why.
+    #[serde(default)]
+    pub skipped: Vec<SkippedCandidate>,
     /// The candidates in the order a connection tries them.
     pub candidates: Vec<Candidate>,
+}
+
+/// One backend `route`'s rule passed over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SkippedCandidate {
+    /// Address.
+    pub addr: String,
+    /// Its load (open connections and connects in flight).
+    pub open: u64,
+    /// Why, e.g. `over load bound: 7 open >= 6.25`.
+    pub why: String,
 }
 
 /// One `route` candidate.

@@ -113,6 +113,8 @@ pub struct BackendStatus {
     pub weight: u32,
     /// `active`, `draining`, `disabled`, `down` or `ejected`.
     pub state: &'static str,
+    /// `primary` or `backup`.
+    pub tier: &'static str,
     /// Why it last changed state.
     pub reason: String,
     /// Share of the pool's table slots it owns, 0..=1 (geo pools: of the default
@@ -307,6 +309,7 @@ impl Status {
                             region: b.config.region.and_then(|r| names.name(r)).map(str::to_string),
                             weight: b.config.weight,
                             state: b.state_label(now),
+                            tier: if b.config.backup { "backup" } else { "primary" },
                             reason: b.reason.clone(),
                             share: index.get(&b.config.addr).map_or(0.0, |&i| main_shares[i]),
                             active: b.shared.stats.conns.current(),
@@ -475,6 +478,7 @@ mod tests {
                     region: None,
                     weight: 1,
                     state: "active",
+                    tier: "primary",
                     reason: String::new(),
                     share: 1.0,
                     active: 0,

@@ -381,6 +381,71 @@ pub fn plan_pool(backends: &[BackendView], panic_threshold: f64) -> PoolPlan {
     PoolPlan { weights, panic, usable }
 }
 
+/// Result of [`plan_tiers`]: the plan of the tier that serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierPlan {
+    /// The plan; backends of the other tier have weight 0.
+    pub plan: PoolPlan,
+    /// Whether the backups serve (no primary is healthy).
+    pub backup_tier: bool,
+}
+
+/// [`plan_pool`] for a pool with backup backends (`backup[i]`):
+/// 1. while some primary is healthy, the primaries' plan, its panic
+///    threshold over the primaries only (backups get 0);
+/// 2. with no primary healthy, the backups' own plan if one of them is
+///    healthy (primaries get 0);
+/// 3. with nothing healthy at all, the primaries' plan again (panic over
+///    the enabled primaries, or all zero: fail fast).
+///
+/// A pool without backups gets exactly [`plan_pool`].
+pub fn plan_tiers(backends: &[BackendView], backup: &[bool], panic_threshold: f64) -> TierPlan {
+    debug_assert_eq!(backends.len(), backup.len());
+    if !backup.iter().any(|&b| b) {
+        return TierPlan {
+            plan: plan_pool(backends, panic_threshold),
+            backup_tier: false,
+        };
+    }
+    // Each tier planned alone: the other tier's backends are made weight 0
+    // so they neither count towards its panic threshold nor get slots.
+    let tier = |want_backup: bool| -> (PoolPlan, bool) {
+        let views: Vec<BackendView> = backends
+            .iter()
+            .zip(backup)
+            .map(|(v, &b)| {
+                if b == want_backup {
+                    *v
+                } else {
+                    BackendView { weight: 0, ..*v }
+                }
+            })
+            .collect();
+        let healthy = views
+            .iter()
+            .any(|v| v.weight > 0 && v.healthy && v.admin == AdminState::Enabled);
+        (plan_pool(&views, panic_threshold), healthy)
+    };
+    let (primary, primary_healthy) = tier(false);
+    if primary_healthy {
+        return TierPlan {
+            plan: primary,
+            backup_tier: false,
+        };
+    }
+    let (backups, backup_healthy) = tier(true);
+    if backup_healthy {
+        return TierPlan {
+            plan: backups,
+            backup_tier: true,
+        };
+    }
+    TierPlan {
+        plan: primary,
+        backup_tier: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -161,6 +161,7 @@ impl Model {
                 "initial_state = down".into()
             },
             epoch: self.next_epoch,
+            sessions_closed: Default::default(),
         }
     }
 

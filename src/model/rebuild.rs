@@ -5,7 +5,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::health::state::{plan_pool, AdminState, BackendView};
+use crate::config::{OnDown, OnUp};
+use crate::health::state::{plan_tiers, AdminState, BackendView};
 use crate::snapshot::PoolSnapshot;
 
 use super::effects::Effects;
@@ -50,7 +51,23 @@ impl Model {
                 view
             })
             .collect();
-        let plan = plan_pool(&views, cfg.panic_threshold);
+        let backup: Vec<bool> = pool.backends.iter().map(|b| b.config.backup).collect();
+        let tiers = plan_tiers(&views, &backup, cfg.panic_threshold);
+        let backup_tier = tiers.backup_tier;
+        let plan = tiers.plan;
+        if backup_tier != pool.published.backup_tier {
+            if backup_tier {
+                fx.warn(format!(
+                    "pool \"{}\": no primary backend is healthy; the backup backends take the connections",
+                    cfg.name
+                ));
+            } else if pool.backends.iter().any(|b| b.config.backup) {
+                fx.info(format!(
+                    "pool \"{}\": a primary backend is usable again; the backups take no new connections",
+                    cfg.name
+                ));
+            }
+        }
         if plan.panic != pool.panic {
             if plan.panic {
                 let healthy = views
@@ -74,7 +91,17 @@ impl Model {
         for (b, v) in pool.backends.iter().zip(&views) {
             b.shared.down.store(!v.healthy && !plan.panic, Ordering::Relaxed);
             b.shared.slots.set_max(b.config.max_connections as usize);
+            b.shared.backup.store(b.config.backup, Ordering::Relaxed);
         }
+        close_sessions(
+            cfg,
+            &pool.published,
+            &mut pool.backends,
+            &views,
+            &plan.weights,
+            backup_tier,
+            fx,
+        );
         pool.next_slow_start_step = next_step;
         let generation = pool.published.generation + 1;
         let built = PoolSnapshot::build_with_geo(
@@ -84,6 +111,8 @@ impl Model {
             pool.backends.iter().map(|b| b.shared.clone()).collect(),
             plan.weights.clone(),
             || match &cfg.geo {
+                // Backups have one table for every client region.
+                Some(_) if backup_tier => Ok(None),
                 Some(pool_geo) => {
                     let configs: Vec<&crate::config::BackendConfig> = pool.backends.iter().map(|b| &b.config).collect();
                     build_geo_tables(pool_geo, geo_cfg, &configs, &plan.weights, cfg.table_size).map(Some)
@@ -92,7 +121,12 @@ impl Model {
             },
         );
         let snapshot = match built {
-            Ok(s) => s,
+            Ok(mut s) => {
+                s.balance = cfg.balance;
+                s.hash_balance_factor = cfg.hash_balance_factor;
+                s.backup_tier = backup_tier;
+                s
+            }
             Err(e) => {
                 // A table that cannot be built is a bug upstream of it (the
                 // model let in a state the validator should have refused).
@@ -146,6 +180,75 @@ impl Model {
     /// Whether some pool waits for a rebuild.
     pub fn any_dirty(&self) -> bool {
         self.pools.iter().any(|p| p.dirty)
+    }
+}
+
+/// The session rules of a pool at a rebuild, from the published table to
+/// the `weights` about to be published: `on_down = "close"` closes the
+/// connections of every backend that leaves the table because it is down,
+/// ejected or disabled (not one that is drained: a drain keeps its
+/// connections until its deadline); `on_up = "close_backups"` closes the
+/// backups' connections when the primaries take over again. Both set the
+/// backend's `closing` flag and ask the workers to check (`check_close`);
+/// a backend back in the table has the flag cleared, so its new
+/// connections are not closed by a later check.
+fn close_sessions(
+    cfg: &crate::config::PoolConfig,
+    prev: &PoolSnapshot,
+    backends: &mut [super::state::BackendState],
+    views: &[BackendView],
+    weights: &[u32],
+    backup_tier: bool,
+    fx: &mut Effects,
+) {
+    let rules = cfg.on_down == OnDown::Close || cfg.on_up == OnUp::CloseBackups;
+    // Backends are matched to the published table by identity: adds and
+    // removals since then shift the indices. Only pools with a rule pay.
+    let prev_weight: std::collections::HashMap<*const crate::snapshot::Backend, u32> = if rules {
+        prev.backends
+            .iter()
+            .zip(&prev.weights)
+            .map(|(b, &w)| (Arc::as_ptr(b), w))
+            .collect()
+    } else {
+        Default::default()
+    };
+    let primary_back = prev.backup_tier && !backup_tier && weights.iter().any(|&w| w > 0);
+    for ((b, v), &w) in backends.iter_mut().zip(views).zip(weights) {
+        if w > 0 {
+            if b.shared.closing.load(Ordering::SeqCst) && b.admin == AdminState::Enabled {
+                b.shared.closing.store(false, Ordering::SeqCst);
+            }
+            continue;
+        }
+        if !rules {
+            continue;
+        }
+        let was_in = prev_weight.get(&Arc::as_ptr(&b.shared)).is_some_and(|&pw| pw > 0);
+        let went_down = cfg.on_down == OnDown::Close
+            && was_in
+            && (!v.healthy || v.admin == AdminState::Disabled)
+            && v.admin != AdminState::Draining;
+        let backup_closed = cfg.on_up == OnUp::CloseBackups && primary_back && b.config.backup;
+        if !(went_down || backup_closed) || b.shared.closing.load(Ordering::SeqCst) {
+            continue;
+        }
+        let open = b.open_connections();
+        b.shared.closing.store(true, Ordering::SeqCst);
+        fx.check_close = true;
+        if went_down {
+            b.sessions_closed.down += open;
+            fx.warn(format!(
+                "pool \"{}\": backend {} is down: closing its {open} open connection(s) (on_down = \"close\")",
+                cfg.name, b.config.addr
+            ));
+        } else {
+            b.sessions_closed.primary_up += open;
+            fx.info(format!(
+                "pool \"{}\": a primary is back: closing {open} open connection(s) on backup {} (on_up = \"close_backups\")",
+                cfg.name, b.config.addr
+            ));
+        }
     }
 }
 

@@ -42,6 +42,18 @@ pub struct BackendState {
     /// Identifies this incarnation (a removed and re-added address is a new one),
     /// so a late check result never lands on the wrong backend.
     pub epoch: u64,
+    /// Connections closed by `on_down = "close"` (it went down) and by
+    /// `on_up = "close_backups"` (a primary came back), for the metrics.
+    pub sessions_closed: SessionsClosed,
+}
+
+/// Connections the pool's session rules closed on one backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionsClosed {
+    /// `on_down = "close"`: it went down with these open.
+    pub down: u64,
+    /// `on_up = "close_backups"`: a backup's, when a primary came back.
+    pub primary_up: u64,
 }
 
 impl BackendState {
