@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use ringlb::config::Config;
-use ringlb::control::protocol::Request;
+use ringlb::protocol::Request;
 
 /// ringlb: an L4 TCP load balancer for Linux on io_uring, choosing backends
 /// with weighted Maglev tables so a fleet of instances agrees on every client.
@@ -329,7 +329,7 @@ impl CtlCommand {
 /// and `run` refuse the same configs.
 fn load_checked(path: &std::path::Path) -> Result<Config, ringlb::config::ConfigErrors> {
     let config = Config::load(path)?;
-    config.check_host()?;
+    ringlb::host_check::check_host(&config)?;
     Ok(config)
 }
 

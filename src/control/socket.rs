@@ -17,8 +17,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 
-use super::protocol::{error_line, parse_request};
 use crate::fd_reserve::FdReserve;
+use crate::protocol::{error_line, parse_request};
 use crate::server::Server;
 
 /// Longest request line accepted.
@@ -186,7 +186,7 @@ async fn serve_client(stream: tokio::net::UnixStream, server: &Arc<Server>) {
             Err(_) | Ok(Err(_)) | Ok(Ok(Line::Eof)) => return,
             Ok(Ok(Line::TooLong)) => (error_line(&format!("request line longer than {MAX_LINE} bytes")), true),
             Ok(Ok(Line::Complete(line))) => match parse_request(&line) {
-                Ok(super::protocol::Request::Takeover { protocol, pid }) => {
+                Ok(crate::protocol::Request::Takeover { protocol, pid }) => {
                     // The connection is the handover's from here on.
                     super::takeover::serve(server, reader, write, protocol, pid).await;
                     return;

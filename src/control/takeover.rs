@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::{AsyncWriteExt, BufReader as AsyncBufReader};
 
-use super::protocol::PredecessorStatus;
+use crate::protocol::PredecessorStatus;
 use crate::server::Server;
 
 /// One drain report of the old process: `{"draining": {...}}`.
@@ -104,7 +104,7 @@ pub async fn serve(
     protocol: u32,
     pid: u32,
 ) {
-    let refuse = |e: String| format!("{}\n", super::protocol::error_line(&e));
+    let refuse = |e: String| format!("{}\n", crate::protocol::error_line(&e));
     if protocol != PROTOCOL {
         let line = refuse(format!(
             "takeover protocol {protocol} is not the protocol {PROTOCOL} this ringlb {} speaks",
@@ -511,7 +511,7 @@ pub fn request(path: &Path) -> Result<Inherited, String> {
         .set_read_timeout(Some(STEP_TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(STEP_TIMEOUT)))
         .map_err(|e| e.to_string())?;
-    let request = super::protocol::Request::Takeover {
+    let request = crate::protocol::Request::Takeover {
         protocol: PROTOCOL,
         pid: std::process::id(),
     };

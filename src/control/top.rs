@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::ctl::{call, EXIT_ERROR_REPLY, EXIT_OK, EXIT_UNREACHABLE};
-use super::protocol::{Reply, Request};
+use super::ctl::{EXIT_ERROR_REPLY, EXIT_OK, EXIT_UNREACHABLE};
 use super::status::per_sec;
+use crate::protocol::client::call;
+use crate::protocol::{Reply, Request};
 
 /// Fastest refresh `--interval` may ask for.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(200);

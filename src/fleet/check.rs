@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::control::protocol::Reply;
+use crate::protocol::Reply;
 
 /// Exit code: every instance agrees.
 pub const EXIT_AGREE: i32 = 0;
@@ -248,12 +248,12 @@ pub fn fetch(endpoint: &str) -> Result<InstanceView, String> {
         let text = fetch_metrics(addr).map_err(|e| format!("{endpoint}: {e}"))?;
         return from_metrics(&text).map_err(|e| format!("{endpoint}: {e}"));
     }
-    let request = crate::control::protocol::Request::Backends {
+    let request = crate::protocol::Request::Backends {
         pool: None,
         limit: None,
         offset: None,
     };
-    let (reply, _) = crate::control::ctl::call(Path::new(endpoint), &request)?;
+    let (reply, _) = crate::protocol::client::call(Path::new(endpoint), &request)?;
     from_backends_reply(&reply).map_err(|e| format!("{endpoint}: {e}"))
 }
 

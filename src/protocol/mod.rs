@@ -17,6 +17,8 @@
 //! Reply structs do not deny unknown fields, so a newer server's extra
 //! fields never break an older `ctl`.
 
+pub mod client;
+
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
