@@ -355,7 +355,18 @@ fn what_if_offline(configs: &[PathBuf], json: bool) -> ExitCode {
         }
         Ok(pools) => {
             let text = if json {
-                format!("{}\n", serde_json::json!({"ok": true, "pools": pools}))
+                // The shape of a ctl reply: {"ok": true, "pools": [...]}.
+                #[derive(serde::Serialize)]
+                struct Offline<'a> {
+                    ok: bool,
+                    pools: &'a [ringlb::protocol::PoolMoves],
+                }
+                let line = serde_json::to_string(&Offline {
+                    ok: true,
+                    pools: &pools,
+                })
+                .expect("serializable");
+                format!("{line}\n")
             } else {
                 let mut out = format!("what-if {} -> {}\n", old.display(), new.display());
                 for p in &pools {

@@ -1,10 +1,9 @@
 //! `ringlb ctl`: the control-socket client and its human-readable output.
 
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 use crate::protocol::client::call;
-use crate::protocol::{Candidate, Reply, Request};
+use crate::protocol::{Candidate, OldNew, PoolMoves, Reply, Request};
 
 /// Exit code when the reply is ok.
 pub const EXIT_OK: i32 = 0;
@@ -71,45 +70,31 @@ fn candidate(c: &Candidate) -> String {
     )
 }
 
-/// Field `k` of a JSON object as text ("-" when absent or null).
-fn s(v: &Value, k: &str) -> String {
-    match v.get(k) {
-        Some(Value::String(x)) => x.clone(),
-        Some(Value::Null) | None => "-".into(),
-        Some(x) => x.to_string(),
-    }
-}
-
 /// One pool of a what-if reply (`ctl what-if` and the offline `ringlb what-if`).
-pub fn human_what_if(p: &Value) -> String {
+pub fn human_what_if(p: &PoolMoves) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let _ = writeln!(out, "pool {}:", s(p, "pool"));
-    if let Some(note) = p["note"].as_str() {
+    let _ = writeln!(out, "pool {}:", p.pool);
+    if let Some(note) = &p.note {
         let _ = writeln!(out, "  {note}");
     }
-    if let (Some(a), Some(b)) = (p["table_size"]["old"].as_u64(), p["table_size"]["new"].as_u64()) {
-        if a != b {
-            let _ = writeln!(out, "  table size {a} -> {b}: slots are reshuffled");
+    if let Some(OldNew { old, new }) = p.table_size {
+        if old != new {
+            let _ = writeln!(out, "  table size {old} -> {new}: slots are reshuffled");
         }
     }
-    for t in p["key_space"].as_array().into_iter().flatten() {
-        let who = t["region"]
-            .as_str()
+    for t in &p.key_space {
+        let who = t
+            .region
+            .as_ref()
             .map_or_else(|| "all clients".to_string(), |r| format!("client region {r}"));
-        let pct = |v: &Value| v.as_f64().map_or_else(|| "-".into(), |f| format!("{:.2}%", f * 100.0));
-        let _ = writeln!(out, "  {who}: {} of the key space moves", pct(&t["moved_fraction"]));
-        for m in t["moves"].as_array().into_iter().flatten() {
-            let _ = writeln!(
-                out,
-                "    {:<24} -> {:<24} {:>8}",
-                s(m, "from"),
-                s(m, "to"),
-                pct(&m["fraction"])
-            );
+        let pct = |f: f64| format!("{:.2}%", f * 100.0);
+        let _ = writeln!(out, "  {who}: {} of the key space moves", pct(t.moved_fraction));
+        for m in &t.moves {
+            let _ = writeln!(out, "    {:<24} -> {:<24} {:>8}", m.from, m.to, pct(m.fraction));
         }
-        if t["moves_omitted"].as_u64().unwrap_or(0) > 0 {
-            let _ = writeln!(out, "    ... and {} smaller moves", s(t, "moves_omitted"));
+        if t.moves_omitted > 0 {
+            let _ = writeln!(out, "    ... and {} smaller moves", t.moves_omitted);
         }
     }
     out
@@ -240,13 +225,12 @@ pub fn human(reply: &Reply<'_>) -> String {
             }
         }
         Reply::WhatIf(r) => {
-            let report = Value::Object(r.report.clone());
-            let _ = writeln!(out, "what-if (nothing changed): {}", s(&report, "change"));
-            out.push_str(&human_what_if(&report));
+            let _ = writeln!(out, "what-if (nothing changed): {}", r.change);
+            out.push_str(&human_what_if(&r.pool));
             let _ = writeln!(
                 out,
                 "  open UDP flows that would re-pick a backend: {}",
-                s(&report, "udp_flows_repick")
+                r.udp_flows_repick
             );
         }
         Reply::Drain(r) => {

@@ -245,8 +245,7 @@ pub async fn handle(server: &Arc<Server>, req: Request) -> Reply<'static> {
         } => match what_if(server, &pool, &change, &addr, weight, Instant::now()) {
             // The table builds run off the control thread.
             Ok(prepared) => match tokio::task::spawn_blocking(move || prepared.compute()).await {
-                Ok(Ok(serde_json::Value::Object(report))) => Reply::WhatIf(crate::protocol::WhatIfReply { report }),
-                Ok(Ok(_)) => Reply::Error("what_if: the report is not an object".into()),
+                Ok(Ok(report)) => Reply::WhatIf(report),
                 Ok(Err(e)) => Reply::Error(e),
                 Err(e) => Reply::Error(format!("what_if failed: {e}")),
             },
