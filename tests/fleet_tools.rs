@@ -67,8 +67,18 @@ fn fleet_check_agrees_then_names_the_diverged_instance() {
         text.contains(&format!("pool p: fingerprint {}", pa["fingerprint"].as_str().unwrap())),
         "{text}"
     );
+    // The raw digest too, so two instances' tables compare at a glance.
+    let digest_a = pa["table_digest"].as_str().unwrap();
+    assert!(
+        text.contains(&format!("(generation {}, digest {digest_a})", pa["table_generation"])),
+        "{text}"
+    );
     let (_, backends_json) = ctl_json(&b.sock, &["backends"]);
     assert_eq!(backends_json["pools"][0]["fingerprint"], pb["fingerprint"]);
+    assert_eq!(backends_json["pools"][0]["table_digest"], pb["table_digest"]);
+    let (_, text, _) = ctl_text(&b.sock, &["backends"]);
+    let digest_b = pb["table_digest"].as_str().unwrap();
+    assert!(text.contains(&format!("digest {digest_b}, fingerprint ")), "{text}");
     let page = http_get(metrics, "/metrics");
     assert!(
         page.contains(&format!(

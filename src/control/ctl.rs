@@ -138,8 +138,14 @@ pub fn human(reply: &Reply<'_>) -> String {
             for p in &r.pools {
                 let _ = writeln!(
                     out,
-                    "pool {}: fingerprint {}, table {} slots (generation {}), {} of {} backends usable",
-                    p.name, p.fingerprint, p.table_size, p.table_generation, p.usable_backends, p.backends
+                    "pool {}: fingerprint {}, table {} slots (generation {}, digest {}), {} of {} backends usable",
+                    p.name,
+                    p.fingerprint,
+                    p.table_size,
+                    p.table_generation,
+                    opt(&p.table_digest),
+                    p.usable_backends,
+                    p.backends
                 );
             }
             for l in &r.listeners {
@@ -166,8 +172,11 @@ pub fn human(reply: &Reply<'_>) -> String {
                 };
                 let _ = writeln!(
                     out,
-                    "pool {} (table generation {}, fingerprint {}{page}){panic}",
-                    p.pool, p.table_generation, p.fingerprint
+                    "pool {} (table generation {}, digest {}, fingerprint {}{page}){panic}",
+                    p.pool,
+                    p.table_generation,
+                    opt(&p.table_digest),
+                    p.fingerprint
                 );
                 let _ = writeln!(
                     out,
