@@ -7,7 +7,7 @@
 //! own task, so a slow one never holds up another, and the data plane never
 //! runs here at all.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -120,7 +120,7 @@ pub async fn serve(listener: std::os::unix::net::UnixListener, server: Arc<Serve
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     let reserve = Arc::new(FdReserve::new(RESERVED_FDS));
     loop {
-        let mut stream = reserve.accept(listener.as_raw_fd(), || listener.accept()).await.0;
+        let mut stream = reserve.accept(listener.as_fd(), || listener.accept()).await.0;
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 let server = server.clone();

@@ -143,10 +143,9 @@ impl UdpListener {
         if self.local.ip().is_unspecified() && !self.destinations {
             self.want_destinations(snapshot);
         }
-        let fd = self.listener.as_raw_fd();
         let mut read = 0;
         while read < READ_BUDGET {
-            match self.recv.recv(fd) {
+            match self.recv.recv(self.listener.as_fd()) {
                 Ok(n) => {
                     self.relay_burst(snapshot, n);
                     read += n;
@@ -346,7 +345,7 @@ impl UdpListener {
         if self.send.is_empty() {
             return;
         }
-        let done = self.send.flush(self.listener.as_raw_fd());
+        let done = self.send.flush(self.listener.as_fd());
         let stats = &self.stats;
         stats.datagrams_out.add(done.sent as u64);
         stats.bytes_out.add(done.bytes as u64);
