@@ -35,11 +35,6 @@ pub fn check_host(config: &Config) -> Result<(), ConfigErrors> {
                 err(format!("listener \"{}\": source", l.name), problem);
             }
         }
-        if l.source == SourceMode::Client {
-            if let Err(problem) = crate::transparent::probe() {
-                err(format!("listener \"{}\": source", l.name), problem);
-            }
-        }
     }
     if let Some(m) = config.control.metrics {
         if let Err(e) = address_is_local(m, socket2::Type::STREAM) {
