@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::json;
+use serde::Serialize;
 
 use crate::protocol::Reply;
 
@@ -275,6 +275,29 @@ fn fetch_metrics(addr: SocketAddr) -> Result<String, String> {
     Ok(rest.to_string())
 }
 
+/// `fleet check --json`: `{"agree", "instances", "pools", "differences"}`.
+#[derive(Serialize)]
+struct CheckReport<'a> {
+    agree: bool,
+    instances: &'a [String],
+    pools: Vec<PoolFingerprint<'a>>,
+    differences: Vec<Difference<'a>>,
+}
+
+/// One pool of the first instance, in [`CheckReport`].
+#[derive(Serialize)]
+struct PoolFingerprint<'a> {
+    pool: &'a str,
+    fingerprint: &'a str,
+}
+
+/// An instance that differs from the first, in [`CheckReport`].
+#[derive(Serialize)]
+struct Difference<'a> {
+    endpoint: &'a str,
+    first_difference: &'a str,
+}
+
 /// Runs `fleet check`; returns the exit code.
 pub fn run(endpoints: &[String], json_output: bool) -> i32 {
     let mut views = Vec::new();
@@ -299,13 +322,26 @@ pub fn run(endpoints: &[String], json_output: bool) -> i32 {
         .collect();
     let code = if diffs.is_empty() { EXIT_AGREE } else { EXIT_DIFFER };
     let text = if json_output {
-        let reply = json!({
-            "agree": diffs.is_empty(),
-            "instances": endpoints,
-            "pools": base.pools.iter().map(|(n, p)| json!({"pool": n, "fingerprint": p.fingerprint})).collect::<Vec<_>>(),
-            "differences": diffs.iter().map(|(i, d)| json!({"endpoint": endpoints[*i], "first_difference": d})).collect::<Vec<_>>(),
-        });
-        format!("{reply}\n")
+        let report = CheckReport {
+            agree: diffs.is_empty(),
+            instances: endpoints,
+            pools: base
+                .pools
+                .iter()
+                .map(|(pool, p)| PoolFingerprint {
+                    pool,
+                    fingerprint: &p.fingerprint,
+                })
+                .collect(),
+            differences: diffs
+                .iter()
+                .map(|(i, d)| Difference {
+                    endpoint: &endpoints[*i],
+                    first_difference: d,
+                })
+                .collect(),
+        };
+        format!("{}\n", serde_json::to_string(&report).expect("plain structs serialize"))
     } else {
         let mut out = String::new();
         if diffs.is_empty() {
