@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::future::Future;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -74,7 +74,7 @@ impl FdReserve {
     /// spins. (Linux reports EMFILE before it looks for a waiting client, so
     /// a spare given up with no client waiting would go to whoever opens a
     /// descriptor next, not to this listener.)
-    pub async fn accept<T, Fut>(&self, listener: RawFd, mut accept: impl FnMut() -> Fut) -> T
+    pub async fn accept<T, Fut>(&self, listener: BorrowedFd<'_>, mut accept: impl FnMut() -> Fut) -> T
     where
         Fut: Future<Output = io::Result<T>>,
     {
@@ -102,9 +102,9 @@ impl FdReserve {
 }
 
 /// A connection waits in `listener`'s accept queue (a zero-timeout poll).
-pub fn client_waiting(listener: RawFd) -> bool {
+pub fn client_waiting(listener: BorrowedFd<'_>) -> bool {
     let mut pfd = libc::pollfd {
-        fd: listener,
+        fd: listener.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
@@ -146,16 +146,13 @@ mod tests {
 
     #[test]
     fn a_waiting_client_is_seen_without_accepting_it() {
-        use std::os::fd::AsRawFd;
+        use std::os::fd::AsFd;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        assert!(!client_waiting(listener.as_raw_fd()));
+        assert!(!client_waiting(listener.as_fd()));
         let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        assert!(client_waiting(listener.as_raw_fd()));
-        assert!(
-            client_waiting(listener.as_raw_fd()),
-            "still waiting: poll does not accept"
-        );
+        assert!(client_waiting(listener.as_fd()));
+        assert!(client_waiting(listener.as_fd()), "still waiting: poll does not accept");
         let _ = listener.accept().unwrap();
-        assert!(!client_waiting(listener.as_raw_fd()));
+        assert!(!client_waiting(listener.as_fd()));
     }
 }

@@ -9,8 +9,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::path::Path;
 
 use crate::config::{Config, ProxyProtocol};
-use crate::control::protocol::{self, Request};
 use crate::geo::{self, Cidr, RegionId, RegionMap, RegionMapError, RegionNames};
+use crate::protocol::{self, Request};
 use crate::proxy::proxy_protocol::{header, MAX_HEADER};
 
 /// The file name the config target parses as; it must appear in every error.

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use ringlb::config::Config;
-use ringlb::control::protocol::Request;
+use ringlb::protocol::Request;
 
 /// ringlb: an L4 TCP load balancer for Linux on io_uring, choosing backends
 /// with weighted Maglev tables so a fleet of instances agrees on every client.
@@ -329,7 +329,7 @@ impl CtlCommand {
 /// and `run` refuse the same configs.
 fn load_checked(path: &std::path::Path) -> Result<Config, ringlb::config::ConfigErrors> {
     let config = Config::load(path)?;
-    config.check_host()?;
+    ringlb::host_check::check_host(&config)?;
     Ok(config)
 }
 
@@ -355,7 +355,18 @@ fn what_if_offline(configs: &[PathBuf], json: bool) -> ExitCode {
         }
         Ok(pools) => {
             let text = if json {
-                format!("{}\n", serde_json::json!({"ok": true, "pools": pools}))
+                // The shape of a ctl reply: {"ok": true, "pools": [...]}.
+                #[derive(serde::Serialize)]
+                struct Offline<'a> {
+                    ok: bool,
+                    pools: &'a [ringlb::protocol::PoolMoves],
+                }
+                let line = serde_json::to_string(&Offline {
+                    ok: true,
+                    pools: &pools,
+                })
+                .expect("serializable");
+                format!("{line}\n")
             } else {
                 let mut out = format!("what-if {} -> {}\n", old.display(), new.display());
                 for p in &pools {

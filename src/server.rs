@@ -56,7 +56,7 @@ pub struct Server {
     /// The control socket's and metrics endpoint's tasks, stopped on handover.
     pub endpoint_tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     /// The drain reports of the process this one took over from, while it runs.
-    pub predecessor: Arc<Mutex<Option<crate::control::protocol::PredecessorStatus>>>,
+    pub predecessor: Arc<Mutex<Option<crate::protocol::PredecessorStatus>>>,
 }
 
 /// Outcomes of reloads, for the metrics.
@@ -251,7 +251,7 @@ impl Server {
                 for (i, socket) in sockets.into_iter().enumerate() {
                     send(
                         i,
-                        WorkerCmd::ListenUdp(crate::udp::proxy::UdpListenerSpec {
+                        WorkerCmd::ListenUdp(crate::worker::UdpListenerSpec {
                             slot,
                             name: config.name.clone(),
                             socket,
@@ -273,7 +273,7 @@ impl Server {
     /// on a blocking-pool thread, never on the control thread itself: a slow
     /// or stuck read delays only this reply, while other control clients,
     /// health checks and drain deadlines carry on.
-    pub async fn reload(&self) -> Result<crate::control::protocol::ReloadReply, String> {
+    pub async fn reload(&self) -> Result<crate::protocol::ReloadReply, String> {
         let result = self.reload_once().await;
         // A reload refused because another is running changes nothing either way.
         if !matches!(&result, Err(e) if e.starts_with(RELOAD_BUSY)) {
@@ -286,7 +286,7 @@ impl Server {
         result
     }
 
-    async fn reload_once(&self) -> Result<crate::control::protocol::ReloadReply, String> {
+    async fn reload_once(&self) -> Result<crate::protocol::ReloadReply, String> {
         let _one = self
             .reloading
             .try_lock()
@@ -306,7 +306,7 @@ impl Server {
     }
 
     /// The reload proper, run under [`Server::reloading`].
-    async fn reload_locked(&self) -> Result<crate::control::protocol::ReloadReply, String> {
+    async fn reload_locked(&self) -> Result<crate::protocol::ReloadReply, String> {
         let path = self
             .model
             .lock()
@@ -318,7 +318,7 @@ impl Server {
             .await
             .map_err(|e| format!("reading the config failed: {e}"))?
             .map_err(|e| e.to_string())?;
-        // The capability check `run` makes (Config::check_host), so a
+        // The capability check `run` makes (`host_check::check_host`), so a
         // reload cannot switch on a source ringlb could never bind.
         if let Some(l) = new
             .listeners

@@ -16,10 +16,11 @@ use parking_lot::Mutex;
 use crate::config::{Config, ListenerConfig, Protocol};
 use crate::control::{run_control_plane, ControlEndpoints};
 use crate::engine::resolve_engine;
+use crate::engine::spawn::spawn_worker;
 use crate::listen::{bind_tcp_for_workers, bind_udp_for_workers};
 use crate::model::Model;
 use crate::server::{bind_listener, BoundSockets, Server};
-use crate::worker::{spawn_worker, Shared};
+use crate::worker::Shared;
 
 /// Starts ringlb with `config` and blocks until it has shut down. With
 /// `takeover`, the listening sockets (and the metrics listener) come from

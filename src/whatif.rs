@@ -16,11 +16,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde_json::{json, Value};
-
 use crate::config::{BackendConfig, Config, GeoConfig, PoolConfig};
 use crate::health::state::{plan_tiers, AdminState, BackendView};
 use crate::maglev::{MaglevError, MaglevTable};
+use crate::protocol::{Move, OldNew, PoolMoves, WhatIfReply};
 use crate::snapshot::{Backend, PoolSnapshot};
 
 /// Most from→to entries listed per table; the rest are summed up as omitted.
@@ -225,20 +224,33 @@ pub fn compare_pools(before: &PoolSnapshot, after: &PoolSnapshot) -> Vec<TableMo
         .collect()
 }
 
-/// The reply for one pool: `{"pool", "key_space": [...]}` (+ what the caller adds).
-pub fn report(pool: &str, tables: &[TableMoves]) -> Value {
+/// The reply for one pool: its tables' moves, the largest
+/// [`MAX_MOVES_LISTED`] of each listed.
+pub fn report(pool: &str, tables: &[TableMoves]) -> PoolMoves {
     let addr = |a: &Option<SocketAddr>| a.map_or_else(|| "(none)".to_string(), |a| a.to_string());
-    json!({
-        "pool": pool,
-        "key_space": tables.iter().map(|t| json!({
-            "region": t.region,
-            "moved_fraction": round(t.moved),
-            "moves": t.moves.iter().take(MAX_MOVES_LISTED).map(|(x, y, f)| json!({
-                "from": addr(x), "to": addr(y), "fraction": round(*f),
-            })).collect::<Vec<_>>(),
-            "moves_omitted": t.moves.len().saturating_sub(MAX_MOVES_LISTED),
-        })).collect::<Vec<_>>(),
-    })
+    PoolMoves {
+        pool: pool.to_string(),
+        note: None,
+        table_size: None,
+        key_space: tables
+            .iter()
+            .map(|t| crate::protocol::TableMoves {
+                region: t.region.clone(),
+                moved_fraction: round(t.moved),
+                moves: t
+                    .moves
+                    .iter()
+                    .take(MAX_MOVES_LISTED)
+                    .map(|(x, y, f)| Move {
+                        from: addr(x),
+                        to: addr(y),
+                        fraction: round(*f),
+                    })
+                    .collect(),
+                moves_omitted: t.moves.len().saturating_sub(MAX_MOVES_LISTED),
+            })
+            .collect(),
+    }
 }
 
 /// Rounded to 1e-6 so the JSON reads 0.2, not 0.19999999999999998.
@@ -301,19 +313,20 @@ pub fn prepare(model: &crate::model::Model, pool: &str, change: &Change, now: In
 
 impl Prepared {
     /// Builds both versions of the pool's tables and compares them: the reply.
-    pub fn compute(&self) -> Result<Value, String> {
+    pub fn compute(&self) -> Result<WhatIfReply, String> {
         let name = &self.pool.name;
         let build = |m: &[Member]| build_pool(&self.pool, &self.geo, m).map_err(|e| format!("pool \"{name}\": {e}"));
         let tables = compare_pools(&build(&self.members)?, &build(&self.after)?);
-        let mut reply = report(name, &tables);
-        reply["change"] = json!(describe(&self.change));
-        reply["udp_flows_repick"] = json!(self.udp_flows);
-        Ok(reply)
+        Ok(WhatIfReply {
+            pool: report(name, &tables),
+            change: describe(&self.change),
+            udp_flows_repick: self.udp_flows,
+        })
     }
 }
 
 /// `ctl what-if` on the live model in one go ([`prepare`], then [`Prepared::compute`]).
-pub fn live(model: &crate::model::Model, pool: &str, change: &Change, now: Instant) -> Result<Value, String> {
+pub fn live(model: &crate::model::Model, pool: &str, change: &Change, now: Instant) -> Result<WhatIfReply, String> {
     prepare(model, pool, change, now)?.compute()
 }
 
@@ -329,7 +342,7 @@ pub fn describe(change: &Change) -> String {
 /// `ringlb what-if -c OLD -c NEW`: every pool of either file, each backend
 /// taken as healthy and enabled (the tables a fresh start of each file builds
 /// once its checks pass).
-pub fn offline(old: &Config, new: &Config) -> Result<Vec<Value>, String> {
+pub fn offline(old: &Config, new: &Config) -> Result<Vec<PoolMoves>, String> {
     let mut names: Vec<&str> = old.pools.iter().chain(&new.pools).map(|p| p.name.as_str()).collect();
     names.sort();
     names.dedup();
@@ -345,16 +358,26 @@ pub fn offline(old: &Config, new: &Config) -> Result<Vec<Value>, String> {
                 .map_err(|e| format!("pool \"{name}\": {e}"))
         };
         let (b, a) = (side(old)?, side(new)?);
-        let mut reply = match (&b, &a) {
-            (Some(b), Some(a)) => report(name, &compare_pools(b, a)),
-            (None, _) => json!({"pool": name, "note": "only in the new file: all its clients are new"}),
-            (_, None) => json!({"pool": name, "note": "only in the old file: all its clients lose their pool"}),
+        let only = |note: &str| PoolMoves {
+            pool: name.to_string(),
+            note: Some(note.to_string()),
+            table_size: None,
+            key_space: Vec::new(),
         };
-        if let (Some(b), Some(a)) = (&b, &a) {
-            let size = |p: &PoolSnapshot| p.table.as_ref().map_or(0, MaglevTable::size);
-            reply["table_size"] = json!({"old": size(b), "new": size(a)});
-        }
-        out.push(reply);
+        out.push(match (&b, &a) {
+            (Some(b), Some(a)) => {
+                let size = |p: &PoolSnapshot| p.table.as_ref().map_or(0, MaglevTable::size);
+                PoolMoves {
+                    table_size: Some(OldNew {
+                        old: size(b),
+                        new: size(a),
+                    }),
+                    ..report(name, &compare_pools(b, a))
+                }
+            }
+            (None, _) => only("only in the new file: all its clients are new"),
+            (_, None) => only("only in the old file: all its clients lose their pool"),
+        });
     }
     Ok(out)
 }

@@ -73,7 +73,7 @@ fn control_socket_is_owner_only_and_answers_status() {
 
 #[test]
 fn every_reply_decodes_into_the_protocol_types_and_status_names_the_protocol() {
-    use ringlb::control::protocol::{Reply, Request, PROTOCOL_VERSION};
+    use ringlb::protocol::{Reply, Request, PROTOCOL_VERSION};
     let b = Backend::start("a", Behaviour::TagEcho);
     let s = setup(&[b.addr]);
     let status = match ctl_request(&s.sock, &Request::Status {}) {

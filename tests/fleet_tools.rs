@@ -67,8 +67,18 @@ fn fleet_check_agrees_then_names_the_diverged_instance() {
         text.contains(&format!("pool p: fingerprint {}", pa["fingerprint"].as_str().unwrap())),
         "{text}"
     );
+    // The raw digest too, so two instances' tables compare at a glance.
+    let digest_a = pa["table_digest"].as_str().unwrap();
+    assert!(
+        text.contains(&format!("(generation {}, digest {digest_a})", pa["table_generation"])),
+        "{text}"
+    );
     let (_, backends_json) = ctl_json(&b.sock, &["backends"]);
     assert_eq!(backends_json["pools"][0]["fingerprint"], pb["fingerprint"]);
+    assert_eq!(backends_json["pools"][0]["table_digest"], pb["table_digest"]);
+    let (_, text, _) = ctl_text(&b.sock, &["backends"]);
+    let digest_b = pb["table_digest"].as_str().unwrap();
+    assert!(text.contains(&format!("digest {digest_b}, fingerprint ")), "{text}");
     let page = http_get(metrics, "/metrics");
     assert!(
         page.contains(&format!(
@@ -95,6 +105,16 @@ fn fleet_check_agrees_then_names_the_diverged_instance() {
     );
     assert!(out.contains(&format!("{sb}: {expect}")), "{out}");
     assert!(out.contains(&format!("{m}: {expect}")), "metrics endpoint: {out}");
+    // The same as JSON.
+    let (code, out) = fleet_check(&[&sa, &sb, "--json"]);
+    assert_eq!(code, 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["agree"], false, "{v}");
+    assert_eq!(v["instances"], serde_json::json!([sa, sb]), "{v}");
+    assert_eq!(v["pools"][0]["pool"], "p", "{v}");
+    assert_eq!(v["pools"][0]["fingerprint"], pa["fingerprint"], "{v}");
+    assert_eq!(v["differences"][0]["endpoint"], sb.as_str(), "{v}");
+    assert_eq!(v["differences"][0]["first_difference"], expect, "{v}");
 
     // Back in line, then a weight differs.
     assert_eq!(ctl_json(&b.sock, &["enable", "p", &addrs[1].to_string()]).0, 0);

@@ -283,6 +283,7 @@ fn refuses_to_start_without_the_capability(engine: &str) {
             err.contains("listener \"u\": source: source = \"client\" needs CAP_NET_ADMIN"),
             "{cmd}: {err}"
         );
+        assert_eq!(err.matches("listener \"u\": source:").count(), 1, "said once: {err}");
     }
 }
 

@@ -1,16 +1,17 @@
-//! Admission control: per-source token buckets and connection-count limits (pure logic).
+//! Admission control: per-source token buckets and connection-count limits (pure logic
+//! over the config's limits; the bucket itself is [`crate::token_bucket`]).
 //!
 //! Nothing here reads a clock or touches a socket: every time-dependent call takes
 //! `now: Instant`, so the logic is deterministic under test and fuzzing.
 
 pub mod limits;
 pub mod source_table;
-pub mod token_bucket;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use source_table::{Admission, SourceKey, SourceTable, SourceTableStats, DEFAULT_MAX_SOURCES};
-pub use token_bucket::{BucketParams, InvalidBucketParams, TokenBucket};
+// The bucket itself is below config (whose rate limits hold its parameters).
+pub use crate::token_bucket::{BucketParams, InvalidBucketParams, TokenBucket};
 
 /// A process-wide cap on concurrent connections (per listener, backend or source),
 /// shared by all workers.

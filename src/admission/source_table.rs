@@ -67,7 +67,7 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use super::token_bucket::{BucketParams, TokenBucket, ATTO_PER_TOKEN};
+use crate::token_bucket::{BucketParams, TokenBucket, ATTO_PER_TOKEN};
 
 /// Default cap on tracked sources.
 pub const DEFAULT_MAX_SOURCES: usize = 1_000_000;

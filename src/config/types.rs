@@ -222,9 +222,9 @@ pub enum RelayMode {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateLimitConfig {
     /// New connections (UDP: new flows) per source.
-    pub connections: crate::admission::BucketParams,
+    pub connections: crate::token_bucket::BucketParams,
     /// UDP datagrams per source (None = no packet limit).
-    pub packets: Option<crate::admission::BucketParams>,
+    pub packets: Option<crate::token_bucket::BucketParams>,
     /// IPv4 prefix length of one source.
     pub prefix_v4: u8,
     /// IPv6 prefix length of one source.

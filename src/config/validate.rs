@@ -700,7 +700,7 @@ fn validate_rate_limit(
     r: &file::RateLimitFile,
     protocol: Protocol,
 ) -> Option<RateLimitConfig> {
-    use crate::admission::BucketParams;
+    use crate::token_bucket::BucketParams;
     let mut bucket = |rate_key: &str, rate: Option<f64>, burst_key: &str, burst: Option<i64>| -> Option<BucketParams> {
         let rate = rate?;
         let burst = c.ranged(

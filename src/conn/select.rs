@@ -29,8 +29,9 @@ use crate::flow_key::flow_hash;
 use crate::geo::RegionId;
 use crate::snapshot::PoolSnapshot;
 
-/// Most candidates one selection returns (spill-over and retries walk them).
-pub const MAX_CANDIDATES: usize = 16;
+/// Most candidates one selection returns (spill-over and retries walk them):
+/// as many as the Maglev table yields, one constant.
+pub use crate::maglev::MAX_CANDIDATES;
 
 /// Which rule chose the first candidate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

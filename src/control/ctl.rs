@@ -1,12 +1,9 @@
 //! `ringlb ctl`: the control-socket client and its human-readable output.
 
-use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use super::protocol::{Candidate, Reply, Request};
+use crate::protocol::client::call;
+use crate::protocol::{Candidate, OldNew, PoolMoves, Reply, Request};
 
 /// Exit code when the reply is ok.
 pub const EXIT_OK: i32 = 0;
@@ -29,35 +26,6 @@ pub fn socket_path(socket: Option<PathBuf>, config: Option<&Path>) -> Result<Pat
     cfg.control
         .socket
         .ok_or_else(|| format!("{}: [control] socket is not set", config.display()))
-}
-
-/// Sends `request` and returns its typed reply and the line as received,
-/// or a message for exit code 2.
-pub fn call(path: &Path, request: &Request) -> Result<(Reply<'static>, String), String> {
-    let mut stream =
-        UnixStream::connect(path).map_err(|e| format!("cannot reach ringlb at {}: {e}", path.display()))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60))).ok();
-    stream.set_write_timeout(Some(Duration::from_secs(10))).ok();
-    // A server that refuses the client (too many control clients) writes its error line
-    // and closes without reading, so sending can fail with EPIPE while the reason waits
-    // in our receive buffer: read it before reporting the send error.
-    let sent = stream.write_all(format!("{}\n", request.to_line()).as_bytes());
-    if let Err(e) = &sent {
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
-            return Err(format!("sending to {}: {e}", path.display()));
-        }
-    }
-    let mut line = String::new();
-    let read = BufReader::new(stream).read_line(&mut line);
-    let line = line.trim_end().to_string();
-    match Reply::parse(request, &line) {
-        Ok(reply) => Ok((reply, line)),
-        Err(e) => {
-            sent.map_err(|e| format!("sending to {}: {e}", path.display()))?;
-            read.map_err(|e| format!("reading reply from {}: {e}", path.display()))?;
-            Err(format!("bad reply from {}: {e}: {line:?}", path.display()))
-        }
-    }
 }
 
 /// Runs one ctl command; returns the process exit code. `--json` prints
@@ -102,45 +70,31 @@ fn candidate(c: &Candidate) -> String {
     )
 }
 
-/// Field `k` of a JSON object as text ("-" when absent or null).
-fn s(v: &Value, k: &str) -> String {
-    match v.get(k) {
-        Some(Value::String(x)) => x.clone(),
-        Some(Value::Null) | None => "-".into(),
-        Some(x) => x.to_string(),
-    }
-}
-
 /// One pool of a what-if reply (`ctl what-if` and the offline `ringlb what-if`).
-pub fn human_what_if(p: &Value) -> String {
+pub fn human_what_if(p: &PoolMoves) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let _ = writeln!(out, "pool {}:", s(p, "pool"));
-    if let Some(note) = p["note"].as_str() {
+    let _ = writeln!(out, "pool {}:", p.pool);
+    if let Some(note) = &p.note {
         let _ = writeln!(out, "  {note}");
     }
-    if let (Some(a), Some(b)) = (p["table_size"]["old"].as_u64(), p["table_size"]["new"].as_u64()) {
-        if a != b {
-            let _ = writeln!(out, "  table size {a} -> {b}: slots are reshuffled");
+    if let Some(OldNew { old, new }) = p.table_size {
+        if old != new {
+            let _ = writeln!(out, "  table size {old} -> {new}: slots are reshuffled");
         }
     }
-    for t in p["key_space"].as_array().into_iter().flatten() {
-        let who = t["region"]
-            .as_str()
+    for t in &p.key_space {
+        let who = t
+            .region
+            .as_ref()
             .map_or_else(|| "all clients".to_string(), |r| format!("client region {r}"));
-        let pct = |v: &Value| v.as_f64().map_or_else(|| "-".into(), |f| format!("{:.2}%", f * 100.0));
-        let _ = writeln!(out, "  {who}: {} of the key space moves", pct(&t["moved_fraction"]));
-        for m in t["moves"].as_array().into_iter().flatten() {
-            let _ = writeln!(
-                out,
-                "    {:<24} -> {:<24} {:>8}",
-                s(m, "from"),
-                s(m, "to"),
-                pct(&m["fraction"])
-            );
+        let pct = |f: f64| format!("{:.2}%", f * 100.0);
+        let _ = writeln!(out, "  {who}: {} of the key space moves", pct(t.moved_fraction));
+        for m in &t.moves {
+            let _ = writeln!(out, "    {:<24} -> {:<24} {:>8}", m.from, m.to, pct(m.fraction));
         }
-        if t["moves_omitted"].as_u64().unwrap_or(0) > 0 {
-            let _ = writeln!(out, "    ... and {} smaller moves", s(t, "moves_omitted"));
+        if t.moves_omitted > 0 {
+            let _ = writeln!(out, "    ... and {} smaller moves", t.moves_omitted);
         }
     }
     out
@@ -184,8 +138,14 @@ pub fn human(reply: &Reply<'_>) -> String {
             for p in &r.pools {
                 let _ = writeln!(
                     out,
-                    "pool {}: fingerprint {}, table {} slots (generation {}), {} of {} backends usable",
-                    p.name, p.fingerprint, p.table_size, p.table_generation, p.usable_backends, p.backends
+                    "pool {}: fingerprint {}, table {} slots (generation {}, digest {}), {} of {} backends usable",
+                    p.name,
+                    p.fingerprint,
+                    p.table_size,
+                    p.table_generation,
+                    opt(&p.table_digest),
+                    p.usable_backends,
+                    p.backends
                 );
             }
             for l in &r.listeners {
@@ -218,8 +178,11 @@ pub fn human(reply: &Reply<'_>) -> String {
                 let backups = if p.backup_tier { "  BACKUPS SERVE" } else { "" };
                 let _ = writeln!(
                     out,
-                    "pool {} (table generation {}, fingerprint {}{balance}{page}){panic}{backups}",
-                    p.pool, p.table_generation, p.fingerprint
+                    "pool {} (table generation {}, digest {}, fingerprint {}{balance}{page}){panic}{backups}",
+                    p.pool,
+                    p.table_generation,
+                    opt(&p.table_digest),
+                    p.fingerprint
                 );
                 let _ = writeln!(
                     out,
@@ -284,13 +247,12 @@ pub fn human(reply: &Reply<'_>) -> String {
             }
         }
         Reply::WhatIf(r) => {
-            let report = Value::Object(r.report.clone());
-            let _ = writeln!(out, "what-if (nothing changed): {}", s(&report, "change"));
-            out.push_str(&human_what_if(&report));
+            let _ = writeln!(out, "what-if (nothing changed): {}", r.change);
+            out.push_str(&human_what_if(&r.pool));
             let _ = writeln!(
                 out,
                 "  open UDP flows that would re-pick a backend: {}",
-                s(&report, "udp_flows_repick")
+                r.udp_flows_repick
             );
         }
         Reply::Drain(r) => {

@@ -6,7 +6,7 @@
 //! [`HEAD_TIMEOUT`] to send its request head and [`CONN_TIMEOUT`] in all.
 
 use std::convert::Infallible;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,7 +48,7 @@ pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) {
     let reserve = Arc::new(FdReserve::new(2));
     let sampler = Arc::new(Mutex::new(Sampler::default()));
     loop {
-        let stream = reserve.accept(listener.as_raw_fd(), || listener.accept()).await.0;
+        let stream = reserve.accept(listener.as_fd(), || listener.accept()).await.0;
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             continue;
         };

@@ -6,7 +6,6 @@ pub mod ctl;
 pub mod health_check;
 pub mod http;
 pub mod metrics;
-pub mod protocol;
 pub mod socket;
 pub mod status;
 pub mod takeover;
@@ -19,12 +18,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 use crate::model::health::CheckResult;
-use crate::server::{graceful_shutdown, Server};
-use crate::stats::RefuseReason;
-use protocol::{
+use crate::protocol::{
     BackendRow, BackendsReply, Candidate, LastCheck, ListenerCounters, ListenerStatus, PoolCounters, PoolRow, Reply,
     Request, RouteReply, SourceCounters, StatsReply, StatusReply, WorkerStatus,
 };
+use crate::server::{graceful_shutdown, Server};
+use crate::stats::RefuseReason;
 
 /// How often drains, ejections and slow-start steps are looked at.
 const TICK: Duration = Duration::from_millis(100);
@@ -246,8 +245,7 @@ pub async fn handle(server: &Arc<Server>, req: Request) -> Reply<'static> {
         } => match what_if(server, &pool, &change, &addr, weight, Instant::now()) {
             // The table builds run off the control thread.
             Ok(prepared) => match tokio::task::spawn_blocking(move || prepared.compute()).await {
-                Ok(Ok(serde_json::Value::Object(report))) => Reply::WhatIf(protocol::WhatIfReply { report }),
-                Ok(Ok(_)) => Reply::Error("what_if: the report is not an object".into()),
+                Ok(Ok(report)) => Reply::WhatIf(report),
                 Ok(Err(e)) => Reply::Error(e),
                 Err(e) => Reply::Error(format!("what_if failed: {e}")),
             },
@@ -293,7 +291,7 @@ fn status(server: &Server) -> StatusReply {
         // During an upgrade: the process this one took over from, still
         // finishing its connections (its last report; none once it exited).
         predecessor: server.predecessor.lock().clone(),
-        protocol: protocol::PROTOCOL_VERSION,
+        protocol: crate::protocol::PROTOCOL_VERSION,
         uptime_seconds: server.shared.started.elapsed().as_secs(),
         workers: (0..server.shared.workers)
             .map(|id| WorkerStatus {
@@ -326,7 +324,7 @@ fn status(server: &Server) -> StatusReply {
             .pools
             .iter()
             .filter(|p| !p.retired)
-            .map(|p| protocol::PoolStatus {
+            .map(|p| crate::protocol::PoolStatus {
                 name: p.config.name.clone(),
                 fingerprint: crate::fleet::fingerprint::hex(crate::fleet::fingerprint::pool_fingerprint(
                     &p.published,
@@ -464,7 +462,7 @@ fn route(server: &Server, listener: &str, client: &str, token: Option<&str>) -> 
     });
     let skipped = passed_over
         .iter()
-        .map(|s| crate::control::protocol::SkippedCandidate {
+        .map(|s| crate::protocol::SkippedCandidate {
             addr: pool.backends[s.index as usize].addr.to_string(),
             open: s.load,
             why: s.to_string(),
@@ -630,7 +628,7 @@ fn stats(server: &Server) -> StatsReply {
         snapshot_generation: model.generation(),
         config_generation: model.config_generation,
         // The JSON access log's queue: records written, and dropped when full.
-        access_log: protocol::AccessLogCounters {
+        access_log: crate::protocol::AccessLogCounters {
             written: crate::access_log::written(),
             dropped: crate::access_log::dropped(),
         },

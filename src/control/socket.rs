@@ -7,7 +7,7 @@
 //! own task, so a slow one never holds up another, and the data plane never
 //! runs here at all.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,8 +17,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 
-use super::protocol::{error_line, parse_request};
 use crate::fd_reserve::FdReserve;
+use crate::protocol::{error_line, parse_request};
 use crate::server::Server;
 
 /// Longest request line accepted.
@@ -120,7 +120,7 @@ pub async fn serve(listener: std::os::unix::net::UnixListener, server: Arc<Serve
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     let reserve = Arc::new(FdReserve::new(RESERVED_FDS));
     loop {
-        let mut stream = reserve.accept(listener.as_raw_fd(), || listener.accept()).await.0;
+        let mut stream = reserve.accept(listener.as_fd(), || listener.accept()).await.0;
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 let server = server.clone();
@@ -186,7 +186,7 @@ async fn serve_client(stream: tokio::net::UnixStream, server: &Arc<Server>) {
             Err(_) | Ok(Err(_)) | Ok(Ok(Line::Eof)) => return,
             Ok(Ok(Line::TooLong)) => (error_line(&format!("request line longer than {MAX_LINE} bytes")), true),
             Ok(Ok(Line::Complete(line))) => match parse_request(&line) {
-                Ok(super::protocol::Request::Takeover { protocol, pid }) => {
+                Ok(crate::protocol::Request::Takeover { protocol, pid }) => {
                     // The connection is the handover's from here on.
                     super::takeover::serve(server, reader, write, protocol, pid).await;
                     return;

@@ -30,10 +30,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tokio::io::{AsyncWriteExt, BufReader as AsyncBufReader};
 
-use super::protocol::PredecessorStatus;
+use crate::protocol::PredecessorStatus;
 use crate::server::Server;
 
 /// One drain report of the old process: `{"draining": {...}}`.
@@ -56,6 +55,29 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 pub const STATUS_EVERY: Duration = Duration::from_millis(500);
 /// Longest line read on either side.
 const MAX_LINE: u64 = 1 << 20;
+
+/// Step 4, new → old: `{"ready":true}`, this process serves now.
+#[derive(Debug, Serialize, Deserialize)]
+struct Ready {
+    ready: bool,
+}
+
+/// Step 4, old → new: `{"ok":true}`, let go. Also how the new process reads
+/// the head of the offer line, which may be a refusal (`{"ok":false,"error":...}`).
+#[derive(Debug, Serialize, Deserialize)]
+struct Answer {
+    ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// One message of the exchange as a line.
+fn line_of(message: &impl Serialize) -> String {
+    format!(
+        "{}\n",
+        serde_json::to_string(message).expect("a plain struct serializes")
+    )
+}
 
 /// What the old process hands over.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,7 +126,7 @@ pub async fn serve(
     protocol: u32,
     pid: u32,
 ) {
-    let refuse = |e: String| format!("{}\n", super::protocol::error_line(&e));
+    let refuse = |e: String| format!("{}\n", crate::protocol::error_line(&e));
     if protocol != PROTOCOL {
         let line = refuse(format!(
             "takeover protocol {protocol} is not the protocol {PROTOCOL} this ringlb {} speaks",
@@ -140,7 +162,7 @@ pub async fn serve(
     })
     .await;
     let line = String::from_utf8_lossy(&buf);
-    let is_ready = serde_json::from_str::<serde_json::Value>(line.trim()).is_ok_and(|v| v["ready"] == json!(true));
+    let is_ready = serde_json::from_str::<Ready>(line.trim()).is_ok_and(|r| r.ready);
     if !matches!(ready, Ok(Ok(n)) if n > 0) || !is_ready {
         let why = match ready {
             Err(_) => format!("it did not report serving within {READY_TIMEOUT:?}"),
@@ -165,7 +187,8 @@ pub async fn serve(
     }
     server.handover.lock().clear();
     server.handover_done.notify_one();
-    if write.write_all(b"{\"ok\":true}\n").await.is_err() {
+    let let_go = line_of(&Answer { ok: true, error: None });
+    if write.write_all(let_go.as_bytes()).await.is_err() {
         return;
     }
     // Report the drain to the new process until this one exits.
@@ -484,7 +507,7 @@ impl Inherited {
         self.listeners.clear();
         self.metrics = None;
         self.stream
-            .write_all(b"{\"ready\":true}\n")
+            .write_all(line_of(&Ready { ready: true }).as_bytes())
             .map_err(|e| format!("telling process {} that this one serves: {e}", self.offer.pid))?;
         let mut reader = BufReader::new(self.stream);
         let mut line = String::new();
@@ -492,7 +515,7 @@ impl Inherited {
             .take(MAX_LINE)
             .read_line(&mut line)
             .map_err(|e| format!("waiting for process {} to let go: {e}", self.offer.pid))?;
-        if serde_json::from_str::<serde_json::Value>(line.trim()).is_ok_and(|v| v["ok"] == json!(true)) {
+        if serde_json::from_str::<Answer>(line.trim()).is_ok_and(|a| a.ok) {
             Ok(reader)
         } else {
             Err(format!("process {} answered {:?}", self.offer.pid, line.trim()))
@@ -511,7 +534,7 @@ pub fn request(path: &Path) -> Result<Inherited, String> {
         .set_read_timeout(Some(STEP_TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(STEP_TIMEOUT)))
         .map_err(|e| e.to_string())?;
-    let request = super::protocol::Request::Takeover {
+    let request = crate::protocol::Request::Takeover {
         protocol: PROTOCOL,
         pid: std::process::id(),
     };
@@ -534,15 +557,15 @@ pub fn request(path: &Path) -> Result<Inherited, String> {
         }
         if let Some(end) = bytes.iter().position(|&b| b == b'\n') {
             let line = String::from_utf8_lossy(&bytes[..end]).into_owned();
-            let value: serde_json::Value =
+            let head: Answer =
                 serde_json::from_str(&line).map_err(|e| format!("--takeover: {shown} answered {line:?}: {e}"))?;
-            if value["ok"] != json!(true) {
+            if !head.ok {
                 return Err(format!(
                     "--takeover: the running ringlb refused: {}",
-                    value["error"].as_str().unwrap_or(&line)
+                    head.error.as_deref().unwrap_or(&line)
                 ));
             }
-            break serde_json::from_value(value).map_err(|e| {
+            break serde_json::from_str(&line).map_err(|e| {
                 format!("--takeover: the running ringlb's answer is not one this version understands ({e}): {line}")
             })?;
         }

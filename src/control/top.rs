@@ -8,11 +8,10 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
-use super::ctl::{call, EXIT_ERROR_REPLY, EXIT_OK, EXIT_UNREACHABLE};
-use super::protocol::{Reply, Request};
+use super::ctl::{EXIT_ERROR_REPLY, EXIT_OK, EXIT_UNREACHABLE};
 use super::status::per_sec;
+use crate::protocol::client::call;
+use crate::protocol::{BackendsReply, LastCheck, Reply, Request, StatsReply};
 
 /// Fastest refresh `--interval` may ask for.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(200);
@@ -24,28 +23,31 @@ pub const MAX_BACKENDS_SHOWN: usize = 200;
 #[derive(Debug, Clone)]
 pub struct Sample {
     /// `ctl stats` reply.
-    pub stats: Value,
+    pub stats: StatsReply,
     /// `ctl backends` reply (at most [`MAX_BACKENDS_SHOWN`] per pool).
-    pub backends: Value,
+    pub backends: BackendsReply<'static>,
 }
 
 fn ask(path: &Path) -> Result<Sample, (i32, String)> {
-    let get = |req: Request| -> Result<Value, (i32, String)> {
-        let (reply, line) = call(path, &req).map_err(|e| (EXIT_UNREACHABLE, e))?;
-        if let Reply::Error(e) = reply {
-            return Err((EXIT_ERROR_REPLY, e));
+    let get = |req: Request| -> Result<Reply<'static>, (i32, String)> {
+        match call(path, &req).map_err(|e| (EXIT_UNREACHABLE, e))? {
+            (Reply::Error(e), _) => Err((EXIT_ERROR_REPLY, e)),
+            (reply, _) => Ok(reply),
         }
-        // The view reads the reply as a tree: the raw line, as sent.
-        serde_json::from_str(&line).map_err(|e| (EXIT_UNREACHABLE, format!("bad reply: {e}")))
     };
-    Ok(Sample {
-        stats: get(Request::Stats {})?,
-        backends: get(Request::Backends {
-            pool: None,
-            limit: Some(MAX_BACKENDS_SHOWN),
-            offset: None,
-        })?,
-    })
+    let stats = match get(Request::Stats {})? {
+        Reply::Stats(r) => r,
+        other => return Err((EXIT_UNREACHABLE, format!("bad reply to stats: {other:?}"))),
+    };
+    let backends = match get(Request::Backends {
+        pool: None,
+        limit: Some(MAX_BACKENDS_SHOWN),
+        offset: None,
+    })? {
+        Reply::Backends(r) => r,
+        other => return Err((EXIT_UNREACHABLE, format!("bad reply to backends: {other:?}"))),
+    };
+    Ok(Sample { stats, backends })
 }
 
 /// Runs `ctl top`: every `interval` a new frame (in place on a terminal, one after
@@ -86,18 +88,6 @@ pub fn run(path: &Path, once: bool, interval: Duration) -> i32 {
         }
         prev = cur;
     }
-}
-
-fn str_of(v: &Value, k: &str) -> String {
-    match v.get(k) {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Null) | None => "-".into(),
-        Some(x) => x.to_string(),
-    }
-}
-
-fn u(v: &Value, k: &str) -> u64 {
-    v.get(k).and_then(Value::as_u64).unwrap_or(0)
 }
 
 /// Short form of a count: 1234 -> 1234, 12345 -> 12.3k, 1.2M, 3.4G.
@@ -158,8 +148,7 @@ pub fn render(prev: &Sample, cur: &Sample, secs: f64, color: bool) -> String {
     let _ = writeln!(
         out,
         "ringlb top: config generation {}, snapshot {}, rates over {secs:.1}s",
-        str_of(&cur.stats, "config_generation"),
-        str_of(&cur.stats, "snapshot_generation")
+        cur.stats.config_generation, cur.stats.snapshot_generation
     );
     let _ = writeln!(out);
     let _ = writeln!(
@@ -167,32 +156,30 @@ pub fn render(prev: &Sample, cur: &Sample, secs: f64, color: bool) -> String {
         "{:<16} {:>8} {:>10} {:>9} {:>10} {:>10} {:>9}  REFUSED/S",
         "LISTENER", "ACTIVE", "ACCEPTED", "ACC/S", "IN/S", "OUT/S", "REFUSED"
     );
-    let empty = Vec::new();
-    let old_listeners = prev.stats["listeners"].as_array().unwrap_or(&empty);
-    for l in cur.stats["listeners"].as_array().unwrap_or(&empty) {
-        let name = str_of(l, "name");
-        let o = old_listeners.iter().find(|o| str_of(o, "name") == name);
-        let rate = |k: &str| o.map_or(0.0, |o| per_sec(u(o, k), u(l, k), secs));
-        let refused = l["refused"].as_object();
-        let total: u64 = refused.map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
-        let by_reason: Vec<String> = refused
-            .into_iter()
-            .flatten()
-            .filter_map(|(k, v)| {
-                let before = o.and_then(|o| o["refused"][k].as_u64()).unwrap_or(0);
-                let r = per_sec(before, v.as_u64().unwrap_or(0), secs);
+    for l in &cur.stats.listeners {
+        let o = prev.stats.listeners.iter().find(|o| o.name == l.name);
+        let rate = |now: u64, before: fn(&crate::protocol::ListenerCounters) -> u64| {
+            o.map_or(0.0, |o| per_sec(before(o), now, secs))
+        };
+        let total: u64 = l.refused.values().sum();
+        let by_reason: Vec<String> = l
+            .refused
+            .iter()
+            .filter_map(|(k, &v)| {
+                let before = o.and_then(|o| o.refused.get(k).copied()).unwrap_or(0);
+                let r = per_sec(before, v, secs);
                 (r > 0.0).then(|| format!("{k}={}", short(r)))
             })
             .collect();
         let _ = writeln!(
             out,
             "{:<16} {:>8} {:>10} {:>9} {:>10} {:>10} {:>9}  {}",
-            name,
-            u(l, "active"),
-            u(l, "accepted"),
-            short(rate("accepted")),
-            bytes(rate("bytes_in")),
-            bytes(rate("bytes_out")),
+            l.name,
+            l.active,
+            l.accepted,
+            short(rate(l.accepted, |o| o.accepted)),
+            bytes(rate(l.bytes_in, |o| o.bytes_in)),
+            bytes(rate(l.bytes_out, |o| o.bytes_out)),
             total,
             if by_reason.is_empty() {
                 "-".to_string()
@@ -201,22 +188,21 @@ pub fn render(prev: &Sample, cur: &Sample, secs: f64, color: bool) -> String {
             }
         );
     }
-    let old_pools = prev.backends["pools"].as_array().unwrap_or(&empty);
-    let pool_stats = cur.stats["pools"].as_array().unwrap_or(&empty);
-    for p in cur.backends["pools"].as_array().unwrap_or(&empty) {
-        let name = str_of(p, "pool");
-        let panic = p["panic"].as_bool() == Some(true);
-        let build = pool_stats
+    for p in &cur.backends.pools {
+        let build = cur
+            .stats
+            .pools
             .iter()
-            .find(|s| str_of(s, "name") == name)
-            .map_or_else(|| "-".to_string(), |s| str_of(s, "table_build_us"));
+            .find(|s| s.name == p.pool)
+            .map_or_else(|| "-".to_string(), |s| s.table_build_us.to_string());
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "pool {name}: table generation {}, {} slots, last build {build} us{}",
-            str_of(p, "table_generation"),
-            str_of(p, "table_size"),
-            if panic {
+            "pool {}: table generation {}, {} slots, last build {build} us{}",
+            p.pool,
+            p.table_generation,
+            p.table_size,
+            if p.panic {
                 if color {
                     "  \x1b[1;31mPANIC\x1b[0m"
                 } else {
@@ -231,52 +217,47 @@ pub fn render(prev: &Sample, cur: &Sample, secs: f64, color: bool) -> String {
             "  {:<24} {:<9} {:>6} {:<19} {:>7} {:>8} {:>10} {:>10} {:>8}  {:<18} REASON",
             "BACKEND", "STATE", "WEIGHT", "SHARE", "ACTIVE", "CONN/S", "IN/S", "OUT/S", "FAILURES", "LAST CHECK"
         );
-        let old = old_pools
-            .iter()
-            .find(|o| str_of(o, "pool") == name)
-            .and_then(|o| o["backends"].as_array());
-        let backends = p["backends"].as_array().unwrap_or(&empty);
-        for b in backends {
-            let addr = str_of(b, "addr");
-            let o = old.and_then(|old| old.iter().find(|o| str_of(o, "addr") == addr));
-            let rate = |k: &str| o.map_or(0.0, |o| per_sec(u(o, k), u(b, k), secs));
-            let share = b["table_share"].as_f64().unwrap_or(0.0);
-            let check = match &b["last_check"] {
-                Value::Null => "-".to_string(),
-                c => format!(
-                    "{} {:.1}ms",
-                    match c["ok"].as_bool() {
+        let old = prev.backends.pools.iter().find(|o| o.pool == p.pool);
+        for b in &p.backends {
+            let o = old.and_then(|old| old.backends.iter().find(|o| o.addr == b.addr));
+            let rate = |now: u64, before: fn(&crate::protocol::BackendRow<'_>) -> u64| {
+                o.map_or(0.0, |o| per_sec(before(o), now, secs))
+            };
+            let check = match &b.last_check {
+                None => "-".to_string(),
+                Some(LastCheck { ok, ms, .. }) => format!(
+                    "{} {ms:.1}ms",
+                    match ok {
                         Some(true) => "ok",
                         Some(false) => "failed",
                         None => "not run",
-                    },
-                    c["ms"].as_f64().unwrap_or(0.0)
+                    }
                 ),
             };
             let _ = writeln!(
                 out,
                 "  {:<24} {} {:>6} {} {:>5.1}% {:>7} {:>8} {:>10} {:>10} {:>8}  {:<18} {}",
-                addr,
-                paint(color, &str_of(b, "state")),
-                u(b, "weight"),
-                bar(share, 12),
-                share * 100.0,
-                u(b, "active"),
-                short(rate("total")),
-                bytes(rate("bytes_in")),
-                bytes(rate("bytes_out")),
-                u(b, "failures"),
+                b.addr.to_string(),
+                paint(color, &b.state),
+                b.weight,
+                bar(b.table_share, 12),
+                b.table_share * 100.0,
+                b.active,
+                short(rate(b.total, |o| o.total)),
+                bytes(rate(b.bytes_in, |o| o.bytes_in)),
+                bytes(rate(b.bytes_out, |o| o.bytes_out)),
+                b.failures,
                 check,
-                str_of(b, "reason")
+                b.reason
             );
         }
-        let total = u(p, "total_backends") as usize;
-        if total > backends.len() {
+        if p.total_backends > p.backends.len() {
             let _ = writeln!(
                 out,
-                "  ... and {} more (ringlb ctl backends {name} --offset {})",
-                total - backends.len(),
-                backends.len()
+                "  ... and {} more (ringlb ctl backends {} --offset {})",
+                p.total_backends - p.backends.len(),
+                p.pool,
+                p.backends.len()
             );
         }
     }
@@ -289,16 +270,31 @@ mod tests {
     use serde_json::json;
 
     fn sample(accepted: u64, conns: u64, state: &str) -> Sample {
-        Sample {
-            stats: json!({"config_generation": 1, "snapshot_generation": 3,
-                "listeners": [{"name": "web", "accepted": accepted, "active": 2, "bytes_in": accepted * 100,
-                    "bytes_out": 0, "refused": {"no_backend": accepted / 10, "rate_limited": 0}}],
-                "pools": [{"name": "web", "table_build_us": 50}]}),
-            backends: json!({"ok": true, "pools": [{"pool": "web", "table_generation": 2, "table_size": 7,
-                "panic": false, "total_backends": 1, "backends": [{"addr": "127.0.0.1:1", "state": state,
-                "weight": 1, "table_share": 0.5, "active": 2, "total": conns, "bytes_in": 0, "bytes_out": 0,
-                "failures": 0, "reason": "why", "last_check": {"ok": true, "ms": 0.3}}]}]}),
-        }
+        // Built as the server's JSON lines and read like `ctl` reads them.
+        let stats = json!({"ok": true, "config_generation": 1, "snapshot_generation": 3,
+            "listeners": [{"name": "web", "accepted": accepted, "relayed": accepted, "active": 2,
+                "bytes_in": accepted * 100, "bytes_out": 0, "accept_errors": 0, "datagrams_in": 0,
+                "datagrams_out": 0, "datagrams_dropped": 0, "sources": null,
+                "refused": {"no_backend": accepted / 10, "rate_limited": 0}}],
+            "pools": [{"name": "web", "table_generation": 2, "table_build_us": 50, "panic": false}]});
+        let backends = json!({"ok": true, "pools": [{"pool": "web", "table_generation": 2, "table_size": 7,
+            "panic": false, "total_backends": 1, "offset": 0, "backends": [{"addr": "127.0.0.1:1",
+            "state": state, "weight": 1, "effective_weight": 1, "table_share": 0.5, "active": 2,
+            "total": conns, "bytes_in": 0, "bytes_out": 0, "failures": 0, "ejections": 0,
+            "removing": false, "reason": "why", "last_check": {"ok": true, "ms": 0.3, "detail": ""}}]}]});
+        let parse = |req: &Request, v: serde_json::Value| Reply::parse(req, &v.to_string()).unwrap();
+        let Reply::Stats(stats) = parse(&Request::Stats {}, stats) else {
+            panic!("not a stats reply")
+        };
+        let backends_request = Request::Backends {
+            pool: None,
+            limit: None,
+            offset: None,
+        };
+        let Reply::Backends(backends) = parse(&backends_request, backends) else {
+            panic!("not a backends reply")
+        };
+        Sample { stats, backends }
     }
 
     #[test]

@@ -11,8 +11,9 @@ pub mod readiness;
 pub mod ring;
 pub mod slab;
 pub mod sockets;
+pub mod spawn;
 pub mod steering;
 pub mod token;
-pub mod waker;
 
-pub use probe::{probe_io_uring, resolve_engine, IoEngine};
+pub use crate::worker::IoEngine;
+pub use probe::{probe_io_uring, resolve_engine};

@@ -1,26 +1,7 @@
 //! Decides the io engine at start: probes io_uring and explains why it is missing.
 
-use std::fmt;
-
 use crate::config::IoEngineChoice;
-
-/// The engine workers actually run on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IoEngine {
-    /// The native io_uring loop.
-    Uring,
-    /// The edge-triggered epoll loop.
-    Epoll,
-}
-
-impl fmt::Display for IoEngine {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            IoEngine::Uring => "io_uring",
-            IoEngine::Epoll => "epoll",
-        })
-    }
-}
+use crate::worker::IoEngine;
 
 /// Tries to set up a small io_uring; `Err` says why it can't be used here.
 pub fn probe_io_uring() -> Result<(), String> {

@@ -88,8 +88,8 @@ pub fn shed_pending(reserve: &FdReserve, listener: BorrowedFd<'_>) -> u64 {
     // EMFILE comes before the kernel looks for a waiting client: with none
     // waiting, a spare given up here would only go to someone else.
     let fd = listener.as_raw_fd();
-    if client_waiting(fd) && reserve.release_one() {
-        while refused < BATCH && client_waiting(fd) {
+    if client_waiting(listener) && reserve.release_one() {
+        while refused < BATCH && client_waiting(listener) {
             // SAFETY: accept4 on our listening socket; the new fd is owned below.
             let client = unsafe {
                 libc::accept4(

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use crate::protocol::{Reply, Request};
 
 /// What the instance looks like from its control socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,26 +28,20 @@ pub enum Health {
 
 /// Judges a `status` reply (or the error asking for it) against the pools
 /// that must have a usable backend.
-pub fn judge(reply: Result<&Value, &str>, pools: &[String]) -> Health {
+pub fn judge(reply: Result<&Reply<'_>, &str>, pools: &[String]) -> Health {
     let r = match reply {
         Err(e) => return Health::Down(format!("control socket not answering: {e}")),
-        Ok(r) => r,
+        Ok(Reply::Status(r)) => r,
+        Ok(Reply::Error(e)) => return Health::Down(format!("status error: {e}")),
+        Ok(other) => return Health::Down(format!("status error: not a status reply: {other:?}")),
     };
-    if r["ok"] != json!(true) {
-        return Health::Down(format!("status error: {}", r["error"].as_str().unwrap_or("?")));
-    }
-    if r["stopping"] == json!(true) {
+    if r.stopping {
         return Health::Down("ringlb is stopping".into());
     }
     for name in pools {
-        let pool = r["pools"]
-            .as_array()
-            .and_then(|ps| ps.iter().find(|p| p["name"].as_str() == Some(name)));
-        match pool {
+        match r.pools.iter().find(|p| p.name == *name) {
             None => return Health::Down(format!("no pool named \"{name}\"")),
-            Some(p) if p["usable_backends"].as_u64().unwrap_or(0) == 0 => {
-                return Health::Down(format!("pool \"{name}\" has no usable backend"))
-            }
+            Some(p) if p.usable_backends == 0 => return Health::Down(format!("pool \"{name}\" has no usable backend")),
             Some(_) => {}
         }
     }
@@ -171,18 +165,21 @@ pub fn run(settings: &Settings) -> i32 {
     }
 }
 
-/// `status` with a deadline on connect, write and read.
-fn ask_status(socket: &Path, timeout: Duration) -> Result<Value, String> {
+/// `status` with a deadline on connect, write and read, and at most 4 MiB
+/// of reply.
+fn ask_status(socket: &Path, timeout: Duration) -> Result<Reply<'static>, String> {
     use std::io::{BufRead, BufReader, Write};
     let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
     s.set_read_timeout(Some(timeout)).ok();
     s.set_write_timeout(Some(timeout)).ok();
-    s.write_all(b"{\"cmd\":\"status\"}\n").map_err(|e| e.to_string())?;
+    let request = Request::Status {};
+    s.write_all(format!("{}\n", request.to_line()).as_bytes())
+        .map_err(|e| e.to_string())?;
     let mut line = String::new();
     BufReader::new(std::io::Read::take(s, 4 << 20))
         .read_line(&mut line)
         .map_err(|e| e.to_string())?;
-    serde_json::from_str(&line).map_err(|e| format!("bad reply: {e}"))
+    Reply::parse(&request, line.trim_end()).map_err(|e| format!("bad reply: {e}"))
 }
 
 fn tell_bird(settings: &Settings, action: Action) -> Result<(), String> {
@@ -218,15 +215,27 @@ fn tell_bird(settings: &Settings, action: Action) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    /// A status reply line as a server sends it, read as `announce` reads it.
+    fn status(stopping: bool, usable: usize) -> Reply<'static> {
+        let line = serde_json::json!({"ok": true, "version": "0", "protocol": 1, "uptime_seconds": 1,
+            "workers": [], "config": null, "config_generation": 1, "snapshot_generation": 1,
+            "listeners": [], "stopping": stopping,
+            "pools": [{"name": "web", "fingerprint": "00", "table_digest": null, "table_size": 7,
+                "table_generation": 1, "usable_backends": usable, "backends": 2}]});
+        Reply::parse(&Request::Status {}, &line.to_string()).unwrap()
+    }
+
     #[test]
     fn judges_stopping_empty_pools_and_silence() {
         let pools = vec!["web".to_string()];
-        let up = json!({"ok": true, "stopping": false, "pools": [{"name": "web", "usable_backends": 2}]});
+        let up = status(false, 2);
         assert_eq!(judge(Ok(&up), &pools), Health::Up);
-        let stopping = json!({"ok": true, "stopping": true, "pools": [{"name": "web", "usable_backends": 2}]});
+        let stopping = status(true, 2);
         assert_eq!(judge(Ok(&stopping), &pools), Health::Down("ringlb is stopping".into()));
-        let empty = json!({"ok": true, "stopping": false, "pools": [{"name": "web", "usable_backends": 0}]});
+        let empty = status(false, 0);
         assert!(matches!(judge(Ok(&empty), &pools), Health::Down(w) if w.contains("no usable backend")));
+        let refused = Reply::Error("busy".into());
+        assert_eq!(judge(Ok(&refused), &pools), Health::Down("status error: busy".into()));
         assert!(matches!(judge(Err("timed out"), &pools), Health::Down(w) if w.contains("not answering")));
         assert!(matches!(judge(Ok(&up), &["db".to_string()]), Health::Down(w) if w.contains("no pool")));
     }

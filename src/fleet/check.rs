@@ -10,9 +10,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::json;
+use serde::Serialize;
 
-use crate::control::protocol::Reply;
+use crate::protocol::Reply;
 
 /// Exit code: every instance agrees.
 pub const EXIT_AGREE: i32 = 0;
@@ -248,12 +248,12 @@ pub fn fetch(endpoint: &str) -> Result<InstanceView, String> {
         let text = fetch_metrics(addr).map_err(|e| format!("{endpoint}: {e}"))?;
         return from_metrics(&text).map_err(|e| format!("{endpoint}: {e}"));
     }
-    let request = crate::control::protocol::Request::Backends {
+    let request = crate::protocol::Request::Backends {
         pool: None,
         limit: None,
         offset: None,
     };
-    let (reply, _) = crate::control::ctl::call(Path::new(endpoint), &request)?;
+    let (reply, _) = crate::protocol::client::call(Path::new(endpoint), &request)?;
     from_backends_reply(&reply).map_err(|e| format!("{endpoint}: {e}"))
 }
 
@@ -273,6 +273,29 @@ fn fetch_metrics(addr: SocketAddr) -> Result<String, String> {
         return Err(format!("reply {:?}", head.lines().next().unwrap_or("")));
     }
     Ok(rest.to_string())
+}
+
+/// `fleet check --json`: `{"agree", "instances", "pools", "differences"}`.
+#[derive(Serialize)]
+struct CheckReport<'a> {
+    agree: bool,
+    instances: &'a [String],
+    pools: Vec<PoolFingerprint<'a>>,
+    differences: Vec<Difference<'a>>,
+}
+
+/// One pool of the first instance, in [`CheckReport`].
+#[derive(Serialize)]
+struct PoolFingerprint<'a> {
+    pool: &'a str,
+    fingerprint: &'a str,
+}
+
+/// An instance that differs from the first, in [`CheckReport`].
+#[derive(Serialize)]
+struct Difference<'a> {
+    endpoint: &'a str,
+    first_difference: &'a str,
 }
 
 /// Runs `fleet check`; returns the exit code.
@@ -299,13 +322,26 @@ pub fn run(endpoints: &[String], json_output: bool) -> i32 {
         .collect();
     let code = if diffs.is_empty() { EXIT_AGREE } else { EXIT_DIFFER };
     let text = if json_output {
-        let reply = json!({
-            "agree": diffs.is_empty(),
-            "instances": endpoints,
-            "pools": base.pools.iter().map(|(n, p)| json!({"pool": n, "fingerprint": p.fingerprint})).collect::<Vec<_>>(),
-            "differences": diffs.iter().map(|(i, d)| json!({"endpoint": endpoints[*i], "first_difference": d})).collect::<Vec<_>>(),
-        });
-        format!("{reply}\n")
+        let report = CheckReport {
+            agree: diffs.is_empty(),
+            instances: endpoints,
+            pools: base
+                .pools
+                .iter()
+                .map(|(pool, p)| PoolFingerprint {
+                    pool,
+                    fingerprint: &p.fingerprint,
+                })
+                .collect(),
+            differences: diffs
+                .iter()
+                .map(|(i, d)| Difference {
+                    endpoint: &endpoints[*i],
+                    first_difference: d,
+                })
+                .collect(),
+        };
+        format!("{}\n", serde_json::to_string(&report).expect("plain structs serialize"))
     } else {
         let mut out = String::new();
         if diffs.is_empty() {

@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crate::config::{pool_rule_problems, validate_backend_request, PoolMember};
-use crate::control::protocol::{AddReply, DrainReply, EnableReply, RemoveReply, Reply, Request, WeightReply};
 use crate::health::state::AdminState;
+use crate::protocol::{AddReply, DrainReply, EnableReply, RemoveReply, Reply, Request, WeightReply};
 
 use super::effects::Effects;
 use super::{CmdResult, Model};

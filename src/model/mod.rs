@@ -3,7 +3,7 @@
 //!
 //! Every mutation takes `now` and returns one [`Effects`] (publish, close
 //! check, listeners to start or stop, checks to run, log lines) and, for a
-//! control command, a typed reply ([`crate::control::protocol`]). Nothing
+//! control command, a typed reply ([`crate::protocol`]). Nothing
 //! here reads a clock, touches a socket or a file, or logs: the shell
 //! (`crate::control`, `crate::server`) carries the effects out. Check
 //! jitter comes from a seeded [`rng::Rng`], so a model replays exactly.

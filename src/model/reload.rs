@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{addresses_overlap, pool_rule_problems, CheckKind, Config, ListenerConfig, PoolMember};
-use crate::control::protocol::ReloadReply;
 use crate::health::state::{ActiveCheck, AdminState};
+use crate::protocol::ReloadReply;
 
 use super::effects::Effects;
 use super::{CmdResult, Model};

@@ -266,8 +266,7 @@ fn parse_v2(buf: &[u8]) -> Result<Option<Parsed>, ProxyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ProxyProtocol;
-    use crate::proxy::proxy_protocol::{header, local_header};
+    use crate::proxy::proxy_protocol::{header, local_header, ProxyProtocol};
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()

@@ -37,7 +37,7 @@ use crate::udp::forwarder::Forwarder;
 use crate::udp::mmsg::BATCH;
 use crate::udp::recv_batch::RecvBatch;
 use crate::udp::send_batch::SendBatch;
-use crate::worker::stop::StopSignal;
+use crate::worker::{StopSignal, UdpListenerSpec};
 
 /// Client datagrams read per call of [`UdpListener::on_readable`] before the
 /// loop serves its other sockets (TCP connections, other listeners).
@@ -48,24 +48,6 @@ const REPLY_BUDGET: usize = 256;
 const EXPIRY_MIN_GAP: Duration = Duration::from_millis(5);
 /// And at least this often, so an idle listener still notices stops.
 const EXPIRY_MAX_GAP: Duration = Duration::from_secs(1);
-
-/// A UDP listener as handed to one worker.
-pub struct UdpListenerSpec {
-    /// Listener slot in the snapshot.
-    pub slot: usize,
-    /// Listener name, for logs.
-    pub name: String,
-    /// This worker's bound SO_REUSEPORT socket.
-    pub socket: UdpSocket,
-    /// Fires when the listener is removed or ringlb shuts down.
-    pub stop: Arc<StopSignal>,
-    /// This worker's share of the listener's max_flows.
-    pub max_flows: usize,
-    /// Flow idle timeout.
-    pub idle_timeout: Duration,
-    /// The listener's counters.
-    pub stats: Arc<ListenerStats>,
-}
 
 /// A UDP listener's state on one worker.
 pub struct UdpListener {
@@ -161,10 +143,9 @@ impl UdpListener {
         if self.local.ip().is_unspecified() && !self.destinations {
             self.want_destinations(snapshot);
         }
-        let fd = self.listener.as_raw_fd();
         let mut read = 0;
         while read < READ_BUDGET {
-            match self.recv.recv(fd) {
+            match self.recv.recv(self.listener.as_fd()) {
                 Ok(n) => {
                     self.relay_burst(snapshot, n);
                     read += n;
@@ -364,7 +345,7 @@ impl UdpListener {
         if self.send.is_empty() {
             return;
         }
-        let done = self.send.flush(self.listener.as_raw_fd());
+        let done = self.send.flush(self.listener.as_fd());
         let stats = &self.stats;
         stats.datagrams_out.add(done.sent as u64);
         stats.bytes_out.add(done.bytes as u64);

@@ -7,7 +7,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use super::mmsg::{MmsgSlots, BATCH, BUF, HEADROOM};
 
@@ -47,7 +47,7 @@ impl RecvBatch {
 
     /// Reads up to [`BATCH`] datagrams without blocking; `WouldBlock` when
     /// none is queued. Returns how many were read.
-    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+    pub fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
         let namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         for i in 0..BATCH {
             self.slots.aim(i, BUF, namelen);
@@ -61,7 +61,7 @@ impl RecvBatch {
         // storage and iovecs, which outlive the call and are not moved by it.
         let n = unsafe {
             libc::recvmmsg(
-                fd,
+                fd.as_raw_fd(),
                 self.slots.hdrs.as_mut_ptr(),
                 BATCH as libc::c_uint,
                 libc::MSG_DONTWAIT,
@@ -139,7 +139,7 @@ impl RecvBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
+    use std::os::fd::AsFd;
 
     #[test]
     fn reads_a_burst_with_sources_and_boundaries() {
@@ -151,14 +151,14 @@ mod tests {
         b.send_to(b"", to).unwrap();
         a.send_to(&vec![7u8; 65_507], to).unwrap();
         let mut batch = RecvBatch::default();
-        let n = batch.recv(rx.as_raw_fd()).unwrap();
+        let n = batch.recv(rx.as_fd()).unwrap();
         assert_eq!(n, 3);
         assert_eq!(batch.get(0).unwrap(), (a.local_addr().unwrap(), &b"one"[..]));
         assert_eq!(batch.get(1).unwrap(), (b.local_addr().unwrap(), &b""[..]));
         let (src, big) = batch.get(2).unwrap();
         assert_eq!((src, big.len()), (a.local_addr().unwrap(), 65_507));
         assert!(batch.get(3).is_none());
-        let err = batch.recv(rx.as_raw_fd()).unwrap_err();
+        let err = batch.recv(rx.as_fd()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
         assert!(batch.get(0).is_none());
     }

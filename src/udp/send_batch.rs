@@ -8,7 +8,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use super::mmsg::MmsgSlots;
 use super::mmsg::BATCH;
@@ -78,7 +78,7 @@ impl SendBatch {
     }
 
     /// Sends everything queued through `fd` without blocking and empties the batch.
-    pub fn flush(&mut self, fd: RawFd) -> Flushed {
+    pub fn flush(&mut self, fd: BorrowedFd<'_>) -> Flushed {
         let mut done = Flushed::default();
         for i in 0..self.queued {
             self.slots.aim(i, self.lens[i], self.addr_lens[i]);
@@ -89,7 +89,7 @@ impl SendBatch {
             // addresses and iovecs, which outlive the call and are not moved by it.
             let n = unsafe {
                 libc::sendmmsg(
-                    fd,
+                    fd.as_raw_fd(),
                     self.slots.hdrs[at..].as_mut_ptr(),
                     (self.queued - at) as libc::c_uint,
                     libc::MSG_DONTWAIT,
@@ -126,7 +126,7 @@ impl SendBatch {
 mod tests {
     use super::*;
     use std::net::UdpSocket;
-    use std::os::fd::AsRawFd;
+    use std::os::fd::AsFd;
     use std::time::Duration;
 
     fn receiver() -> UdpSocket {
@@ -149,7 +149,7 @@ mod tests {
         batch.next_buf()[..65_507].fill(9);
         batch.push(65_507, big.local_addr().unwrap());
         assert_eq!(batch.len(), 4);
-        let done = batch.flush(from.as_raw_fd());
+        let done = batch.flush(from.as_fd());
         assert_eq!(
             done,
             Flushed {
@@ -180,7 +180,7 @@ mod tests {
         batch.push(2, "[::1]:9".parse().unwrap());
         batch.next_buf()[..2].copy_from_slice(b"a2");
         batch.push(2, ok.local_addr().unwrap());
-        let done = batch.flush(from.as_raw_fd());
+        let done = batch.flush(from.as_fd());
         assert_eq!((done.sent, done.dropped), (2, 1));
         let mut buf = [0u8; 8];
         assert_eq!(ok.recv(&mut buf).unwrap(), 2);

@@ -1,22 +1,23 @@
 //! The worker context: what a worker's loop is given and shares (the
-//! process-wide [`Shared`], its command queue, listener stop signals). The
-//! engines and UDP listeners import this; only `worker::spawn_worker`
-//! imports the engines, so the two never import each other.
+//! process-wide [`Shared`], its command queue and the commands, listener
+//! stop signals). The engines and UDP listeners import this; it imports
+//! neither (the threads are started by `engine::spawn`).
 
+use std::fmt;
+use std::net::UdpSocket;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use crossbeam::channel;
 use parking_lot::Mutex;
 
-use crate::engine::waker::Waker;
-use crate::engine::IoEngine;
 use crate::snapshot::Snapshot;
-use crate::udp::proxy::UdpListenerSpec;
+use crate::stats::ListenerStats;
 
 pub use super::stop::StopSignal;
+use super::waker::Waker;
 
 /// State shared by every thread of one ringlb process.
 pub struct Shared {
@@ -63,6 +64,42 @@ impl Shared {
         }
         all[id] = setup;
     }
+}
+
+/// The engine workers actually run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoEngine {
+    /// The native io_uring loop.
+    Uring,
+    /// The edge-triggered epoll loop.
+    Epoll,
+}
+
+impl fmt::Display for IoEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IoEngine::Uring => "io_uring",
+            IoEngine::Epoll => "epoll",
+        })
+    }
+}
+
+/// A UDP listener as handed to one worker.
+pub struct UdpListenerSpec {
+    /// Listener slot in the snapshot.
+    pub slot: usize,
+    /// Listener name, for logs.
+    pub name: String,
+    /// This worker's bound SO_REUSEPORT socket.
+    pub socket: UdpSocket,
+    /// Fires when the listener is removed or ringlb shuts down.
+    pub stop: Arc<StopSignal>,
+    /// This worker's share of the listener's max_flows.
+    pub max_flows: usize,
+    /// Flow idle timeout.
+    pub idle_timeout: Duration,
+    /// The listener's counters.
+    pub stats: Arc<ListenerStats>,
 }
 
 /// What the control plane asks of a worker.

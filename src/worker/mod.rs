@@ -1,51 +1,11 @@
-//! Worker threads: one native event loop per worker (io_uring or epoll)
-//! serving its TCP and UDP listeners, fed commands by the control plane
-//! through a bounded queue and an eventfd. What a loop is given lives in
-//! [`context`]; this module only starts the threads.
+//! The worker context: what each worker's native event loop (io_uring or
+//! epoll) is given, the commands the control plane sends it through a
+//! bounded queue and an eventfd ([`waker`]), and listener stop signals.
+//! The loops themselves are `crate::engine`, which imports this module;
+//! `engine::spawn` starts the threads.
 
 pub mod context;
 pub mod stop;
-
-use std::sync::Arc;
-
-use crate::engine::IoEngine;
+pub mod waker;
 
 pub use context::*;
-
-/// Starts worker `id`'s loop thread on the process's engine; it runs until
-/// the process exits.
-pub fn spawn_worker(id: usize, shared: Arc<Shared>, pin_to_cpu: bool) -> std::io::Result<WorkerHandle> {
-    let (handle, inbox) = queue()?;
-    std::thread::Builder::new()
-        .name(format!("ringlb-w{id}"))
-        .spawn(move || {
-            if pin_to_cpu {
-                pin_current_thread(id);
-            }
-            crate::stats::set_worker_slot(id);
-            let result = match shared.engine {
-                IoEngine::Uring => crate::engine::ring::run(id, shared.clone(), inbox),
-                IoEngine::Epoll => crate::engine::readiness::run(id, shared.clone(), inbox),
-            };
-            if let Err(e) = result {
-                log::error!("worker {id}: cannot start its {} loop: {e}", shared.engine);
-            }
-        })?;
-    Ok(handle)
-}
-
-fn pin_current_thread(id: usize) {
-    let cpus = pinning_cpus();
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(id % cpus, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            log::warn!(
-                "worker {id}: could not pin to cpu {}: {}",
-                id % cpus,
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-}

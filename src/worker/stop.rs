@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::engine::waker::Waker;
+use super::waker::Waker;
 
 /// A stop request for one listener's accept loops.
 #[derive(Default)]

@@ -699,14 +699,14 @@ pub fn read_proxy_header(s: &mut TcpStream) -> Result<String, String> {
 
 /// Sends one typed request straight to the control socket (no `ctl`
 /// process) and parses the reply with the protocol's own types.
-pub fn ctl_request(sock: &Path, req: &ringlb::control::protocol::Request) -> ringlb::control::protocol::Reply<'static> {
+pub fn ctl_request(sock: &Path, req: &ringlb::protocol::Request) -> ringlb::protocol::Reply<'static> {
     use std::io::{BufRead, Write};
     let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
     s.write_all(format!("{}\n", req.to_line()).as_bytes()).unwrap();
     let mut line = String::new();
     std::io::BufReader::new(s).read_line(&mut line).unwrap();
-    ringlb::control::protocol::Reply::parse(req, line.trim_end()).unwrap_or_else(|e| panic!("{e}: {line}"))
+    ringlb::protocol::Reply::parse(req, line.trim_end()).unwrap_or_else(|e| panic!("{e}: {line}"))
 }
 
 /// A TLS ClientHello record naming `sni` (with supported_versions and

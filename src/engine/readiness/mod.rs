@@ -301,7 +301,7 @@ impl EpollWorker {
         }
     }
 
-    fn add_udp(&mut self, spec: crate::udp::proxy::UdpListenerSpec, now: Instant) -> std::io::Result<()> {
+    fn add_udp(&mut self, spec: crate::worker::UdpListenerSpec, now: Instant) -> std::io::Result<()> {
         let u = UdpListener::new(self.id, false, spec, now)?;
         let (i, g) = self.udp.insert(u);
         let u = self.udp.get_mut(i, g).expect("just inserted");

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::control::protocol::{Reply, Request};
 use crate::model::health::CheckResult;
 use crate::model::{CheckJob, Effects, LogLine, Model};
+use crate::protocol::{Reply, Request};
 use crate::snapshot::Snapshot;
 
 /// The model plus what its shell would have seen.
@@ -132,7 +132,7 @@ impl World {
 
     /// Reloads `text` as `Server::reload` does once the file is read and
     /// its new listeners bound.
-    pub fn reload(&mut self, text: &str) -> Result<crate::control::protocol::ReloadReply, String> {
+    pub fn reload(&mut self, text: &str) -> Result<crate::protocol::ReloadReply, String> {
         let (reply, fx) = self.model.reload(config(text), self.now)?;
         self.apply(fx);
         Ok(reply)

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use super::harness::*;
-use crate::control::protocol::{AddReply, DrainReply, RemoveReply, Reply, WeightReply};
 use crate::health::state::WEIGHT_SCALE;
+use crate::protocol::{AddReply, DrainReply, RemoveReply, Reply, WeightReply};
 
 const A: &str = "10.0.0.1:80";
 const B: &str = "10.0.0.2:80";
@@ -67,10 +67,7 @@ fn enable_after_a_drain_timeout_brings_it_back_and_stops_the_close() {
     assert!(w.ctl(drain("p", A)).is_ok());
     w.run_for(1100);
     assert!(w.closing("p", A));
-    assert_eq!(
-        w.ctl(enable("p", A)),
-        Reply::Enable(crate::control::protocol::EnableReply {})
-    );
+    assert_eq!(w.ctl(enable("p", A)), Reply::Enable(crate::protocol::EnableReply {}));
     assert!(!w.closing("p", A), "enabled: new connections to it are not closed");
     assert_eq!(w.in_table("p"), sas(&[A, B]));
     assert_eq!(w.state("p", A), "active");
@@ -145,7 +142,7 @@ fn refusing_to_drain_the_last_backend_changes_nothing_and_force_does_it() {
     }
     assert_eq!(w.publishes, before, "nothing published");
     assert_eq!(w.state("p", A), "active");
-    let forced = crate::control::protocol::Request::Drain {
+    let forced = crate::protocol::Request::Drain {
         pool: "p".into(),
         addr: A.into(),
         force: true,
@@ -603,7 +600,7 @@ fn a_reload_leaving_only_drained_backends_is_refused_and_changes_nothing() {
     let file = two("");
     let mut w = World::new(&file);
     assert!(w.ctl(drain("p", A)).is_ok());
-    let forced = crate::control::protocol::Request::Disable {
+    let forced = crate::protocol::Request::Disable {
         pool: "p".into(),
         addr: B.into(),
         force: true,

@@ -2,7 +2,7 @@
 //! `on_up = "close_backups"`, `backup = true`, panic over the primaries.
 
 use super::harness::*;
-use crate::control::protocol::Reply;
+use crate::protocol::Reply;
 
 const A: &str = "10.0.0.1:80";
 const B: &str = "10.0.0.2:80";

@@ -17,6 +17,8 @@
 //! Reply structs do not deny unknown fields, so a newer server's extra
 //! fields never break an older `ctl`.
 
+pub mod client;
+
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -195,8 +197,7 @@ pub enum Reply<'a> {
     Remove(RemoveReply),
     /// To `reload`.
     Reload(ReloadReply),
-    /// To `what_if`: the report of `crate::whatif` (fractions moved, the
-    /// from→to matrix, per region), kept as the object it builds.
+    /// To `what_if`: the fractions moved and the from→to matrix, per table.
     WhatIf(WhatIfReply),
     /// Any request refused: `{"ok":false,"error":...}`.
     Error(String),
@@ -295,14 +296,67 @@ pub struct AccessLogCounters {
     pub dropped: u64,
 }
 
-/// `what_if`: what a change would move. The report's fields (`change`,
-/// `moved_fraction`, `moves`, `regions`, `udp_flows_repick`, ...) are
-/// those `crate::whatif` writes; see the README.
+/// `what_if`: what a change to one pool would move (`crate::whatif`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WhatIfReply {
-    /// The report.
+    /// The pool's moves.
     #[serde(flatten)]
-    pub report: serde_json::Map<String, serde_json::Value>,
+    pub pool: PoolMoves,
+    /// The change in words, e.g. `remove 10.0.0.1:80`.
+    pub change: String,
+    /// Open UDP flows on a removed backend, which would pick another.
+    pub udp_flows_repick: u64,
+}
+
+/// What a change moves in one pool: one entry per table (one, or one per
+/// client region of a geo pool). Also the offline `ringlb what-if`'s entry
+/// per pool of either file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolMoves {
+    /// The pool's name.
+    pub pool: String,
+    /// Why there is nothing to compare (the pool is in one file only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// Table sizes before and after (offline, when both files have the pool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table_size: Option<OldNew>,
+    /// Per table (all clients, or one client region).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_space: Vec<TableMoves>,
+}
+
+/// A value before and after a change.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OldNew {
+    /// Before.
+    pub old: usize,
+    /// After.
+    pub new: usize,
+}
+
+/// What a change moves in one table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableMoves {
+    /// The client region whose table this is; `None` for all clients.
+    pub region: Option<String>,
+    /// Fraction of the key space whose backend changes, 0..=1 (rounded to 1e-6).
+    pub moved_fraction: f64,
+    /// The largest from→to moves, largest first.
+    pub moves: Vec<Move>,
+    /// How many smaller moves are not listed.
+    pub moves_omitted: usize,
+}
+
+/// Part of the key space going from one backend to another.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Move {
+    /// The backend it leaves, or `(none)`: no usable backend before.
+    pub from: String,
+    /// The backend it goes to, or `(none)`.
+    pub to: String,
+    /// Fraction of the key space, 0..=1 (rounded to 1e-6).
+    pub fraction: f64,
 }
 
 /// `status`.
