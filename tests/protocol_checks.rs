@@ -739,6 +739,87 @@ fn redis_role_checks_follow_the_master_through_a_promotion() {
     eprintln!("rw pool on the promoted replica {took:?} after REPLICAOF NO ONE");
 }
 
+/// The failover the issue asks for, against real Redis: a pool that follows the
+/// writable server (`role = "master"`) with `on_down = "close"`. When the master
+/// is demoted, ringlb closes the sessions still open on it within fall x interval
+/// (+ one rebuild tick and slack), so clients do not go on writing to a read-only
+/// replica, and their reconnections reach the new master.
+#[test]
+fn redis_failover_closes_the_demoted_masters_sessions_and_clients_reconnect_to_the_new_one() {
+    if redis_server().is_none() {
+        return skip("redis-server is not installed (apt-get install redis-server)");
+    }
+    let dir = TempDir::new("redis-failover");
+    chown_to("redis", &dir.0);
+    let (pa, pb) = (free_port(), free_port());
+    let a = SocketAddr::from(([127, 0, 0, 1], pa));
+    let b = SocketAddr::from(([127, 0, 0, 1], pb));
+    let _ma = start_redis("redis a", &dir.0, pa, &[]);
+    let _mb = start_redis("redis b", &dir.0, pb, &["--replicaof", "127.0.0.1", &pa.to_string()]);
+    let listen = lb_addr();
+    let body = format!(
+        "[[listener]]\nname = \"rw\"\nbind = \"{listen}\"\npool = \"rw\"\nconnect_timeout = \"500ms\"\n\n\
+         [[pool]]\nname = \"rw\"\npanic_threshold = 0\non_down = \"close\"\n{}\n[pool.outlier]\nconsecutive_failures = 0\n\
+         [[pool.backend]]\naddr = \"{a}\"\n[[pool.backend]]\naddr = \"{b}\"\n",
+        check_block("kind = \"redis\"\nrole = \"master\"")
+    );
+    let lb = start_controlled("auto", &body, listen);
+    let t = Duration::from_secs(10);
+    expect_state(&lb, "rw", a, "active", "redis role is master", t);
+    expect_state(&lb, "rw", b, "down", "redis role is slave", t);
+
+    // Five application sessions, held open, all on the master.
+    let mut sessions: Vec<TcpStream> = (0..5)
+        .map(|_| {
+            let mut s = TcpStream::connect(listen).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"CONFIG GET port\r\n").unwrap();
+            let mut buf = [0u8; 256];
+            let n = s.read(&mut buf).unwrap();
+            let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+            assert!(reply.contains(&format!("\r\n{pa}\r\n")), "session on a: {reply:?}");
+            s
+        })
+        .collect();
+
+    // The failover: b promoted, a demoted. Without on_down = "close" the sessions
+    // stay on a (now a read-only replica) and the reads below time out.
+    assert!(redis(b, "REPLICAOF NO ONE").starts_with("+OK"));
+    let flipped = Instant::now();
+    assert!(redis(a, &format!("REPLICAOF 127.0.0.1 {pb}")).starts_with("+OK"));
+    let mut closed_after = Vec::new();
+    for s in &mut sessions {
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!(
+                "a session on the demoted master was not closed: {other:?} after {:?}",
+                flipped.elapsed()
+            ),
+        }
+        closed_after.push(flipped.elapsed());
+    }
+    let last_closed = *closed_after.iter().max().unwrap();
+    // fall (2) x interval (150 ms) + the rebuild tick (100 ms) + slack for a loaded machine.
+    assert!(last_closed < Duration::from_secs(3), "closed after {closed_after:?}");
+    // Reconnecting clients reach the new master.
+    let mut reached = None;
+    while flipped.elapsed() < t {
+        if redis(listen, "CONFIG GET port").contains(&format!("\r\n{pb}\r\n")) {
+            reached = Some(flipped.elapsed());
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let reached = reached.expect("no connection reached the new master within 10 s");
+    let metrics_reason = ctl_text(&lb.sock, &["backends", "rw"]).1;
+    eprintln!(
+        "failover: 5 sessions on the demoted master closed {:?}..{last_closed:?} after the role change; first new connection on the new master after {reached:?}\n{metrics_reason}",
+        closed_after.iter().min().unwrap()
+    );
+}
+
 // === MariaDB / MySQL ===
 
 fn mariadbd() -> Option<PathBuf> {
