@@ -556,12 +556,13 @@ fn demo_tells_the_failover_story() {
         return;
     }
     let out_path = std::env::temp_dir().join(format!("ringlb-test-demo-story-{}.out", std::process::id()));
+    let err_path = out_path.with_extension("err");
     let mut child = Command::new(ringlb_bin())
         .arg("demo")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap())
         .spawn()
         .unwrap();
     let started = Instant::now();
@@ -580,8 +581,10 @@ fn demo_tells_the_failover_story() {
         thread::sleep(Duration::from_millis(50));
     };
     let out = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
     let _ = std::fs::remove_file(&out_path);
-    assert!(status.success(), "{status}: {out}");
+    let _ = std::fs::remove_file(&err_path);
+    assert!(status.success(), "{status}: {out}\n{err}");
     // The spread comes first, as before.
     assert!(out.contains("127.0.0.1:19003"), "{out}");
     let line = |needle: &str| -> &str {
