@@ -2,7 +2,8 @@
 //!
 //! Starts the demo backends (threads answering with their own address),
 //! runs the real `ringlb run` binary in front of them as a child process,
-//! sends connections through it and prints how they spread. With
+//! sends connections through it and prints how they spread, then tells a
+//! database failover story on a second listener and pool (see `failover`). With
 //! `--keep-running` it then keeps a gentle load going and makes one backend fail
 //! and recover on a cycle, until Ctrl-C, so the status page has something to show.
 
@@ -16,6 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
+
+mod failover;
 
 /// The embedded demo config (config/demo.toml).
 pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
@@ -124,14 +127,34 @@ pub struct KeepRunning {
 /// keeps everything going afterwards until SIGINT/SIGTERM.
 pub fn run(connections: usize, keep: Option<KeepRunning>) -> Result<(), String> {
     let config = Config::parse(DEMO_CONFIG, Path::new("config/demo.toml")).map_err(|e| e.to_string())?;
-    let pool = &config.pools[0];
-    let listen = config.listeners[0].bind;
+    let pool = config
+        .pools
+        .iter()
+        .find(|p| p.name == "demo")
+        .ok_or("config/demo.toml: no pool \"demo\"")?;
+    let listen = config
+        .listeners
+        .iter()
+        .find(|l| l.name == "demo")
+        .ok_or("config/demo.toml: no listener \"demo\"")?
+        .bind;
+    let db_pool = config
+        .pools
+        .iter()
+        .find(|p| p.name == failover::POOL)
+        .ok_or("config/demo.toml: no pool \"db\"")?;
+    let db_listener = config
+        .listeners
+        .iter()
+        .find(|l| l.name == failover::POOL)
+        .ok_or("config/demo.toml: no listener \"db\"")?;
     let mut downs = Vec::new();
-    for b in &pool.backends {
+    for b in pool.backends.iter().chain(&db_pool.backends) {
         let down = Arc::new(AtomicBool::new(false));
         start_backend(b.addr, down.clone())?;
         downs.push(down);
     }
+    let roles = failover::start_role_endpoints(db_pool)?;
     if keep.is_some() {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe;
         // it is installed before any thread of ours could depend on the default.
@@ -211,6 +234,10 @@ pub fn run(connections: usize, keep: Option<KeepRunning>) -> Result<(), String> 
             100.0 * expected / connections as f64,
             100.0 * got as f64 / connections as f64
         );
+    }
+    if let Err(e) = failover::run(&config, db_listener, db_pool, &roles) {
+        let _ = std::fs::remove_file(&socket);
+        return Err(format!("failover story: {e}"));
     }
     if let Some(keep) = keep {
         keep_running(

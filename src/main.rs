@@ -103,7 +103,8 @@ enum Command {
         json: bool,
     },
     /// Run a self-contained demo: three local backends, ringlb in front of them
-    /// (config/demo.toml, embedded), some traffic, and how it spread.
+    /// (config/demo.toml, embedded), some traffic, and how it spread; then a
+    /// database failover (primary steps down, sessions closed, new primary), timed.
     Demo {
         /// Connections to send through the balancer.
         #[arg(long, default_value_t = 400)]

@@ -20,7 +20,7 @@ fn assert_valid(config: &str, summary: &str) {
 
 #[test]
 fn check_accepts_a_good_config_with_a_summary() {
-    assert_valid("demo.toml", "ok: 1 listener(s), 1 pool(s), 3 backend(s)");
+    assert_valid("demo.toml", "ok: 2 listener(s), 2 pool(s), 5 backend(s)");
 }
 
 #[test]

@@ -512,6 +512,120 @@ fn browser_watches_a_failover() {
     drop((a, b));
 }
 
+/// The demo's addresses are fixed, so the tests that run it take turns.
+static DEMO: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Whether a fixed address of config/demo.toml is taken (another demo running): an
+/// error under CI, else the test says it skips.
+fn demo_ports_busy(test: &str) -> bool {
+    let busy: Vec<String> = [
+        "127.0.0.1:18080",
+        "127.0.0.1:18081",
+        "127.0.0.1:18082",
+        "127.0.0.1:19001",
+        "127.0.0.1:19002",
+        "127.0.0.1:19003",
+        "127.0.0.2:19100",
+        "127.0.0.3:19100",
+        "127.0.0.2:19108",
+        "127.0.0.3:19108",
+    ]
+    .into_iter()
+    .filter(|a| std::net::TcpListener::bind(a).is_err())
+    .map(String::from)
+    .collect();
+    if busy.is_empty() {
+        return false;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "the demo's addresses {busy:?} are taken by another process"
+    );
+    println!("SKIPPED {test}: the demo's addresses {busy:?} are in use (another demo running?)");
+    true
+}
+
+/// Plain `ringlb demo` (the README's first command) tells the failover story after
+/// the spread: sessions opened on the primary are all closed by ringlb (its own
+/// counter says so too), the clients reach the new primary, and the time it took is
+/// printed and short.
+#[test]
+fn demo_tells_the_failover_story() {
+    let _one_demo = DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    if demo_ports_busy("demo_tells_the_failover_story") {
+        return;
+    }
+    let out_path = std::env::temp_dir().join(format!("ringlb-test-demo-story-{}.out", std::process::id()));
+    let err_path = out_path.with_extension("err");
+    let mut child = Command::new(ringlb_bin())
+        .arg("demo")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break st;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "demo still running after 60 s: {}",
+                std::fs::read_to_string(&out_path).unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let out = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&out_path);
+    let _ = std::fs::remove_file(&err_path);
+    assert!(status.success(), "{status}: {out}\n{err}");
+    // The spread comes first, as before.
+    assert!(out.contains("127.0.0.1:19003"), "{out}");
+    let line = |needle: &str| -> &str {
+        out.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?}: {out}"))
+    };
+    let number = |l: &str, before: &str, after: &str| -> f64 {
+        let from = l.find(before).unwrap_or_else(|| panic!("{before:?} in {l}")) + before.len();
+        let rest = &l[from..];
+        rest[..rest.find(after).unwrap_or_else(|| panic!("{after:?} in {l}"))]
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}: {l}"))
+    };
+    let header = line("demo: failover: pool \"db\"");
+    assert!(header.contains("GET /primary on :19108"), "{header}");
+    let opened = number(line("client sessions open through"), "demo: ", "client sessions");
+    assert!(opened >= 1.0, "{out}");
+    assert!(
+        line("client sessions open through").contains("all on 127.0.0.2:19100 (the primary)"),
+        "{out}"
+    );
+    let closed_line = line("ringlb closed the");
+    let closed = number(closed_line, "ringlb closed the", "sessions on 127.0.0.2:19100");
+    assert_eq!(closed, opened, "ringlb's count of closed sessions: {out}");
+    assert!(
+        closed_line.contains(&format!("{opened} of {opened} clients saw the end")),
+        "{out}"
+    );
+    let closed_at = number(closed_line, "demo: +", " s:");
+    let reached = line("reach 127.0.0.3:19100, the new primary");
+    let took = number(reached, "failover took", " s)");
+    assert!(took > 0.0 && took < 5.0, "failover time {took} s: {out}");
+    assert!(
+        closed_at > 0.0 && closed_at < 5.0,
+        "sessions closed at +{closed_at} s: {out}"
+    );
+    println!("demo: {opened} sessions closed at +{closed_at} s, failover took {took} s");
+}
+
 /// `ringlb demo --keep-running` prints the page's address, keeps a load going with
 /// one backend failing and recovering on its cycle (a short one here), all visible on
 /// /status.json, and stops cleanly on Ctrl-C (SIGINT), ringlb with it.
@@ -520,18 +634,8 @@ fn demo_keep_running_until_ctrl_c() {
     // The demo's addresses are fixed (config/demo.toml).
     let page: SocketAddr = "127.0.0.1:18081".parse().unwrap();
     let listen: SocketAddr = "127.0.0.1:18080".parse().unwrap();
-    let busy: Vec<u16> = [18080, 18081, 19001, 19002, 19003]
-        .into_iter()
-        .filter(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_err())
-        .collect();
-    if !busy.is_empty() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "the demo's ports {busy:?} are taken by another process"
-        );
-        println!(
-            "SKIPPED demo_keep_running_until_ctrl_c: the demo's ports {busy:?} are in use (another demo running?)"
-        );
+    let _one_demo = DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    if demo_ports_busy("demo_keep_running_until_ctrl_c") {
         return;
     }
     let out_path = std::env::temp_dir().join(format!("ringlb-test-demo-{}.out", std::process::id()));
