@@ -20,7 +20,6 @@ import json
 import os
 import selectors
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -120,6 +119,19 @@ def states(binary, sock):
     return counts
 
 
+def stop(lb, alive, doomed):
+    """Stops the balancer (SIGTERM, then SIGKILL after 10 s) and both listeners."""
+    lb.terminate()
+    try:
+        lb.wait(10)
+    except subprocess.TimeoutExpired:
+        lb.kill()
+        lb.wait()
+    alive.stop()
+    if not doomed.stopped.is_set():
+        doomed.stop()
+
+
 def log_lines(path):
     with open(path, errors="replace") as f:
         return sum(1 for _ in f)
@@ -204,15 +216,7 @@ def main():
         took, code, got, err = backends_figure(a.bin, sock, a.backends)
         say("after storm: ctl backends (s, exit, backends)", f"{took:.2f}  {code}  {got}/{a.backends} {err}")
     finally:
-        lb.send_signal(signal.SIGTERM)
-        try:
-            lb.wait(10)
-        except subprocess.TimeoutExpired:
-            lb.kill()
-            lb.wait()
-        alive.stop()
-        if not doomed.stopped.is_set():
-            doomed.stop()
+        stop(lb, alive, doomed)
         if os.environ.get("KEEP_TMP") == "1":
             print(f"kept {tmp}")
         else:
@@ -258,15 +262,7 @@ def haproxy(a):
         c1, t1 = cpu_seconds(lb.pid), time.monotonic()
         print(f"{'storm: haproxy CPU over %.0f s after the kill (%%)' % (t1 - t0):<52} {100 * (c1 - c0) / (t1 - t0):.1f}", flush=True)
     finally:
-        lb.terminate()
-        try:
-            lb.wait(10)
-        except subprocess.TimeoutExpired:
-            lb.kill()
-            lb.wait()
-        alive.stop()
-        if not doomed.stopped.is_set():
-            doomed.stop()
+        stop(lb, alive, doomed)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
