@@ -362,9 +362,13 @@ fn an_immediate_restart_after_kill_or_stop_serves_and_a_foreign_listener_still_f
         stderr.contains(&format!("{addr} is already in use by another process")),
         "{stderr}"
     );
+    // It failed at once, on finding the live holder (this test process), not
+    // after waiting out ringlb's orphan window: the holder is named only on
+    // that path. (A wall-clock bound here lost to process start-up on a
+    // loaded 2-core box.)
     assert!(
-        started.elapsed() < std::time::Duration::from_secs(1),
-        "a real conflict fails at once: {:?}",
+        stderr.contains(&format!("(pid {} ", std::process::id())),
+        "a real conflict names its live holder and fails at once (took {:?}): {stderr}",
         started.elapsed()
     );
 }
