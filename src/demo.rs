@@ -8,7 +8,7 @@
 //! and recover on a cycle, until Ctrl-C, so the status page has something to show.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command};
@@ -91,19 +91,29 @@ fn serve(mut stream: TcpStream, addr: SocketAddr, down: &AtomicBool) {
     }
 }
 
+/// Opens one client session: connects and reads the backend's address line
+/// (waiting up to `read_timeout` for it). Every demo backend greets so.
+pub(crate) fn open_session(listen: SocketAddr, read_timeout: Duration) -> std::io::Result<(TcpStream, String)> {
+    let s = TcpStream::connect_timeout(&listen, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(read_timeout))?;
+    let mut line = String::new();
+    BufReader::new(&s).take(256).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed before the greeting",
+        ));
+    }
+    Ok((s, line.trim_end().to_string()))
+}
+
 /// One demo connection: the backend's address line, then a 4-byte echo.
 fn exchange(listen: SocketAddr) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&listen, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while s.read(&mut byte)? == 1 && byte[0] != b'\n' {
-        line.push(byte[0]);
-    }
+    let (mut s, backend) = open_session(listen, Duration::from_secs(5))?;
     s.write_all(b"ping")?;
     let mut echo = [0u8; 4];
     s.read_exact(&mut echo)?;
-    Ok(String::from_utf8_lossy(&line).into_owned())
+    Ok(backend)
 }
 
 /// Set by SIGINT/SIGTERM while the demo keeps running.

@@ -7,7 +7,7 @@
 //! clients are first served by the new primary; it reads the count of closed
 //! sessions from ringlb's metrics. Every wait is bounded.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -77,21 +77,6 @@ fn answer_role(mut stream: TcpStream, is_primary: bool) {
     );
 }
 
-/// Opens one client session: connects and reads the backend's address line.
-fn open_session(listen: SocketAddr) -> std::io::Result<(TcpStream, String)> {
-    let s = TcpStream::connect_timeout(&listen, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut line = String::new();
-    BufReader::new(&s).take(256).read_line(&mut line)?;
-    if line.is_empty() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "closed before the greeting",
-        ));
-    }
-    Ok((s, line.trim_end().to_string()))
-}
-
 /// What one client saw after the roles flipped.
 struct ClientTimes {
     /// Its session on the old primary ended (EOF or reset).
@@ -129,7 +114,7 @@ fn follow(session: TcpStream, listen: SocketAddr, new_primary: String, t0: Insta
             ));
         }
         // While the pool has no usable backend ringlb refuses: retry shortly.
-        if let Ok((_, who)) = open_session(listen) {
+        if let Ok((_, who)) = super::open_session(listen, Duration::from_secs(2)) {
             if who == new_primary {
                 return Ok(ClientTimes {
                     closed,
@@ -144,19 +129,7 @@ fn follow(session: TcpStream, listen: SocketAddr, new_primary: String, t0: Insta
 /// Sums `ringlb_backend_sessions_closed_total{pool, backend, reason="down"}` from the
 /// metrics endpoint (one bounded HTTP GET).
 fn sessions_closed(metrics: SocketAddr, pool: &str, backend: SocketAddr) -> Result<u64, String> {
-    let mut s =
-        TcpStream::connect_timeout(&metrics, Duration::from_secs(2)).map_err(|e| format!("metrics {metrics}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    s.take(8 << 20)
-        .read_to_string(&mut text)
-        .map_err(|e| format!("metrics {metrics}: {e}"))?;
+    let text = crate::fleet::check::fetch_metrics(metrics).map_err(|e| format!("metrics {metrics}: {e}"))?;
     let series =
         format!("ringlb_backend_sessions_closed_total{{pool=\"{pool}\",backend=\"{backend}\",reason=\"down\"}} ");
     text.lines()
@@ -203,7 +176,7 @@ pub fn run(config: &Config, listener: &ListenerConfig, pool: &PoolConfig, roles:
     let deadline = Instant::now() + STEP_TIMEOUT;
     let mut sessions = Vec::with_capacity(SESSIONS);
     while sessions.len() < SESSIONS {
-        match open_session(listen) {
+        match super::open_session(listen, Duration::from_secs(2)) {
             Ok((s, who)) if who == old.to_string() => sessions.push(s),
             Ok((_, who)) => return Err(format!("a session reached {who}, not the primary {old}")),
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),

@@ -257,7 +257,9 @@ pub fn fetch(endpoint: &str) -> Result<InstanceView, String> {
     from_backends_reply(&reply).map_err(|e| format!("{endpoint}: {e}"))
 }
 
-fn fetch_metrics(addr: SocketAddr) -> Result<String, String> {
+/// The body of `GET /metrics` from `addr` (bounded in time and size; a reply
+/// other than 200 is an error).
+pub fn fetch_metrics(addr: SocketAddr) -> Result<String, String> {
     let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("cannot connect: {e}"))?;
     s.set_read_timeout(Some(TIMEOUT)).ok();
     s.set_write_timeout(Some(TIMEOUT)).ok();
